@@ -1,0 +1,33 @@
+"""PrunePath: structured, dynamic FFN sparsity for Hugging Face transformers.
+
+Convert a model's FFNs into experts with a softmax router, pick experts per token under a cumulative-mass
+budget τ, and turn τ at run time on one checkpoint::
+
+    import prunepath
+    model, tok = prunepath.load_model("smollm2-135m")
+    prunepath.moefy(model, neurons_per_expert=32)
+    prunepath.configure(model, tau=0.8)
+    model(**tok("Hello", return_tensors="pt"))
+    print(prunepath.sparsity(model).s_ffn)
+"""
+
+from prunepath.checkpoint import load, save
+from prunepath.conversion.clustering import balanced_kmeans, cluster_neurons
+from prunepath.conversion.moefy import PrunePathConfig, is_converted, moefy, prunepath_modules
+from prunepath.errors import PrunePathError
+from prunepath.models.adapters import supported_model_types
+from prunepath.models.loading import load_model
+from prunepath.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
+from prunepath.routing.config import RoutingConfig
+from prunepath.routing.control import configure, routing
+from prunepath.routing.ffn import PrunePathFFN
+from prunepath.routing.selection import select_experts
+from prunepath.stats import SparsityStats, sparsity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_MODELS", "DEFAULT_MODEL", "PrunePathConfig", "PrunePathError", "PrunePathFFN", "RoutingConfig",
+    "SparsityStats", "balanced_kmeans", "cluster_neurons", "configure", "is_converted", "load", "load_model",
+    "moefy", "prunepath_modules", "routing", "save", "select_experts", "sparsity", "supported_model_types",
+]

