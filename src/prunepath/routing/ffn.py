@@ -78,36 +78,6 @@ class PrunePathFFN(nn.Module):
             scores = self.router(x)
         return get_method(self.routing.method)(scores, self.routing, self.layer_index, self.always_on)
 
-    def intermediate_size(self) -> int:
-        return self.num_experts * self.neurons_per_expert
-
-    def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}x{self.neurons_per_expert}, gated={self.gated}, "
-                f"layer={self.layer_index}")
-
-    # ---- routing -------------------------------------------------------------------------------------------
-    def expert_weights(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert output scale (0 for dropped experts) and the boolean active mask, float32."""
-        r = self.routing
-        if logits is None:
-            logits = self.router(x)
-        logits = logits.float()
-        tau = r.tau_for(self.layer_index)
-        if r.rule == "all" or (r.rule in ("cumulative", "nucleus") and tau > 1.0):
-            mask = torch.ones_like(logits, dtype=torch.bool)
-        else:
-            sel_logits = logits
-            if bool(self.always_on.any()):
-                # Always-on experts run for every token and do not consume the probability budget.
-                sel_logits = logits.masked_fill(self.always_on, float("-inf"))
-            probs = torch.softmax(sel_logits, dim=-1)
-            mask = select_experts(probs, tau, r.rule, r.k) | self.always_on
-        if r.gates:
-            weights = torch.sigmoid(logits + r.gate_offset) * mask
-        else:
-            weights = mask.to(logits.dtype)
-        return weights, mask
-
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         """Dense intermediate activations (before expert scaling), expert-contiguous."""
         if self.gated:
