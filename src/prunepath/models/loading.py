@@ -45,6 +45,16 @@ def model_class_for(config, task: str = "auto"):
     return AutoModel
 
 
+def _tokenizer_or_none(source: str):
+    """The tokenizer stored with a model, or None when the directory has none (weights-only models)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def display_name(name_or_path: str) -> str:
     """The exact model name for results (built-ins carry their quantisation)."""
     if name_or_path in BUILTIN_MODELS:
@@ -103,7 +113,7 @@ def load_model(
                 f"directory, and the Hugging Face Hub did not provide it ({str(exc).splitlines()[0][:200]})") from exc
         cls = model_class_for(config, task)
         model = cls.from_pretrained(source, config=config, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = _tokenizer_or_none(source)
     model.prunepath_source = name
     model.prunepath_display_name = display_name(name)
     model.prunepath_tokenizer = tok

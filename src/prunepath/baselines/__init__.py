@@ -1,0 +1,76 @@
+"""Baselines run by the same tool on the same experts: LTE, MoEfication top-k, D2DMoE dynamic-k, Wanda and static
+expert pruning (docs/baselines.md). Importing this package registers their routing methods, routers and (when
+the trainer is installed) LTE's auxiliary losses and stage hook.
+
+    prepare(model, "lte")                     # LTE router, soft routing (stage 1 of training)
+    prepare(model, "moefication", k=12)       # MoEfication router, top-k (fit it: fitting.fit_router)
+    prepare(model, "d2dmoe", tau=0.5)         # D2DMoE router, dynamic-k
+    prepare(model, "static", tokenizer=tok, texts=calib, sparsity=0.5)
+    prepare(model, "wanda", tokenizer=tok, texts=calib, sparsity=0.5)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from prunepath.baselines import d2dmoe, lte, moefication, static  # noqa: F401  (registration on import)
+from prunepath.baselines import wanda  # noqa: F401
+from prunepath.baselines.fitting import fit_router
+from prunepath.baselines.static import prune_experts
+from prunepath.baselines.wanda import apply_wanda, weight_sparsity
+from prunepath.errors import PrunePathError
+
+METHODS = ("prunepath", "lte", "moefication", "d2dmoe", "static", "wanda")
+
+__all__ = ["METHODS", "apply_wanda", "fit_router", "prepare", "prune_experts", "weight_sparsity"]
+
+
+def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[str] | None = None,
+            sparsity: float | None = None, k: int | None = None, tau: float | None = None,
+            threshold: float = lte.DEFAULT_THRESHOLD, soft: bool = True, router_kwargs: dict | None = None,
+            fit: bool = False, fit_kwargs: dict | None = None, scope: str = "ffn") -> nn.Module:
+    """Set router + routing on a converted model for ``method`` (Wanda also accepts a dense model).
+
+    - prunepath: keeps the router, routing method "prunepath" (τ if given).
+    - lte: LTE router; soft routing for training stage 1 (``soft=False`` for hard routing at δ=``threshold``).
+    - moefication / d2dmoe: their MLP router and top-k (``k``) / dynamic-k (``tau``) routing; ``fit=True``
+      fits the router on ``texts`` with the backbone frozen (``fit_kwargs`` go to :func:`fit_router`).
+    - static / wanda: calibrate on ``texts`` and prune to ``sparsity``.
+    """
+    from prunepath.routing.control import configure
+    from prunepath.routing.routers import set_router
+
+    converted = getattr(model, "prunepath_config", None) is not None
+    if method == "wanda":
+        if sparsity is None or tokenizer is None or not texts:
+            raise PrunePathError("prepare(model, 'wanda') needs tokenizer=, texts= (calibration) and sparsity=")
+        apply_wanda(model, tokenizer, texts, sparsity, scope=scope)
+        return model
+    if method not in METHODS:
+        raise PrunePathError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if not converted:
+        raise PrunePathError(f"method {method!r} needs a converted model: run prunepath.moefy(model) first")
+    if method == "static":
+        if sparsity is None or tokenizer is None or not texts:
+            raise PrunePathError("prepare(model, 'static') needs tokenizer=, texts= (calibration) and sparsity=")
+        prune_experts(model, tokenizer, texts, sparsity)
+    elif method == "prunepath":
+        configure(model, method="prunepath", tau=tau)
+    elif method == "lte":
+        set_router(model, "lte", **(router_kwargs or {}))
+        configure(model, method="lte", params={"soft": bool(soft), "threshold": float(threshold)})
+    else:
+        if fit:
+            if tokenizer is None or not texts:
+                raise PrunePathError(f"prepare(model, {method!r}, fit=True) needs tokenizer= and texts=")
+            fit_router(model, tokenizer, texts, method=method, router_kwargs=router_kwargs, **(fit_kwargs or {}))
+        else:
+            set_router(model, method, **(router_kwargs or {}))
+            if method == "moefication":
+                from prunepath.conversion.moefy import prunepath_modules
+                for ffn in prunepath_modules(model):
+                    ffn.router.init_from_centroids(ffn)
+        configure(model, method=method, k=k, tau=tau)
+    return model

@@ -1,0 +1,158 @@
+"""``prunepath eval``: one metric on one model (dense, converted or trained) at one routing setting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
+from prunepath.errors import PrunePathError
+
+GLUE_TASKS = ("sst2", "mrpc", "rte", "cola")
+TASKS = ("ppl", "classify", *GLUE_TASKS, "rouge", "recon", "lm-eval")
+
+
+def add_metric_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``eval`` and ``sweep``."""
+    p.add_argument("--task", required=True, choices=TASKS,
+                   help="ppl (raw text), classify|sst2|mrpc|rte|cola (GLUE-style TSV; classify infers the task "
+                        "from the path), rouge (XSum-style JSONL), recon (top-k reconstruction MSE), lm-eval "
+                        "(lm-evaluation-harness tasks, see --lm-eval-tasks)")
+    p.add_argument("--data", default=None,
+                   help="data file (a path, or relative to the shared data folder, e.g. wikitext-2/wiki.valid.raw)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's own")
+    p.add_argument("--window", type=int, default=512, help="ppl/recon: tokens per window (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="ppl: window step (default = window, no overlap)")
+    p.add_argument("--max-tokens", type=int, default=None, help="ppl/recon: only the first N tokens of the file")
+    p.add_argument("--batch-size", type=int, default=None, help="windows / examples per forward")
+    p.add_argument("--limit", type=int, default=None, help="classify/rouge/lm-eval: first N examples only")
+    p.add_argument("--max-length", type=int, default=256, help="classify: truncate inputs to N tokens")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="rouge: tokens generated per example")
+    p.add_argument("--num-beams", type=int, default=1, help="rouge: beam width (1 = greedy)")
+    p.add_argument("--ks", default=None, help="recon: comma-separated k values (default 1,2,4,...,E)")
+    p.add_argument("--lm-eval-tasks", default=None, help="lm-eval: comma-separated task names (e.g. mmlu,hellaswag)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (e.g. 5 for MMLU)")
+    p.add_argument("--include-path", default=None, help="lm-eval: folder with extra task YAMLs")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, GLUE accuracy, ROUGE, lm-eval, top-k MSE",
+                       description="Evaluate a dense, converted or trained model at one τ and report the metric "
+                                   "with s_FFN measured on the same tokens. See docs/evaluation.md.")
+    add_model_arg(p)
+    add_metric_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tau", type=float, default=None, help="routing budget τ (converted models; >1 = all experts)")
+    g.add_argument("--target-sparsity", type=float, default=None,
+                   help="find the τ giving this s_FFN on calibration text (bisection), report and use it")
+    p.add_argument("--calib-data", default=None,
+                   help="calibration text for --target-sparsity (default: the first --calib-tokens of --data if "
+                        "it is raw text, else WikiText-2 validation)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON (atomically)")
+    add_device_arg(p)
+    p.set_defaults(func=run)
+
+
+def load_for_eval(args: argparse.Namespace):
+    """(model, tokenizer) for the CLI task, with a classification head for GLUE tasks on encoders."""
+    import prunepath
+    from prunepath.evaluation.common import check_tokenizer
+
+    device = resolve_device(args.device)
+    task = "auto"
+    model, tok = prunepath.load_model(args.model, task=task, device=device)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        except OSError:
+            _, tok = prunepath.load_model(args.tokenizer)
+    check_tokenizer(model, tok)
+    return model, tok
+
+
+def metric_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the task's Python function, from the CLI options."""
+    progress = not args.no_progress
+    t = args.task
+    if t == "ppl":
+        kw = dict(window=args.window, stride=args.stride, max_tokens=args.max_tokens, progress=progress)
+        if args.batch_size:
+            kw["batch_size"] = args.batch_size
+        return kw
+    if t in ("classify", *GLUE_TASKS):
+        kw = dict(task=None if t == "classify" else t, limit=args.limit, max_length=args.max_length,
+                  progress=progress)
+        if args.batch_size:
+            kw["batch_size"] = args.batch_size
+        return kw
+    if t == "rouge":
+        return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, limit=args.limit,
+                    progress=progress)
+    if t == "recon":
+        ks = None
+        if args.ks:
+            try:
+                ks = [int(k) for k in args.ks.split(",") if k.strip()]
+            except ValueError as exc:
+                raise PrunePathError(f"--ks must be comma-separated integers (got {args.ks!r})") from exc
+        return dict(ks=ks, window=args.window, max_tokens=args.max_tokens or 2048, progress=progress)
+    if t == "lm-eval":
+        if not args.lm_eval_tasks:
+            raise PrunePathError("--task lm-eval needs --lm-eval-tasks (e.g. --lm-eval-tasks mmlu --num-fewshot 5)")
+        return dict(tasks=[s for s in args.lm_eval_tasks.split(",") if s], num_fewshot=args.num_fewshot,
+                    limit=args.limit, include_path=args.include_path, batch_size=args.batch_size or 8)
+    raise PrunePathError(f"unknown task {t!r}")
+
+
+def needs_data(task: str) -> bool:
+    return task != "lm-eval"
+
+
+def calibrate(model, tok, args: argparse.Namespace) -> dict:
+    from prunepath.evaluation.calibration import find_tau_for_sparsity
+
+    calib = args.calib_data
+    if calib is None:
+        calib = args.data if args.task in ("ppl", "recon") else "wikitext-2/wiki.valid.raw"
+    return find_tau_for_sparsity(model, tok, calib, args.target_sparsity, max_tokens=args.calib_tokens,
+                                 window=args.window, progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    import prunepath
+    from prunepath.evaluation.reports import run_meta, write_json
+    from prunepath.evaluation.tasks import run_task
+
+    if needs_data(args.task) and not args.data:
+        raise PrunePathError(f"--task {args.task} needs --data FILE")
+    if args.target_sparsity is not None and not 0 <= args.target_sparsity < 1:
+        raise PrunePathError(f"--target-sparsity must be in [0, 1) (got {args.target_sparsity})")
+    model, tok = load_for_eval(args)
+    converted = prunepath.is_converted(model)
+    if (args.tau is not None or args.target_sparsity is not None) and not converted:
+        raise PrunePathError("--tau / --target-sparsity need a converted model (a PrunePath checkpoint from "
+                             "`prunepath convert` or `prunepath train`); this one is dense")
+    calib = None
+    if args.target_sparsity is not None:
+        calib = calibrate(model, tok, args)
+        print(f"target s_FFN {args.target_sparsity:.3f}: τ = {calib['tau']:.4f} gives s_FFN "
+              f"{calib['s_ffn']:.4f} on {calib['tokens']} calibration tokens", file=sys.stderr)
+        prunepath.configure(model, tau=calib["tau"])
+    elif args.tau is not None:
+        prunepath.configure(model, tau=args.tau)
+    result = run_task(model, tok, args.task, args.data, **metric_kwargs(args))
+    if converted:
+        result["tau"] = model.prunepath_config.routing.tau
+    if calib is not None:
+        result["target_sparsity"] = args.target_sparsity
+        result["calibration"] = calib
+    result["meta"] = run_meta()
+    if args.json:
+        write_json(args.json, result)
+    summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+    print(json.dumps(summary, indent=2))
+    return 0

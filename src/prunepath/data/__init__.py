@@ -1,0 +1,1 @@
+"""Data resolution: text corpora, GLUE-style TSVs, instruction / summarisation JSON(L)."""

@@ -1,0 +1,196 @@
+"""Helpers shared by the evaluation tasks: model naming, BOS policy, tokenizer checks, data paths, machine info,
+and the active-expert meter that measures s_FFN on exactly the tokens a metric scores."""
+
+from __future__ import annotations
+
+import os
+import platform
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from prunepath.errors import PrunePathError
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder: ``$PRUNEPATH_DATA`` or ``<repo>/../shared/data`` (as laid out in CI)."""
+    env = os.environ.get("PRUNEPATH_DATA")
+    if env:
+        return Path(env)
+    return (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
+
+
+def resolve_data_path(path: str | os.PathLike) -> Path:
+    """A data file given as a path, or relative to the shared data folder (e.g. ``wikitext-2/wiki.valid.raw``)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    alt = shared_data_dir() / p
+    if not p.is_absolute() and alt.exists():
+        return alt
+    raise PrunePathError(f"data file not found: {p} (also looked in {shared_data_dir()}); pass an existing file")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def prepare_model(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Move ``model`` to ``device`` (if given), put it in eval mode, return its device."""
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise PrunePathError(f"device {device} asked for a GPU but none is available here; use device='cpu'")
+        model.to(dev)
+    model.eval()
+    return model_device(model)
+
+
+def model_name(model: nn.Module) -> str:
+    """Exact display name for results: the source model (with quantisation), plus the expert layout when
+    converted, e.g. ``SmolLM2-135M-Instruct (Q4_1, dequantised) + PrunePath 48x32``."""
+    base = getattr(model, "prunepath_display_name", None)
+    if not base:
+        base = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    cfg = getattr(model, "prunepath_config", None)
+    if cfg is not None:
+        router = "" if cfg.router == "linear" else f", router {cfg.router}"
+        base = f"{base} + PrunePath {cfg.num_experts}x{cfg.neurons_per_expert} ({cfg.clustering}{router})"
+    return str(base)
+
+
+def model_meta(model: nn.Module) -> dict:
+    """Fields every result carries about the model and its routing."""
+    cfg = getattr(model, "prunepath_config", None)
+    meta = {"model": model_name(model), "converted": cfg is not None,
+            "source": getattr(model, "prunepath_source", None)}
+    if cfg is not None:
+        meta["num_experts"] = cfg.num_experts
+        meta["neurons_per_expert"] = cfg.neurons_per_expert
+        meta["routing"] = cfg.routing.to_dict()
+    return meta
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def needs_bos(model: nn.Module, tokenizer) -> bool:
+    """Whether every evaluation window must start with BOS (Gemma: PPL 33.8 with it, 90.3 without)."""
+    mtype = str(getattr(getattr(model, "config", None), "model_type", "") or "")
+    wants = mtype.startswith("gemma") or bool(getattr(tokenizer, "add_bos_token", False))
+    if wants and getattr(tokenizer, "bos_token_id", None) is None:
+        raise PrunePathError("this model needs a BOS token at every window start but the tokenizer has none; "
+                             "pass the model's own tokenizer")
+    return wants
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(emb.num_embeddings) if emb is not None else None
+
+
+def check_tokenizer(model: nn.Module, tokenizer) -> None:
+    """Clear errors for a missing or mismatched tokenizer (token ids beyond the model's embedding table)."""
+    if tokenizer is None:
+        raise PrunePathError("no tokenizer: this checkpoint was saved without one; pass --tokenizer NAME|DIR "
+                             "(the tokenizer of the model it was converted from)")
+    rows = embedding_rows(model)
+    n = len(tokenizer)
+    if rows is not None and n > rows:
+        raise PrunePathError(f"tokenizer/model mismatch: the tokenizer has {n} tokens but the model embeds only "
+                             f"{rows}; pass the tokenizer of this model (--tokenizer)")
+
+
+def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+    rows = embedding_rows(model)
+    if rows is not None and ids.numel() and int(ids.max()) >= rows:
+        raise PrunePathError(f"token id {int(ids.max())} is outside the model's vocabulary ({rows} rows): the data "
+                             "was tokenized with another tokenizer; re-tokenize with this model's tokenizer")
+
+
+def pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def require_causal_lm(model: nn.Module, task: str) -> None:
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise PrunePathError(f"task {task!r} needs a causal language model (with an LM head); "
+                             f"{type(model).__name__} has none")
+
+
+class ActiveMeter:
+    """Accumulates per-layer active-expert counts over many forwards (mean and histogram per layer).
+
+    ``update(model, mask)`` reads the counts of the last forward for the tokens where ``mask`` is True; a dense
+    (unconverted) model is accepted and reports s_ffn = 0.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = getattr(model, "prunepath_config", None)
+        self.converted = cfg is not None
+        self.num_experts = cfg.num_experts if cfg is not None else 0
+        self.sums: list[float] | None = None
+        self.hist: list[torch.Tensor] | None = None
+        self.tokens = 0
+
+    def update(self, model: nn.Module, token_mask: torch.Tensor | None = None) -> None:
+        if not self.converted:
+            self.tokens += int(token_mask.sum()) if token_mask is not None else 0
+            return
+        from prunepath.stats import active_counts
+
+        counts = active_counts(model, token_mask)
+        if self.sums is None:
+            self.sums = [0.0] * len(counts)
+            self.hist = [torch.zeros(self.num_experts + 1, dtype=torch.long) for _ in counts]
+        for i, c in enumerate(counts):
+            self.sums[i] += float(c.double().sum())
+            self.hist[i] += torch.bincount(c.long(), minlength=self.num_experts + 1)[: self.num_experts + 1]
+        self.tokens += int(counts[0].numel()) if counts else 0
+
+    def result(self) -> dict:
+        """s_ffn, mean_active (experts per token per layer), per-layer means / s_FFN, and per-layer histograms
+        (``active_hist[layer][k]`` = tokens with k active experts)."""
+        if not self.converted or not self.sums or self.tokens == 0:
+            return {"s_ffn": 0.0, "mean_active": None, "num_experts": self.num_experts, "per_layer_active": [],
+                    "per_layer_s_ffn": [], "active_hist": [], "stat_tokens": self.tokens}
+        e = self.num_experts
+        per_layer = [s / self.tokens for s in self.sums]
+        mean_active = sum(per_layer) / len(per_layer)
+        return {"s_ffn": 1.0 - mean_active / e, "mean_active": mean_active, "num_experts": e,
+                "per_layer_active": per_layer, "per_layer_s_ffn": [1.0 - a / e for a in per_layer],
+                "active_hist": [h.tolist() for h in self.hist], "stat_tokens": self.tokens}
+
+
+@contextmanager
+def track_active(model: nn.Module, meter: ActiveMeter, decode_only: bool = False) -> Iterator[ActiveMeter]:
+    """Update ``meter`` after every forward of ``model`` (e.g. inside ``generate``), all positions counted.
+    ``decode_only`` counts only single-token forwards (generated tokens, not the prompt)."""
+    if not meter.converted:
+        yield meter
+        return
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if decode_only and ids is not None and ids.shape[-1] != 1:
+            return
+        meter.update(model)
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield meter
+    finally:
+        handle.remove()

@@ -1,0 +1,74 @@
+"""The whole sparse FFN for decoding: routing kernel + fused expert kernels, with a dense cuBLAS fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from prunepath.errors import PrunePathError
+from prunepath.kernels.experts import ExpertRunner
+from prunepath.kernels.layout import PackedFFN
+from prunepath.kernels.route import Router
+from prunepath.routing.config import RoutingConfig
+
+
+def _act(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    return torch.relu(x)
+
+
+def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """All experts through cuBLAS from the packed layout (no copy): y [B, d] in x's dtype.
+
+    ``gate_weights`` [B, E] scales each expert's activations (PrunePath gates); None = unscaled (dense model).
+    """
+    w_in, b_in, w_out = packed.dense_weights()
+    e, n = packed.num_experts, packed.neurons_per_expert
+    pre = torch.nn.functional.linear(x, w_in, b_in.to(x.dtype) if b_in is not None else None)
+    pre = pre.view(x.shape[0], e, -1)
+    h = _act(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act(packed.activation, pre)
+    if gate_weights is not None:
+        h = h * gate_weights.to(h.dtype).unsqueeze(-1)
+    y = h.reshape(x.shape[0], e * n) @ w_out
+    if packed.b_out is not None:
+        y = y + packed.b_out.to(y.dtype)
+    return y
+
+
+class SparseFFN:
+    """Decode-time PrunePath FFN for one layer and batch size: ``ffn(x, out)`` adds FFN(x) into ``out``.
+
+    Graph-safe: fixed grids, preallocated buffers, τ in a device tensor (``set_tau``). ``mode`` "sparse" runs
+    the routing + expert kernels; "dense" runs the router (for the gates) and cuBLAS over every expert — the
+    faster choice when (nearly) every expert is active.
+    """
+
+    def __init__(self, packed: PackedFFN, batch: int, routing: RoutingConfig | None = None, *,
+                 mode: str = "sparse", **tuning) -> None:
+        routing = routing or RoutingConfig()
+        if routing.method != "prunepath":
+            raise PrunePathError(f"the decode kernels implement the prunepath routing method, not "
+                                 f"{routing.method!r}; use the PyTorch path (--kernels torch)")
+        if mode not in ("sparse", "dense"):
+            raise PrunePathError(f"mode must be 'sparse' or 'dense' (got {mode!r})")
+        rt = {k: v for k, v in tuning.items() if k.startswith("router_")}
+        ex = {k: v for k, v in tuning.items() if not k.startswith("router_")}
+        self.packed, self.batch, self.mode = packed, batch, mode
+        self.router = Router(packed, batch, rule=routing.rule, tau=routing.tau_for(packed.layer_index), k=routing.k,
+                             gates=routing.gates, gate_offset=routing.gate_offset,
+                             **{k[len("router_"):]: v for k, v in rt.items()})
+        self.experts = ExpertRunner(packed, batch, **ex) if mode == "sparse" else None
+
+    def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
+        self.router.set_tau(tau, k)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        r = self.router(x)
+        if self.mode == "dense":
+            out += dense_ffn(x, self.packed, r.weights).float()
+            return out
+        return self.experts.run(x, r.ids, r.slot_w, r.count, out)

@@ -1,0 +1,112 @@
+"""Task datasets for the trainer: causal LM text, GLUE-style classification, instruction / summarisation data.
+
+The GLUE and instruction readers belong to :mod:`prunepath.data.glue` and :mod:`prunepath.data.instruct`; this
+module only tokenises what they return.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from prunepath.data.lm import TensorDictDataset, build_instruct_dataset, build_lm_dataset
+from prunepath.errors import PrunePathError
+
+
+def encode_classification(texts: list[tuple[str, str | None]], labels: list[int], tokenizer,
+                          seq_len: int) -> TensorDictDataset:
+    """(sentence, optional second sentence) pairs → padded ids, attention mask, token types, label ids."""
+    if not texts:
+        raise PrunePathError("no classification examples")
+    a = [t[0] for t in texts]
+    b = [t[1] for t in texts]
+    pair = any(x is not None for x in b)
+    enc = tokenizer(a, [x or "" for x in b] if pair else None, truncation=True, max_length=seq_len,
+                    padding="max_length", return_tensors="pt")
+    cols = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor(labels, dtype=torch.long)}
+    if "token_type_ids" in enc:
+        cols["token_type_ids"] = enc["token_type_ids"]
+    return TensorDictDataset(**cols)
+
+
+def _glue(path: str):
+    try:
+        from prunepath.data.glue import load_glue
+    except ImportError as exc:
+        raise PrunePathError("GLUE reading needs prunepath.data.glue (not installed in this build)") from exc
+    return load_glue(path)
+
+
+def _examples(path: str) -> list[dict]:
+    try:
+        from prunepath.data.instruct import load_examples
+    except ImportError as exc:
+        raise PrunePathError("instruction data needs prunepath.data.instruct (not installed in this build)") from exc
+    return load_examples(path)
+
+
+def glue_num_labels(path: str) -> int:
+    return int(_glue(path).num_labels)
+
+
+def _default_eval_path(path: str) -> str | None:
+    """GLUE-style folders: train.tsv → dev.tsv next to it (also CoLA's in_domain_train → in_domain_dev)."""
+    p = Path(path)
+    for a, b in (("train", "dev"), ("in_domain_train", "in_domain_dev")):
+        if p.stem == a and (p.with_name(f"{b}{p.suffix}")).exists():
+            return str(p.with_name(f"{b}{p.suffix}"))
+    if p.is_dir():
+        for name in ("dev.tsv", "in_domain_dev.tsv"):
+            if (p / name).exists():
+                return str(p / name)
+    return None
+
+
+def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None):
+    """(train dataset, eval dataset or None, info) for ``cfg.task`` / ``cfg.data`` / ``cfg.eval_data``."""
+    from prunepath.data.text import load_texts
+
+    if not cfg.data:
+        raise PrunePathError("--data is required: a named corpus (sotu, brown, austen, kjv, moby-dick, mix), a "
+                             "text / JSON(L) file, a GLUE-style TSV (--task classify) or hf:NAME")
+    info: dict = {"data": cfg.data}
+    if cfg.task == "lm":
+        texts = load_texts(cfg.data, "train", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
+                           text_field=cfg.text_field)
+        cap = cfg.max_train_tokens or max_train_tokens
+        train = build_lm_dataset(texts, tokenizer, cfg.seq_len, max_tokens=cap, shuffle_seed=cfg.seed)
+        if cfg.eval_data:
+            ev_texts = load_texts(cfg.eval_data, "all", text_field=cfg.text_field)
+        else:
+            ev_texts = load_texts(cfg.data, "validation", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
+                                  text_field=cfg.text_field)
+        ev = build_lm_dataset(ev_texts, tokenizer, cfg.seq_len, max_tokens=cfg.max_eval_tokens,
+                              shuffle_seed=None) if ev_texts else None
+        info.update(train_docs=len(texts), eval_docs=len(ev_texts))
+    elif cfg.task == "instruct":
+        ex = _examples(cfg.data)
+        ev_ex = _examples(cfg.eval_data) if cfg.eval_data else None
+        if ev_ex is None and len(ex) >= 20:
+            # Hold out a deterministic 5 % of the examples (by position after a seeded shuffle).
+            import random
+            order = list(range(len(ex)))
+            random.Random(cfg.seed).shuffle(order)
+            k = max(1, int(len(ex) * cfg.valid_fraction))
+            ev_ex = [ex[i] for i in order[:k]]
+            ex = [ex[i] for i in order[k:]]
+        train = build_instruct_dataset(ex, tokenizer, cfg.seq_len)
+        ev = build_instruct_dataset(ev_ex, tokenizer, cfg.seq_len) if ev_ex else None
+        info.update(train_examples=len(train), eval_examples=len(ev) if ev else 0)
+    else:
+        g = _glue(cfg.data)
+        train = encode_classification(g.texts, g.labels, tokenizer, cfg.seq_len)
+        ev_path = cfg.eval_data or _default_eval_path(cfg.data)
+        ev = None
+        if ev_path:
+            ge = _glue(ev_path)
+            ev = encode_classification(ge.texts, ge.labels, tokenizer, cfg.seq_len)
+        info.update(glue_task=g.task, num_labels=g.num_labels, train_examples=len(train),
+                    eval_examples=len(ev) if ev else 0, eval_data=ev_path)
+    return train, ev, info

@@ -1,0 +1,73 @@
+"""Routing schedules: a stage hook per method, called before each step's forward to set routing.
+
+PrunePath (PAPER.md §4): stage 1 is an all-expert warm-up at τ = 1.05; stage 2 lowers τ linearly from 1.0 to
+τ_min over T rounds (a round is an equal share of the stage-2 steps, the last round runs at τ_min), or holds
+τ_min fixed (the authors' release).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+StageHook = Callable[..., None]
+_HOOKS: dict[str, StageHook] = {}
+
+
+def register_stage_hook(method: str, fn: StageHook) -> None:
+    """Register ``fn(model, stage, step, total_steps, cfg)`` for ``method`` (stage 1 or 2; step counts from 0
+    within the stage, ``total_steps`` is that stage's length)."""
+    _HOOKS[method] = fn
+
+
+def get_stage_hook(method: str) -> StageHook | None:
+    if method not in _HOOKS:
+        try:
+            import prunepath.baselines  # noqa: F401
+        except ImportError:
+            pass
+    return _HOOKS.get(method)
+
+
+def scheduled_tau(stage: int, step: int, total_steps: int, cfg, tau_min: float | None = None) -> float:
+    """τ at ``step`` of ``stage`` (pure function of the config)."""
+    tau_min = cfg.tau_min if tau_min is None else tau_min
+    if stage == 1:
+        return cfg.tau_warmup
+    if cfg.tau_schedule == "fixed":
+        return tau_min
+    rounds = max(1, min(cfg.tau_rounds, max(total_steps, 1)))
+    if rounds == 1:
+        return tau_min
+    r = min(rounds - 1, (step * rounds) // max(total_steps, 1))
+    return cfg.tau_start + (tau_min - cfg.tau_start) * r / (rounds - 1)
+
+
+def resolve_layers(layers, num_layers: int) -> list[int]:
+    return sorted({(int(i) + num_layers) % num_layers for i in layers if -num_layers <= int(i) < num_layers})
+
+
+def layer_taus(stage: int, step: int, total_steps: int, cfg, num_layers: int) -> dict[int, float]:
+    """Per-layer τ: dense layers stay at 1.05; layers with their own τ_min follow their own schedule."""
+    out: dict[int, float] = {}
+    if stage == 1:
+        return out
+    for layer, t_min in (cfg.layer_tau or {}).items():
+        layer = int(layer) % num_layers
+        out[layer] = t_min if t_min > 1 else scheduled_tau(stage, step, total_steps, cfg, tau_min=t_min)
+    for layer in resolve_layers(cfg.dense_layers, num_layers):
+        out[layer] = 1.05
+    return out
+
+
+def prunepath_stage_hook(model: nn.Module, stage: int, step: int, total_steps: int, cfg) -> None:
+    import prunepath
+
+    num_layers = model.prunepath_config.num_layers
+    prunepath.configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
+                        layer_tau=layer_taus(stage, step, total_steps, cfg, num_layers),
+                        gate_offset=float(cfg.gate_offset))
+
+
+register_stage_hook("prunepath", prunepath_stage_hook)
