@@ -65,7 +65,7 @@ def experts_to_drop(mass: Sequence[torch.Tensor], sparsity: float,
     for i, m in enumerate(mass):
         e = m.numel()
         n = min(int(round(sparsity * e)), e - 1)
-        order = torch.sort(m.double(), descending=True, stable=True).indices.flip(0)  # least first; ties: high idx
+        order = torch.sort(m.double().cpu(), descending=True, stable=True).indices.flip(0)  # least first; ties: high idx
         if always_on is not None:
             order = order[~always_on[i].cpu()[order]]
         off[str(i)] = sorted(int(j) for j in order[:n])

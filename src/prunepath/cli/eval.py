@@ -35,6 +35,27 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (e.g. 5 for MMLU)")
     p.add_argument("--include-path", default=None, help="lm-eval: folder with extra task YAMLs")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r = p.add_argument_group("routing (converted models; defaults: as stored in the checkpoint)")
+    r.add_argument("--rule", default=None, choices=["cumulative", "nucleus", "topk", "all"],
+                   help="selection rule (the paper's is cumulative)")
+    r.add_argument("--k", type=int, default=None, help="experts per token for --rule topk")
+    r.add_argument("--gates", default=None, choices=["on", "off"],
+                   help="scale experts by sigmoid gates (on) or sum them unscaled (off)")
+    r.add_argument("--gate-offset", type=float, default=None, help="added to the logit inside the sigmoid gate")
+
+
+def apply_routing_args(model, args: argparse.Namespace) -> dict:
+    """Apply --rule/--k/--gates/--gate-offset to a converted model; returns what was changed."""
+    import prunepath
+
+    changes = {k: v for k, v in dict(rule=args.rule, k=args.k, gate_offset=args.gate_offset,
+                                     gates=None if args.gates is None else args.gates == "on").items()
+               if v is not None}
+    if changes:
+        if not prunepath.is_converted(model):
+            raise PrunePathError("--rule/--k/--gates/--gate-offset need a converted model; this one is dense")
+        prunepath.configure(model, **changes)
+    return changes
 
 
 def register(sub) -> None:
@@ -84,7 +105,7 @@ def metric_kwargs(args: argparse.Namespace) -> dict:
             kw["batch_size"] = args.batch_size
         return kw
     if t in ("classify", *GLUE_TASKS):
-        kw = dict(task=None if t == "classify" else t, limit=args.limit, max_length=args.max_length,
+        kw = dict(limit=args.limit, max_length=args.max_length,
                   progress=progress)
         if args.batch_size:
             kw["batch_size"] = args.batch_size
@@ -136,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.tau is not None or args.target_sparsity is not None) and not converted:
         raise PrunePathError("--tau / --target-sparsity need a converted model (a PrunePath checkpoint from "
                              "`prunepath convert` or `prunepath train`); this one is dense")
+    apply_routing_args(model, args)
     calib = None
     if args.target_sparsity is not None:
         calib = calibrate(model, tok, args)

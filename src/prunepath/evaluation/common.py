@@ -176,20 +176,21 @@ class ActiveMeter:
 
 
 @contextmanager
-def track_active(model: nn.Module, meter: ActiveMeter, decode_only: bool = False) -> Iterator[ActiveMeter]:
+def track_active(model: nn.Module, meter: ActiveMeter, skip_first: bool = False) -> Iterator[ActiveMeter]:
     """Update ``meter`` after every forward of ``model`` (e.g. inside ``generate``), all positions counted.
-    ``decode_only`` counts only single-token forwards (generated tokens, not the prompt)."""
+    ``skip_first`` leaves out the first forward (the prompt's prefill), i.e. counts only decode steps."""
     if not meter.converted:
         yield meter
         return
+    calls = [0]
 
-    def hook(module, args, kwargs, output):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if decode_only and ids is not None and ids.shape[-1] != 1:
+    def hook(module, args, output):
+        calls[0] += 1
+        if skip_first and calls[0] == 1:
             return
         meter.update(model)
 
-    handle = model.register_forward_hook(hook, with_kwargs=True)
+    handle = model.register_forward_hook(hook)
     try:
         yield meter
     finally:

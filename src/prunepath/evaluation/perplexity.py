@@ -160,7 +160,10 @@ def score_tokens(model: nn.Module, ids: torch.Tensor, *, window: int, stride: in
         # Right padding needs no attention mask in a causal model: real positions never see later ones.
         logits = model(input_ids=inp, use_cache=False).logits
         # Only the scored positions go through the (vocab-sized) loss.
-        loss = F.cross_entropy(logits[mask].float(), tgt[mask], reduction="sum")
+        scored = logits[mask]
+        if scored.dtype in (torch.float16, torch.bfloat16):
+            scored = scored.float()
+        loss = F.cross_entropy(scored, tgt[mask], reduction="sum")
         nll += float(loss.double())
         n = int(mask.sum())
         count += n

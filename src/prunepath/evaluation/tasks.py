@@ -39,9 +39,7 @@ def run_task(model: nn.Module, tokenizer, task: str, data: Any, **kw) -> dict:
         out = evaluate_perplexity(model, tokenizer, data, **kw)
     elif task in ("classify", *GLUE_TASKS):
         from prunepath.evaluation.classification import evaluate_classification
-        kw = dict(kw)
-        t = kw.pop("task", None) or (None if task == "classify" else task)
-        out = evaluate_classification(model, tokenizer, data, t, **kw)
+        out = evaluate_classification(model, tokenizer, data, None if task == "classify" else task, **kw)
     elif task == "rouge":
         from prunepath.evaluation.generation import evaluate_rouge
         out = evaluate_rouge(model, tokenizer, data, **kw)

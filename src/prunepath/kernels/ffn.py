@@ -58,10 +58,11 @@ class SparseFFN:
         rt = {k: v for k, v in tuning.items() if k.startswith("router_")}
         ex = {k: v for k, v in tuning.items() if not k.startswith("router_")}
         self.packed, self.batch, self.mode = packed, batch, mode
+        self.experts = ExpertRunner(packed, batch, **ex) if mode == "sparse" else None
         self.router = Router(packed, batch, rule=routing.rule, tau=routing.tau_for(packed.layer_index), k=routing.k,
                              gates=routing.gates, gate_offset=routing.gate_offset,
+                             zero=self.experts.acc if self.experts is not None else None,
                              **{k[len("router_"):]: v for k, v in rt.items()})
-        self.experts = ExpertRunner(packed, batch, **ex) if mode == "sparse" else None
 
     def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
         self.router.set_tau(tau, k)
@@ -71,4 +72,4 @@ class SparseFFN:
         if self.mode == "dense":
             out += dense_ffn(x, self.packed, r.weights).float()
             return out
-        return self.experts.run(x, r.ids, r.slot_w, r.count, out)
+        return self.experts.run(x, r.ids, r.slot_w, r.count, out, clear=False)

@@ -143,7 +143,7 @@ def router_warmstart(model: nn.Module, batches: list[dict], steps: int, *, lr: f
             opt.zero_grad(set_to_none=True)
             kl.backward()
             opt.step()
-        final.append(float(kl))
+        final.append(float(kl.detach()))
     return final
 
 

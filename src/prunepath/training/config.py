@@ -66,6 +66,7 @@ class TrainConfig:
     valid_fraction: float = 0.05
     text_field: str | None = None
     num_labels: int | None = None
+    glue_task: str | None = None  # sst2 | mrpc | rte | cola when the file name does not tell
     # beyond the paper (FINDINGS.md), all off by default
     gate_offset: float = 0.0
     warmstart_steps: int = 0  # router warm start (KL to each expert's share of the true output), backbone frozen

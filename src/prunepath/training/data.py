@@ -31,12 +31,12 @@ def encode_classification(texts: list[tuple[str, str | None]], labels: list[int]
     return TensorDictDataset(**cols)
 
 
-def _glue(path: str):
+def _glue(path: str, task: str | None = None):
     try:
         from prunepath.data.glue import load_glue
     except ImportError as exc:
         raise PrunePathError("GLUE reading needs prunepath.data.glue (not installed in this build)") from exc
-    return load_glue(path)
+    return load_glue(path, task=task)
 
 
 def _examples(path: str) -> list[dict]:
@@ -47,8 +47,8 @@ def _examples(path: str) -> list[dict]:
     return load_examples(path)
 
 
-def glue_num_labels(path: str) -> int:
-    return int(_glue(path).num_labels)
+def glue_num_labels(path: str, task: str | None = None) -> int:
+    return int(_glue(path, task).num_labels)
 
 
 def _default_eval_path(path: str) -> str | None:
@@ -100,12 +100,12 @@ def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None):
         ev = build_instruct_dataset(ev_ex, tokenizer, cfg.seq_len) if ev_ex else None
         info.update(train_examples=len(train), eval_examples=len(ev) if ev else 0)
     else:
-        g = _glue(cfg.data)
+        g = _glue(cfg.data, cfg.glue_task)
         train = encode_classification(g.texts, g.labels, tokenizer, cfg.seq_len)
         ev_path = cfg.eval_data or _default_eval_path(cfg.data)
         ev = None
         if ev_path:
-            ge = _glue(ev_path)
+            ge = _glue(ev_path, cfg.glue_task or g.task)
             ev = encode_classification(ge.texts, ge.labels, tokenizer, cfg.seq_len)
         info.update(glue_task=g.task, num_labels=g.num_labels, train_examples=len(train),
                     eval_examples=len(ev) if ev else 0, eval_data=ev_path)

@@ -294,6 +294,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
             raise PrunePathError(f"{out} already holds a training run; pass --resume to continue it or choose "
                                  "another --out")
         raise PrunePathError(f"{out} exists and is not empty; choose another --out (nothing is overwritten)")
+    accelerator.wait_for_everyone()  # every process has checked ``out`` before the main one writes into it
 
     set_seed(cfg.seed)
     state: dict = {}
@@ -391,10 +392,10 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                                                                      f.always_on)["ent"] for f in ffns]).mean()) / ga
                     for f in ffns:
                         f.last_router_logits = None  # release the graph
-                acc["loss"] += float(loss) / ga
-                acc["task"] += float(task_loss) / ga
+                acc["loss"] += float(loss.detach()) / ga
+                acc["task"] += float(task_loss.detach()) / ga
                 for k, v in terms.items():
-                    terms_acc[k] = terms_acc.get(k, 0.0) + float(v) / ga
+                    terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / ga
                 if converted:
                     acc["s_ffn"] += prunepath.sparsity(raw, mask).s_ffn / ga
                 tokens_seen += int(mask.sum()) * accelerator.num_processes

@@ -1,0 +1,199 @@
+"""Side-by-side run of PrunePath and the baselines on one model, with the backbone frozen (router fitting
+only), on the same calibration tokens, evaluated by the same perplexity code. Results are appended row by row to
+a JSON file (written to a temp name, then renamed), so an interrupted run resumes where it stopped.
+
+    python -m prunepath.baselines.compare --out docs/results/baselines-smollm2-135m.json
+
+What this is *not*: the paper's protocol (joint training of router + backbone for PrunePath and LTE). LTE here is
+the layer-local proxy of :mod:`prunepath.baselines.fitting`; PrunePath is the router warm start (KL to each
+expert's output-norm share) with unit gates. See docs/baselines.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import prunepath
+from prunepath.baselines import fitting
+from prunepath.baselines.calibration import (collect_ffn_inputs, data_root, default_calibration_texts,
+                                             expert_mass, token_batches)
+from prunepath.baselines.knobs import knob_for_sparsity, sparsity_on_inputs
+from prunepath.baselines.static import prune_experts
+from prunepath.baselines.wanda import apply_wanda, input_norms, target_linears
+
+
+def calibration_texts(source: str, chars_per_doc: int = 3000) -> tuple[list[str], str]:
+    """Training-split documents of a registry corpus mix, round-robin across corpora (first ``chars_per_doc``
+    characters of each document, so no single corpus dominates); falls back to the Alpaca/XSum samples."""
+    try:
+        from prunepath.data.corpora import corpus_names, load_corpus, split_documents
+        per = [split_documents(load_corpus(n), "train") for n in corpus_names(source)]
+        texts = []
+        for i in range(max(len(p) for p in per)):
+            texts.extend(p[i]["text"][:chars_per_doc] for p in per if i < len(p))
+        return texts, f"{source} (train split, first {chars_per_doc} chars per document, round-robin)"
+    except Exception as exc:  # noqa: BLE001 - any fetch problem: use the shared samples instead
+        print(f"corpus {source} unavailable ({exc}); using alpaca/xsum samples", file=sys.stderr)
+        return default_calibration_texts(), "alpaca-sample + xsum-sample"
+
+
+class Results:
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"meta": meta, "rows": []}
+        self.data["meta"].update({k: v for k, v in meta.items() if k not in self.data["meta"]})
+
+    def done(self, key: str) -> bool:
+        return any(r["key"] == key for r in self.data["rows"])
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.save()
+        print(f"{row['key']:40s} s_ffn={row['s_ffn']:.3f} ppl={row['ppl']:.2f}", flush=True)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", default="docs/results/baselines-smollm2-135m.json")
+    p.add_argument("--eval-data", default=str(data_root() / "wikitext-2" / "wiki.valid.raw"))
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--calib", default="mix:sotu,moby-dick,brown")
+    p.add_argument("--calib-file", default=None, help="JSON list of calibration texts (instead of --calib)")
+    p.add_argument("--display-name", default=None, help="exact model name for results (e.g. for a .gguf path)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=200, help="router fitting steps per layer (every method)")
+    p.add_argument("--batch", type=int, default=256, help="tokens per fitting step")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--targets", default="0.3,0.5,0.7,0.9", help="target s_FFN values")
+    p.add_argument("--lte-etas", default="0.05,0.2,1.0")
+    p.add_argument("--lte-delta-sweep", default="0.2", help="η values whose δ is also swept to the targets")
+    p.add_argument("--methods", default="dense,prunepath,lte,moefication,d2dmoe,static,wanda")
+    p.add_argument("--neurons-per-expert", type=int, default=32)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from prunepath.evaluation.perplexity import evaluate_perplexity
+
+    targets = [float(t) for t in a.targets.split(",")]
+    methods = a.methods.split(",")
+    t0 = time.time()
+    model, tok = prunepath.load_model(a.model, device=a.device)
+    model.eval()
+    if a.display_name:
+        model.prunepath_display_name = a.display_name
+    if a.calib_file:
+        texts, calib_desc = json.loads(Path(a.calib_file).read_text()), f"{a.calib_file}"
+    else:
+        texts, calib_desc = calibration_texts(a.calib)
+    meta = {"model": model.prunepath_display_name, "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, "
+            "512-token non-overlapping windows)", "calibration": f"{calib_desc}, {a.calib_tokens} tokens",
+            "fitting": f"backbone frozen; {a.steps} Adam steps x {a.batch} tokens per layer, lr {a.lr}",
+            "command": "python -m prunepath.baselines.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": (torch.cuda.get_device_name() if a.device.startswith("cuda") else
+                        f"{platform.machine()} {os.cpu_count()} cores (shared)") + f", torch {torch.__version__}, fp32"}
+    res = Results(Path(a.out), meta)
+
+    def evaluate(key: str, method: str, m, extra: dict, s_override: float | None = None) -> None:
+        t = time.time()
+        r = evaluate_perplexity(m, tok, a.eval_data, window=512, max_tokens=a.eval_tokens, progress=False,
+                                batch_size=4 if a.device == "cpu" else 32)
+        s = r["s_ffn"] if s_override is None else s_override
+        res.add({"key": key, "method": method, "s_ffn": s, "ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"],
+                 "per_layer_s_ffn": r.get("per_layer_s_ffn"), "eval_s": round(time.time() - t, 1), **extra})
+
+    if "dense" in methods and not res.done("dense"):
+        evaluate("dense", "dense", model, {})
+    batches = token_batches(tok, texts, seq_len=a.seq_len, max_tokens=a.calib_tokens)
+
+    # ---- Wanda on the dense model (weights restored between levels) --------------------------------------------
+    if "wanda" in methods and not all(res.done(f"wanda@{t}") for t in targets):
+        mods = target_linears(model, "ffn")
+        saved = {n: m.weight.detach().clone() for n, m in mods.items()}
+        norms = input_norms(model, mods, batches)
+        for t in targets:
+            if res.done(f"wanda@{t}"):
+                continue
+            info = apply_wanda(model, tok, texts, t, norms=norms)
+            evaluate(f"wanda@{t}", "wanda", model, {"knob": {"weight_sparsity": t},
+                     "note": "s_ffn = FFN weight sparsity (unstructured; no speed-up)"}, s_override=info["sparsity"])
+            with torch.no_grad():
+                for n, m in mods.items():
+                    m.weight.copy_(saved[n])
+        del saved
+
+    # ---- converted model, cached FFN inputs shared by every router method -------------------------------------
+    prunepath.moefy(model, neurons_per_expert=a.neurons_per_expert, progress=True)
+    inputs = [x.to(a.device) for x in collect_ffn_inputs(model, batches)]
+    res.data["meta"]["experts"] = f"{model.prunepath_config.num_experts} x {a.neurons_per_expert} per layer (kmeans)"
+    res.data["meta"]["calibration_tokens_used"] = int(inputs[0].shape[0])
+    res.save()
+    ffns = prunepath.prunepath_modules(model)
+
+    if "static" in methods:
+        with torch.no_grad():
+            mass = [expert_mass(f, x).sum(0).double() for f, x in zip(ffns, inputs)]
+        for t in targets:
+            if not res.done(f"static@{t}"):
+                prune_experts(model, tok, texts, t, mass=mass, progress=False)
+                evaluate(f"static@{t}", "static", model, {"knob": {"sparsity": t}})
+
+    fit = dict(steps=a.steps, batch_size=a.batch, lr=a.lr, inputs=inputs)
+    for method in ("prunepath", "moefication", "d2dmoe"):
+        if method not in methods or all(res.done(f"{method}@{t}") for t in targets):
+            continue
+        info = fitting.fit_router(model, method=method, **fit)
+        base = {"gates": False} if method == "prunepath" else {}
+        for t in targets:
+            if res.done(f"{method}@{t}"):
+                continue
+            knob, s_cal = knob_for_sparsity(model, inputs, method, t, base=base)
+            setting = {"k": int(knob)} if method == "moefication" else {"tau": knob}
+            prunepath.configure(model, method=method, **setting, **base)
+            evaluate(f"{method}@{t}", method, model, {"knob": setting, "s_ffn_calibration": s_cal,
+                     "fit_final_loss_mean": sum(info["final_loss"]) / len(info["final_loss"])})
+
+    if "lte" in methods:
+        for eta in [float(e) for e in a.lte_etas.split(",")]:
+            sweep = eta in [float(e) for e in a.lte_delta_sweep.split(",") if e]
+            keys = [f"lte(eta={eta})@delta=0.5"] + ([f"lte(eta={eta})@{t}" for t in targets] if sweep else [])
+            if all(res.done(k) for k in keys):
+                continue
+            info = fitting.fit_router(model, method="lte", params={"eta": eta}, **fit)
+            extra = {"eta": eta, "fit_final_loss_mean": sum(info["final_loss"]) / len(info["final_loss"]),
+                     "note": "layer-local LTE proxy (reconstruction loss instead of task loss), backbone frozen"}
+            if not res.done(keys[0]):
+                prunepath.configure(model, method="lte", params={"soft": False, "threshold": 0.5})
+                evaluate(keys[0], "lte", model, {**extra, "knob": {"threshold": 0.5}})
+            for key, t in zip(keys[1:], targets if sweep else []):
+                if res.done(key):
+                    continue
+                delta, s_cal = knob_for_sparsity(model, inputs, "lte", t)
+                if abs(s_cal - t) > 0.05:  # this η cannot reach t with any δ on calibration data
+                    continue
+                prunepath.configure(model, method="lte", params={"soft": False, "threshold": delta})
+                evaluate(key, "lte", model, {**extra, "knob": {"threshold": delta}, "s_ffn_calibration": s_cal})
+    res.data["meta"]["wall_s"] = round(time.time() - t0, 1)
+    res.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

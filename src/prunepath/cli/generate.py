@@ -1,0 +1,55 @@
+"""``prunepath generate``: continue a prompt with the fast decode engine (CUDA) or the PyTorch path."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text (static KV cache + CUDA graph + sparse FFN kernels on GPU)")
+    add_model_arg(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tau", type=float, default=None, help="PrunePath budget τ for this run (converted models; "
+                   "> 1 keeps every expert); default: the checkpoint's")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                   help="auto: Triton engine on CUDA, PyTorch elsewhere; triton needs --device cuda or "
+                        "TRITON_INTERPRET=1; torch: the model's own generate")
+    p.add_argument("--ffn", choices=("auto", "sparse", "dense"), default="auto",
+                   help="FFN path of the engine (auto: sparse kernels unless every expert is active)")
+    add_device_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import prunepath
+    from prunepath.decoding import generate
+    from prunepath.errors import PrunePathError
+
+    if args.max_new_tokens < 1:
+        raise PrunePathError("--max-new-tokens must be >= 1")
+    device = resolve_device(args.device)
+    if args.kernels == "triton" and device.type != "cuda":
+        from prunepath.kernels._common import interpreting
+        if not interpreting():
+            raise PrunePathError("--kernels triton needs a GPU: use --device cuda (or set TRITON_INTERPRET=1 to "
+                                 "run the Triton kernels on the CPU, slowly)")
+    dtype = "bfloat16" if device.type == "cuda" else None
+    model, tok = prunepath.load_model(args.model, dtype=dtype, device=str(device))
+    if tok is None:
+        raise PrunePathError(f"{args.model} has no tokenizer; pass a model directory that includes one")
+    model.eval()
+    t0 = time.perf_counter()
+    text = generate(model, tok, args.prompt, args.max_new_tokens, tau=args.tau, temperature=args.temperature,
+                    device=device, kernels=args.kernels, ffn=args.ffn, seed=args.seed)
+    dt = time.perf_counter() - t0
+    print(text)
+    print(f"[{getattr(model, 'prunepath_display_name', args.model)} · {device} · {dt:.2f} s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,92 @@
+"""``prunepath sweep``: one checkpoint, many τ — results as JSON, CSV, a markdown table and a frontier plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prunepath.cli.common import add_device_arg, add_model_arg, parse_taus
+from prunepath.cli.eval import add_metric_args, apply_routing_args, load_for_eval, metric_kwargs
+from prunepath.errors import PrunePathError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="evaluate one converted checkpoint at many τ (quality/sparsity frontier)",
+                       description="Evaluate a task at each τ on one checkpoint (data tokenized once) and write "
+                                   "PREFIX.json, PREFIX.csv, PREFIX.md and PREFIX.png (metric vs s_FFN).")
+    add_model_arg(p, required=True)
+    add_metric_args(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--taus", default=None, help="comma-separated τ values in (0, 2], e.g. 0.3,0.5,0.7,0.9,1.05")
+    g.add_argument("--target-sparsities", default=None,
+                   help="comma-separated s_FFN targets in [0, 1); τ is calibrated for each (bisection)")
+    p.add_argument("--calib-data", default=None, help="calibration text for --target-sparsities "
+                                                      "(default: --data for ppl, else WikiText-2 validation)")
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--dense", default=None, metavar="MODEL",
+                   help="also evaluate this dense model (e.g. the one the checkpoint came from) for the dense line")
+    p.add_argument("--label", default=None, help="curve label in plots (default: the model name)")
+    p.add_argument("--out", required=True, metavar="PREFIX",
+                   help="output prefix: writes PREFIX.json, PREFIX.csv, PREFIX.md, PREFIX.png (atomically)")
+    add_device_arg(p)
+    p.set_defaults(func=run)
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        vals = [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise PrunePathError(f"{name} must be comma-separated numbers (got {text!r})") from exc
+    if not vals:
+        raise PrunePathError(f"{name} is empty")
+    return vals
+
+
+def run(args: argparse.Namespace) -> int:
+    import prunepath
+    from prunepath.evaluation.plots import plot_frontier
+    from prunepath.evaluation.reports import rows_to_markdown, run_meta, write_csv, write_json, write_markdown
+    from prunepath.evaluation.sweep import sweep
+    from prunepath.evaluation.tasks import METRICS, run_task
+
+    if args.task == "recon":
+        raise PrunePathError("use `prunepath eval --task recon` (it already reports every k)")
+    if args.task != "lm-eval" and not args.data:
+        raise PrunePathError(f"--task {args.task} needs --data FILE")
+    taus = parse_taus(args.taus) if args.taus else None
+    targets = _floats(args.target_sparsities, "--target-sparsities") if args.target_sparsities else None
+    if targets and any(not 0 <= t < 1 for t in targets):
+        raise PrunePathError(f"every target sparsity must be in [0, 1) (got {args.target_sparsities})")
+    model, tok = load_for_eval(args)
+    if not prunepath.is_converted(model):
+        raise PrunePathError(f"{args.model} is a dense model; a sweep needs a converted checkpoint "
+                             "(`prunepath convert --model NAME --out DIR`, or a trained one)")
+    routing_changes = apply_routing_args(model, args)
+    kw = metric_kwargs(args)
+    rows = sweep(model, tok, args.task, args.data, taus, target_sparsities=targets, calib_data=args.calib_data,
+                 calib_tokens=args.calib_tokens, **kw)
+    dense = None
+    if args.dense:
+        dmodel, dtok = prunepath.load_model(args.dense, device=args.device)
+        dense = run_task(dmodel, dtok, args.task, args.data, **kw)
+        del dmodel
+    metric = METRICS.get(args.task, "accuracy")
+    if args.task == "lm-eval":
+        metric = next((k for k in rows[0] if k.startswith("acc")), "acc")
+    label = args.label or rows[0].get("model")
+    result = {"kind": "sweep", "label": label, "model": rows[0].get("model"), "source": args.model,
+              "task": args.task, "metric": metric, "data": args.data, "routing_overrides": routing_changes,
+              "rows": rows, "dense": dense,
+              "meta": run_meta()}
+    prefix = args.out[:-5] if args.out.endswith(".json") else args.out
+    write_json(prefix + ".json", result)
+    table_rows = rows + ([{**dense, "tau": None}] if dense else [])
+    write_csv(prefix + ".csv", table_rows)
+    write_markdown(prefix + ".md", table_rows, title=f"{label}: {args.task} on {args.data}")
+    try:
+        plot_frontier([result], prefix + ".png", metric)
+    except ImportError:
+        print("matplotlib is missing: no plot (pip install 'prunepath[eval]')", file=sys.stderr)
+    print(rows_to_markdown(table_rows))
+    print(f"wrote {prefix}.json, .csv, .md, .png", file=sys.stderr)
+    return 0

@@ -1,0 +1,121 @@
+"""Fast decoding: a static-cache, CUDA-graph decode engine with the PrunePath sparse FFN kernels.
+
+``generate(model, tokenizer, prompt, max_new_tokens, tau=..., temperature=..., device=...)`` is the entry
+point; :class:`DecodeEngine` is the engine behind it (one per model, batch size and maximum length, cached on
+the model). On a machine without CUDA, ``generate`` falls back to the pure-PyTorch path (the model's own
+``generate``) and says so.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from prunepath.errors import PrunePathError
+
+__all__ = ["DecodeEngine", "generate"]
+
+KERNELS = ("auto", "triton", "torch")
+
+
+def __getattr__(name: str):
+    if name == "DecodeEngine":
+        from prunepath.decoding.engine import DecodeEngine
+        return DecodeEngine
+    raise AttributeError(name)
+
+
+def _engine_for(model: nn.Module, batch: int, max_len: int, device: torch.device, ffn: str):
+    from prunepath.decoding.engine import DecodeEngine
+    cache = getattr(model, "_prunepath_engines", None)
+    if cache is None:
+        cache = {}
+        model._prunepath_engines = cache  # noqa: SLF001 - engines are tied to this model's weights
+    key = (batch, device.type, device.index)
+    eng = cache.get(key)
+    if eng is None or eng.max_len < max_len:
+        cache.pop(key, None)
+        eng = DecodeEngine(model, batch=batch, max_len=max(max_len, 256), ffn=ffn, device=device)
+        cache[key] = eng
+    return eng
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_tokens: int = 64, *,
+             tau: float | None = None, temperature: float = 0.0, device: str | torch.device | None = None,
+             kernels: str = "auto", ffn: str = "auto", seed: int | None = None,
+             quiet: bool = False) -> str | list[str]:
+    """Continue ``prompt`` (a string or a list of equal-length prompts) by up to ``max_new_tokens`` tokens.
+
+    tau: PrunePath budget for this call (a converted model; None keeps the model's). temperature 0 = greedy.
+    kernels: "auto" (the Triton engine on CUDA, PyTorch elsewhere), "triton" (the engine; on a CPU only under
+    TRITON_INTERPRET=1), "torch" (the model's own generate). Returns the new text (without the prompt).
+    """
+    from prunepath.conversion.moefy import is_converted
+    from prunepath.routing.control import routing as routing_ctx
+
+    if kernels not in KERNELS:
+        raise PrunePathError(f"kernels must be one of {', '.join(KERNELS)} (got {kernels!r})")
+    if max_new_tokens < 1:
+        raise PrunePathError("max_new_tokens must be >= 1")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrunePathError(f"--device {dev} asked for a GPU but none is available here; use --device cpu")
+    from prunepath.kernels._common import interpreting
+    use_engine = kernels == "triton" or (kernels == "auto" and dev.type == "cuda")
+    if kernels == "triton" and dev.type != "cuda" and not interpreting():
+        raise PrunePathError("--kernels triton needs a GPU: use --device cuda, or set TRITON_INTERPRET=1 to "
+                             "run the Triton kernels on the CPU (slow), or --kernels torch")
+    if tau is not None and not is_converted(model):
+        raise PrunePathError("tau needs a converted model (prunepath.moefy or a PrunePath checkpoint)")
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    enc = [tokenizer(p, return_tensors="pt")["input_ids"][0] for p in prompts]
+    if len({len(e) for e in enc}) != 1:
+        raise PrunePathError("batched prompts must have the same number of tokens (no padding support yet)")
+    input_ids = torch.stack(enc)
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    settings = {"tau": tau} if tau is not None else {}
+    if use_engine:
+        if model.config.model_type not in ("llama", "mistral", "qwen2", "gpt2"):
+            raise PrunePathError(f"the decode engine does not support {model.config.model_type!r}; use --kernels torch")
+        eng = _engine_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, dev, ffn)
+        if is_converted(model):
+            with routing_ctx(model, **settings) as r:
+                eng.sync_routing(r, ffn)  # τ only: device tensors, no recapture
+                new = eng.generate(input_ids, max_new_tokens, temperature=temperature, eos_token_id=eos)
+        else:
+            new = eng.generate(input_ids, max_new_tokens, temperature=temperature, eos_token_id=eos)
+    else:
+        if not quiet and dev.type != "cuda":
+            print("prunepath generate: no CUDA device: using the pure-PyTorch path (the model's own generate; "
+                  "every expert is computed and masked, so it is not faster). Use --device cuda for the fast "
+                  "decode kernels.", file=sys.stderr)
+        model_dev = next(model.parameters()).device
+        if model_dev != dev:
+            model.to(dev)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=eos)
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        ctx = routing_ctx(model, **settings) if settings else _null()
+        with ctx:
+            out = model.generate(input_ids.to(dev), attention_mask=torch.ones_like(input_ids).to(dev), **kwargs)
+        new = out[:, input_ids.shape[1]:]
+    texts = []
+    for row in new.tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts[0] if single else texts
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,384 @@
+"""A static-cache decode engine whose whole decode step is one CUDA graph.
+
+Supported architectures: Llama / Mistral / Qwen2 / SmolLM (RMSNorm, RoPE, GQA, gated SiLU FFN) and GPT-2
+(LayerNorm, learned positions, plain GELU FFN with biases). Each layer is: norm kernel (fp32 residual →
+bf16) → fused q|k|v GEMV (cuBLAS) → RoPE + KV-cache write kernel → split-KV decode attention (two kernels)
+→ o-proj GEMV (cuBLAS) + residual add → norm kernel → FFN. The FFN is the PrunePath sparse kernels
+(routing + fused experts, added straight into the fp32 residual), or dense cuBLAS (the fair baseline, or
+the "gated dense" fallback of a converted model). Everything a step needs lives in preallocated buffers, the
+position and the next token stay on the device, and τ lives in device tensors: a generation is a prefill
+plus one graph replay per token, with no host synchronisation until the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunepath.errors import PrunePathError
+from prunepath.kernels._common import interpreting
+from prunepath.kernels.layout import PackedFFN, detect_activation, pack_ffn
+from prunepath.routing.config import RoutingConfig
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+SUPPORTED = LLAMA_LIKE + ("gpt2",)
+
+
+@dataclass
+class _Layer:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor | None
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor | None
+    ffn: PackedFFN
+    converted: bool
+    k_cache: torch.Tensor | None = None
+    v_cache: torch.Tensor | None = None
+    sparse: object | None = None  # SparseFFN for the decode step
+
+
+def _pack_dense(dense, dtype: torch.dtype, device: torch.device) -> PackedFFN:
+    """An unconverted FFN as a single 'expert' (the dense baseline runs it through cuBLAS)."""
+    d, ff = dense.hidden_size, dense.intermediate_size
+    kw = {"dtype": dtype, "device": device}
+    if dense.gated:
+        w_in = torch.cat([dense.gate_w, dense.up_w], 0).to(**kw).reshape(1, 2 * ff, d)
+        b_in = None
+        if dense.gate_b is not None or dense.up_b is not None:
+            zero = torch.zeros(ff, device=dense.up_w.device)
+            b_in = torch.cat([dense.gate_b if dense.gate_b is not None else zero,
+                              dense.up_b if dense.up_b is not None else zero]).float().to(device).reshape(1, -1)
+    else:
+        w_in = dense.up_w.to(**kw).reshape(1, ff, d)
+        b_in = dense.up_b.float().to(device).reshape(1, ff) if dense.up_b is not None else None
+    w_out = dense.down_w.t().to(**kw).contiguous().reshape(1, ff, d)
+    b_out = dense.down_b.float().to(device) if dense.down_b is not None else None
+    return PackedFFN(w_in=w_in.contiguous(), b_in=b_in, w_out=w_out, b_out=b_out,
+                     router_w=torch.zeros(1, d, **kw), always_on=torch.zeros(1, dtype=torch.int8, device=device),
+                     activation=detect_activation(dense.activation), gated=dense.gated)
+
+
+class DecodeEngine:
+    """Static KV cache + CUDA-graph decode for one model, batch size and maximum length.
+
+    ffn: "auto" (a converted model runs the sparse kernels, or cuBLAS over every expert when every layer's
+    τ > 1; an unconverted model runs dense), "sparse", "dense" (converted: router + gates + cuBLAS over every
+    expert; unconverted: the plain dense FFN). ``graphs=False`` runs the same kernels eagerly (CPU interpreter).
+    """
+
+    def __init__(self, model: nn.Module, *, batch: int = 1, max_len: int = 1024, ffn: str = "auto",
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 graphs: bool | None = None, ffn_tuning: dict | None = None) -> None:
+        from prunepath.conversion.moefy import is_converted, prunepath_modules
+        from prunepath.models.adapters import adapter_for
+
+        cfg = model.config
+        mt = getattr(cfg, "model_type", None)
+        if mt not in SUPPORTED:
+            raise PrunePathError(f"the decode engine supports {', '.join(SUPPORTED)} models, not {mt!r}; "
+                                 "use the PyTorch path (--kernels torch)")
+        if ffn not in ("auto", "sparse", "dense"):
+            raise PrunePathError(f"ffn must be auto, sparse or dense (got {ffn!r})")
+        ref = next(model.parameters())
+        self.device = torch.device(device) if device is not None else ref.device
+        if self.device.type != "cuda" and not interpreting():
+            raise PrunePathError("the Triton decode engine needs a CUDA GPU: use --device cuda, or set "
+                                 "TRITON_INTERPRET=1 to run its kernels on the CPU (slow), or --kernels torch")
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.graphs = (self.device.type == "cuda") if graphs is None else graphs
+        self.model_type, self.batch, self.max_len = mt, batch, max_len
+        self.converted = is_converted(model)
+        self.routing: RoutingConfig = model.prunepath_config.routing if self.converted else RoutingConfig()
+        kw = {"dtype": self.dtype, "device": self.device}
+        self.ffn_tuning = dict(ffn_tuning or {})
+
+        def t(x: torch.Tensor | None, dt: torch.dtype | None = None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return x.detach().to(dtype=dt or self.dtype, device=self.device).contiguous()
+
+        if mt in LLAMA_LIKE:
+            body = model.model
+            self.rms, self.eps = True, float(cfg.rms_norm_eps)
+            self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+                raise PrunePathError("partial rotary embeddings are not supported by the decode engine")
+            self.embed = t(body.embed_tokens.weight)
+            self.wpe = None
+            self.final_w, self.final_b = t(body.norm.weight, torch.float32), None
+            self.lm_head = t(model.lm_head.weight)
+            with torch.no_grad():
+                pos = torch.arange(max_len, device=ref.device)[None]
+                cos, sin = body.rotary_emb(torch.zeros(1, dtype=torch.float32, device=ref.device), pos)
+            self.cos, self.sin = t(cos[0], torch.float32), t(sin[0], torch.float32)
+            blocks = list(body.layers)
+        else:  # gpt2
+            body = model.transformer
+            self.rms, self.eps = False, float(cfg.layer_norm_epsilon)
+            self.heads = self.kv_heads = cfg.n_head
+            self.head_dim = cfg.n_embd // cfg.n_head
+            if max_len > cfg.n_positions:
+                raise PrunePathError(f"max_len {max_len} exceeds GPT-2's {cfg.n_positions} positions")
+            self.embed = t(body.wte.weight)
+            self.wpe = t(body.wpe.weight, torch.float32)
+            self.final_w, self.final_b = t(body.ln_f.weight, torch.float32), t(body.ln_f.bias, torch.float32)
+            self.lm_head = t(model.lm_head.weight)
+            self.cos = self.sin = None
+            blocks = list(body.h)
+        self.hidden = self.embed.shape[1]
+        adapter = adapter_for(model)
+        sites = adapter.sites(model)
+        pp = {m.layer_index: m for m in prunepath_modules(model)} if self.converted else {}
+        self.layers: list[_Layer] = []
+        for i, blk in enumerate(blocks):
+            if mt in LLAMA_LIKE:
+                a = blk.self_attn
+                qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)
+                qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], 0)
+                         if a.q_proj.bias is not None else None)
+                o_w, o_b = a.o_proj.weight, a.o_proj.bias
+                ln1, ln2 = (blk.input_layernorm.weight, None), (blk.post_attention_layernorm.weight, None)
+            else:
+                a = blk.attn
+                qkv_w, qkv_b = a.c_attn.weight.t(), a.c_attn.bias
+                o_w, o_b = a.c_proj.weight.t(), a.c_proj.bias
+                ln1, ln2 = (blk.ln_1.weight, blk.ln_1.bias), (blk.ln_2.weight, blk.ln_2.bias)
+            if self.converted:
+                packed = pack_ffn(pp[i], dtype=self.dtype, device=self.device)
+            else:
+                packed = _pack_dense(adapter.extract(sites[i]), self.dtype, self.device)
+            layer = _Layer(ln1_w=t(ln1[0], torch.float32), ln1_b=t(ln1[1], torch.float32), qkv_w=t(qkv_w),
+                           qkv_b=t(qkv_b), o_w=t(o_w), o_b=t(o_b), ln2_w=t(ln2[0], torch.float32),
+                           ln2_b=t(ln2[1], torch.float32), ffn=packed, converted=self.converted)
+            layer.k_cache = torch.zeros(batch, self.kv_heads, max_len, self.head_dim, **kw)
+            layer.v_cache = torch.zeros(batch, self.kv_heads, max_len, self.head_dim, **kw)
+            self.layers.append(layer)
+        from prunepath.kernels.decode_ops import DecodeAttention
+        self.attn = DecodeAttention(batch, self.heads, self.kv_heads, self.head_dim, max_len, self.device)
+        # Step state (device): current token, its position, the step counter, outputs.
+        self.tok = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.out_tokens = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
+        self.temperature = torch.ones(1, dtype=torch.float32, device=self.device)
+        self.res = torch.zeros(batch, self.hidden, dtype=torch.float32, device=self.device)
+        self.xbuf = torch.zeros(batch, self.hidden, **kw)
+        self.q = torch.zeros(batch, self.heads, self.head_dim, **kw)
+        self.attn_out = torch.zeros(batch, self.heads, self.head_dim, **kw)
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.ffn_mode = ""
+        self._sig: tuple = ()
+        self.set_ffn_mode(ffn)
+
+    # ---- configuration ----------------------------------------------------------------------------------
+    def resolve_mode(self, ffn: str = "auto") -> str:
+        r = self.routing
+        if ffn != "auto":
+            return ffn
+        all_dense = all(r.rule == "all" or (r.rule in ("cumulative", "nucleus") and r.tau_for(i) > 1.0)
+                        for i in range(len(self.layers)))
+        return "sparse" if self.converted and not all_dense else "dense"
+
+    def _signature(self, mode: str) -> tuple:
+        r = self.routing
+        return (mode, r.rule, r.gates, r.gate_offset, r.method)
+
+    def sync_routing(self, routing: RoutingConfig | None = None, ffn: str = "auto") -> None:
+        """Adopt ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate setting or
+        FFN path rebuilds the layer FFNs (the next step recaptures)."""
+        if routing is not None:
+            self.routing = routing
+        mode = self.resolve_mode(ffn)
+        if self._signature(mode) != self._sig:
+            self.set_ffn_mode(ffn)
+        else:
+            self.set_tau()
+
+    def set_ffn_mode(self, ffn: str = "auto") -> None:
+        """Choose the FFN path (see the class docstring); rebuilds the per-layer FFN objects and drops graphs."""
+        from prunepath.kernels.ffn import SparseFFN
+        r = self.routing
+        if ffn not in ("auto", "sparse", "dense"):
+            raise PrunePathError(f"ffn must be auto, sparse or dense (got {ffn!r})")
+        ffn = self.resolve_mode(ffn)
+        if ffn == "sparse" and not self.converted:
+            raise PrunePathError("ffn='sparse' needs a converted model (prunepath.moefy or a PrunePath checkpoint)")
+        for layer in self.layers:
+            layer.sparse = SparseFFN(layer.ffn, self.batch, r, mode=ffn, **self.ffn_tuning) if self.converted else None
+        self.ffn_mode = ffn
+        self._sig = self._signature(ffn)
+        self._graphs.clear()
+
+    def set_tau(self, tau: float | None = None, layer_tau: dict[int, float] | None = None, k: int | None = None) -> None:
+        """Change τ between generations without recapturing (the routers read τ from device tensors)."""
+        if tau is not None:
+            self.routing.tau = float(tau)
+        if layer_tau is not None:
+            self.routing.layer_tau = {int(i): float(v) for i, v in layer_tau.items()}
+        if k is not None:
+            self.routing.k = int(k)
+        self.routing.validate()
+        for i, layer in enumerate(self.layers):
+            if layer.sparse is not None:
+                layer.sparse.set_tau(self.routing.tau_for(i), self.routing.k)
+
+    # ---- the step ---------------------------------------------------------------------------------------
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        from prunepath.kernels.decode_ops import norm
+        return norm(x, w, b, self.eps, rms=self.rms, out=out)
+
+    def _ffn_dense_into(self, layer: _Layer, x: torch.Tensor, res: torch.Tensor, weights: torch.Tensor | None) -> None:
+        from prunepath.kernels.ffn import dense_ffn
+        res += dense_ffn(x, layer.ffn, weights).float()
+
+    def _decode_step(self, sample: bool) -> None:
+        from prunepath.kernels.decode_ops import rope_and_cache
+        b, hd = self.batch, self.head_dim
+        res = self.res
+        emb = self.embed.index_select(0, self.tok).float()
+        if self.wpe is not None:
+            emb = emb + self.wpe.index_select(0, self.pos.long())
+        res.copy_(emb)
+        for layer in self.layers:
+            x = self._norm(res, layer.ln1_w, layer.ln1_b, self.xbuf)
+            qkv = torch.nn.functional.linear(x, layer.qkv_w, layer.qkv_b)
+            rope_and_cache(qkv, self.cos, self.sin, self.pos, self.q, layer.k_cache, layer.v_cache,
+                           self.heads, self.kv_heads)
+            self.attn(self.q, layer.k_cache, layer.v_cache, self.pos, self.attn_out)
+            res += torch.nn.functional.linear(self.attn_out.view(b, self.heads * hd), layer.o_w, layer.o_b)
+            x = self._norm(res, layer.ln2_w, layer.ln2_b, self.xbuf)
+            if layer.sparse is not None:
+                layer.sparse(x, res)
+            else:
+                self._ffn_dense_into(layer, x, res, None)
+        x = self._norm(res, self.final_w, self.final_b, self.xbuf)
+        logits = torch.nn.functional.linear(x, self.lm_head).float()
+        if sample:
+            u = torch.rand_like(logits).clamp_(1e-10, 1.0)
+            nxt = torch.argmax(logits / self.temperature - torch.log(-torch.log(u)), dim=-1)
+        else:
+            nxt = torch.argmax(logits, dim=-1)
+        self.out_tokens.index_copy_(1, self.step_idx, nxt[:, None])
+        self.tok.copy_(nxt)
+        self.pos += 1
+        self.step_idx += 1
+
+    def _graph(self, sample: bool):
+        if not self.graphs:
+            return None
+        g = self._graphs.get(sample)
+        if g is None:
+            # Warm up (compiles the kernels) on a side stream, then capture; restore the state it advanced.
+            saved = (self.tok.clone(), self.pos.clone(), self.step_idx.clone())
+            caches = [(l.k_cache, l.v_cache) for l in self.layers]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._decode_step(sample)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._decode_step(sample)
+            self.tok.copy_(saved[0])
+            self.pos.copy_(saved[1])
+            self.step_idx.copy_(saved[2])
+            del caches  # the warm-up wrote one cache slot at pos, which the real step overwrites
+            self._graphs[sample] = g
+        return g
+
+    def step(self, sample: bool = False) -> None:
+        g = self._graph(sample)
+        if g is not None:
+            g.replay()
+        else:
+            self._decode_step(sample)
+
+    # ---- prefill ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt [B, T] through the model (eager, batched), fill the caches; returns last logits [B, V].
+
+        The FFN of a converted model runs the router and every expert through cuBLAS with the gate weights
+        (0 for dropped experts): prefill is compute-bound, so this costs the dense time plus the router.
+        """
+        from prunepath.kernels.ffn import dense_ffn
+        from prunepath.routing.methods import prunepath_method
+        b, t = input_ids.shape
+        if b != self.batch:
+            raise PrunePathError(f"this engine was built for batch {self.batch}, got {b} prompts")
+        if t >= self.max_len:
+            raise PrunePathError(f"prompt of {t} tokens does not fit max_len {self.max_len}")
+        ids = input_ids.to(self.device)
+        h = self.embed[ids].float()
+        if self.wpe is not None:
+            h = h + self.wpe[:t]
+        h = h.reshape(b * t, -1)
+        hd, nh, nkv = self.head_dim, self.heads, self.kv_heads
+        for i, layer in enumerate(self.layers):
+            x = self._norm(h, layer.ln1_w, layer.ln1_b, torch.empty(b * t, self.hidden, dtype=self.dtype,
+                                                                      device=self.device))
+            qkv = torch.nn.functional.linear(x, layer.qkv_w, layer.qkv_b).view(b, t, nh + 2 * nkv, hd)
+            q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
+            if self.cos is not None:
+                cos, sin = self.cos[:t, None, :], self.sin[:t, None, :]
+
+                def rot(z: torch.Tensor) -> torch.Tensor:
+                    z1, z2 = z[..., : hd // 2], z[..., hd // 2:]
+                    return (z.float() * cos + torch.cat([-z2, z1], -1).float() * sin).to(z.dtype)
+                q, k = rot(q), rot(k)
+            layer.k_cache[:, :, :t] = k.transpose(1, 2)
+            layer.v_cache[:, :, :t] = v.transpose(1, 2)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=nkv != nh)
+            h = h + torch.nn.functional.linear(o.transpose(1, 2).reshape(b * t, nh * hd), layer.o_w, layer.o_b).float()
+            x = self._norm(h, layer.ln2_w, layer.ln2_b, torch.empty(b * t, self.hidden, dtype=self.dtype,
+                                                                      device=self.device))
+            weights = None
+            if layer.converted:
+                scores = x.float() @ layer.ffn.router_w.float().t()
+                weights, _ = prunepath_method(scores, self.routing, i, layer.ffn.always_on.bool())
+            h = h + dense_ffn(x, layer.ffn, weights).float()
+        last = h.view(b, t, -1)[:, -1].contiguous()
+        x = self._norm(last, self.final_w, self.final_b, torch.empty(b, self.hidden, dtype=self.dtype, device=self.device))
+        return torch.nn.functional.linear(x, self.lm_head).float()
+
+    # ---- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 eos_token_id: int | None = None, check_every: int = 16,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation: new tokens [B, ≤ max_new_tokens]."""
+        t = input_ids.shape[1]
+        if t + max_new_tokens > self.max_len:
+            raise PrunePathError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds max_len {self.max_len}")
+        if temperature < 0:
+            raise PrunePathError("temperature must be >= 0 (0 = greedy)")
+        logits = self.prefill(input_ids)
+        sample = temperature > 0
+        if sample:
+            self.temperature.fill_(float(temperature))
+            g = torch.empty_like(logits).exponential_(generator=generator) if generator is not None else \
+                torch.empty_like(logits).exponential_()
+            first = torch.argmax(logits / temperature - torch.log(g), -1)  # Gumbel-max = categorical sampling
+        else:
+            first = torch.argmax(logits, -1)
+        self.out_tokens[:, 0] = first
+        self.tok.copy_(first)
+        self.pos.fill_(t)
+        self.step_idx.fill_(1)
+        done = 1
+        while done < max_new_tokens:
+            n = min(check_every, max_new_tokens - done)
+            for _ in range(n):
+                self.step(sample)
+            done += n
+            if eos_token_id is not None and bool((self.out_tokens[:, :done] == eos_token_id).any(-1).all()):
+                break
+        return self.out_tokens[:, :done].clone()

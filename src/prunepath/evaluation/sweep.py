@@ -1,0 +1,79 @@
+"""One checkpoint, many τ: evaluate a task at each routing budget and return one row per τ (with s_FFN)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunepath.errors import PrunePathError
+
+# Keys that are large per-run details; kept in the rows (JSON) but not printed in tables.
+DETAIL_KEYS = ("active_hist", "predictions", "samples", "per_layer_active", "per_layer_s_ffn")
+
+
+def validate_taus(taus: Sequence[float]) -> list[float]:
+    """Sorted, de-duplicated τ values; each must be in (0, 2] (τ > 1 keeps every expert)."""
+    try:
+        vals = [float(t) for t in taus]
+    except (TypeError, ValueError) as exc:
+        raise PrunePathError(f"taus must be numbers (got {taus!r})") from exc
+    bad = [t for t in vals if not 0 < t <= 2]
+    if not vals or bad:
+        raise PrunePathError(f"every τ must be in (0, 2] (1.05 keeps all experts); got {list(taus)}")
+    return sorted(set(vals))
+
+
+def sweep(
+    model: nn.Module,
+    tokenizer,
+    task: str,
+    data: Any,
+    taus: Sequence[float] | None = None,
+    *,
+    target_sparsities: Sequence[float] | None = None,
+    calib_data: Any = None,
+    calib_tokens: int = 4096,
+    progress: bool = True,
+    **metric_kwargs,
+) -> list[dict]:
+    """Evaluate ``task`` on ``data`` at every τ in ``taus`` (ascending) — or at the τ calibrated for each of
+    ``target_sparsities`` — on one converted model. The data is loaded / tokenized once. Each row is the task's
+    result plus ``tau`` (and ``target_sparsity``); the model's routing is restored afterwards."""
+    import prunepath
+    from prunepath.evaluation.tasks import prepare_data, run_task
+
+    if not prunepath.is_converted(model):
+        raise PrunePathError("a τ sweep needs a converted model (PrunePath checkpoint); a dense model has one "
+                             "operating point — use `prunepath eval` for it")
+    if (taus is None) == (target_sparsities is None):
+        raise PrunePathError("give exactly one of taus or target_sparsities")
+    cached = prepare_data(tokenizer, task, data, **metric_kwargs)
+    if task in ("ppl", "recon"):
+        metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
+    points: list[tuple[float, float | None, dict | None]] = []
+    if target_sparsities is not None:
+        from prunepath.evaluation.calibration import find_tau_for_sparsity
+        for s in sorted(set(float(x) for x in target_sparsities)):
+            cal = find_tau_for_sparsity(model, tokenizer, calib_data if calib_data is not None else
+                                        (cached if task == "ppl" else "wikitext-2/wiki.valid.raw"), s,
+                                        max_tokens=calib_tokens, progress=False)
+            points.append((cal["tau"], s, cal))
+    else:
+        points = [(t, None, None) for t in validate_taus(taus)]
+    rows = []
+    for tau, target, cal in tqdm(points, desc=f"sweep {task}", disable=not progress, unit="τ"):
+        with prunepath.routing(model, tau=tau):
+            kw = dict(metric_kwargs)
+            if task != "lm-eval":
+                kw["progress"] = progress
+            row = run_task(model, tokenizer, task, cached, **kw)
+        row["tau"] = tau
+        if target is not None:
+            row["target_sparsity"] = target
+            row["calibration"] = {k: v for k, v in cal.items() if k != "history"}
+        if isinstance(data, str):
+            row["data"] = data
+        rows.append(row)
+    return rows

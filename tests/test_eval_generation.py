@@ -1,0 +1,76 @@
+"""ROUGE evaluation: greedy decoding equals transformers' greedy generate, ROUGE equals rouge-score's,
+s_FFN is measured on the generated tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import prunepath
+from prunepath.errors import PrunePathError
+from prunepath.evaluation.generation import evaluate_rouge, rouge_scores
+from test_eval_fixtures import one_thread, tiny_converted, tiny_tokenizer  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_rouge_scores_match_rouge_score_package():
+    rs = pytest.importorskip("rouge_score.rouge_scorer")
+    preds = ["the cat sat on the mat", "storms hit the coast", ""]
+    refs = ["a cat was sitting on the mat", "a storm hit the north coast today", "nothing"]
+    got = rouge_scores(preds, refs)
+    sc = rs.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert got[k] == pytest.approx(sum(sc.score(r, p)[k].fmeasure for p, r in zip(preds, refs)) / 3)
+
+
+def test_greedy_generation_and_decode_sparsity(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_converted(seed=8)
+    prunepath.configure(model, tau=0.6)
+    path = tmp_path / "x.jsonl"
+    recs = [{"prompt": "w1 w2 w3 w4", "response": "w5 w6"}, {"prompt": "w7 w8", "response": "w9"},
+            {"prompt": "w10", "response": "w11 w12"}]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    res = evaluate_rouge(model, tok, path, max_new_tokens=6, progress=False)
+    from prunepath.data.instruct import load_examples
+    preds, active = [], []
+    for ex in load_examples(path):
+        ids = tok(ex["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+        gen = out[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in gen:
+            gen = gen[:gen.index(tok.eos_token_id)]
+        preds.append(tok.decode(gen, skip_special_tokens=True).strip())
+        # Reference decode statistics: every generated token but the last is fed back once.
+        full = torch.tensor([ids[0].tolist() + gen])
+        with torch.no_grad():
+            model(input_ids=full)
+        n_fed = max(len(gen) - 1, 0)
+        if n_fed:
+            active.append(torch.stack([f.last_active[0, ids.shape[1]:ids.shape[1] + n_fed].float()
+                                       for f in prunepath.prunepath_modules(model)], 1))
+    assert [s["prediction"] for s in res["samples"]] == preds
+    assert res["rougeL"] == pytest.approx(rouge_scores(preds, [r["response"] for r in recs])["rougeL"])
+    assert active, "the tiny model should generate more than one token for some prompt"
+    act = torch.cat(active)
+    assert res["tokens"] == act.shape[0]
+    assert res["s_ffn"] == pytest.approx(1 - float(act.mean()) / 8, rel=1e-6)
+    assert 0 <= res["prefill_s_ffn"] < 1 and res["examples"] == 3
+    beam = evaluate_rouge(model, tok, path, max_new_tokens=4, num_beams=2, limit=1, progress=False)
+    assert beam["examples"] == 1 and beam["num_beams"] == 2
+
+
+def test_bad_input(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_converted()
+    p = tmp_path / "e.jsonl"
+    p.write_text("")
+    with pytest.raises(PrunePathError, match="empty"):
+        evaluate_rouge(model, tok, p, progress=False)
+    with pytest.raises(PrunePathError, match=">= 1"):
+        evaluate_rouge(model, tok, [{"prompt": "w1", "response": "w2"}], max_new_tokens=0, progress=False)
