@@ -201,7 +201,7 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, tiny=False, l
         for dens in densities:
             k = max(1, round(dens * e))
             tau = (k + 0.5) / e if k < e else 1.05
-            modes = ["sparse", "dense"] if dens >= 1.0 else ["sparse"]
+            modes = ["sparse", "dense"] if dens >= 1.0 or b > 1 else ["sparse"]
             for mode in modes:
                 eng.routing.tau = tau
                 eng.sync_routing(eng.routing, mode)  # τ only → same graph; a mode change → recapture

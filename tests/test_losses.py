@@ -67,10 +67,12 @@ def test_aux_loss_weights_and_layer_average():
     cfg = TrainConfig(eta=0.5, lam=0.25, gamma=2.0)
     layers = [torch.randn(2, 5, 8, requires_grad=True) for _ in range(3)]
     out = prunepath_aux_loss(layers, None, cfg)
-    per = [routing_terms(s) for s in layers]
-    assert float(out["ent"]) == pytest.approx(0.5 * sum(float(p["ent"]) for p in per) / 3, rel=1e-6)
-    assert float(out["bal"]) == pytest.approx(0.25 * sum(float(p["bal"]) for p in per) / 3, rel=1e-6)
-    assert float(out["gate"]) == pytest.approx(2.0 * sum(float(p["gate"]) for p in per) / 3, rel=1e-6)
+    with torch.no_grad():
+        per = [routing_terms(s) for s in layers]
+    vals = {k: float(v.detach()) for k, v in out.items()}
+    assert vals["ent"] == pytest.approx(0.5 * sum(float(p["ent"]) for p in per) / 3, rel=1e-6)
+    assert vals["bal"] == pytest.approx(0.25 * sum(float(p["bal"]) for p in per) / 3, rel=1e-6)
+    assert vals["gate"] == pytest.approx(2.0 * sum(float(p["gate"]) for p in per) / 3, rel=1e-6)
     sum(out.values()).backward()
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in layers)
     assert "gate" not in prunepath_aux_loss(layers, None, TrainConfig(gamma=0.0))

@@ -147,3 +147,9 @@ def test_recipe_file_rejects_unknown_keys_and_flags_override(tmp_path):
         TrainConfig.from_file(bad)
     with pytest.raises(PrunePathError, match="tau_mim"):
         resolve_config(build_parser().parse_args(["train", "--recipe", str(bad)]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(PrunePathError, match="--device cpu"):
+        train(converted(), None, tiny_lm_data(), cfg(device="cuda"))

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_loss_last10": result.train_loss, "train_s_ffn_last10": result.s_ffn, **params}
         if hasattr(model, "_original_forward"):  # accelerate's autocast wrapper: evaluate in fp32 like the rest
             model.forward = model._original_forward
-        model.float().eval()
+        model.eval()
         if method == "dense":
             evaluate(f"{name}@trained", "dense-ft", model, info)
             continue

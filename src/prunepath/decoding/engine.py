@@ -67,8 +67,8 @@ def _pack_dense(dense, dtype: torch.dtype, device: torch.device) -> PackedFFN:
 class DecodeEngine:
     """Static KV cache + CUDA-graph decode for one model, batch size and maximum length.
 
-    ffn: "auto" (a converted model runs the sparse kernels, or cuBLAS over every expert when every layer's
-    τ > 1; an unconverted model runs dense), "sparse", "dense" (converted: router + gates + cuBLAS over every
+    ffn: "auto" (a converted model at batch 1 runs the sparse kernels, or cuBLAS over every expert when every
+    layer's τ > 1 or the batch is larger; an unconverted model runs dense), "sparse", "dense" (converted: router + gates + cuBLAS over every
     expert; unconverted: the plain dense FFN). ``graphs=False`` runs the same kernels eagerly (CPU interpreter).
     """
 
@@ -184,7 +184,9 @@ class DecodeEngine:
             return ffn
         all_dense = all(r.rule == "all" or (r.rule in ("cumulative", "nucleus") and r.tau_for(i) > 1.0)
                         for i in range(len(self.layers)))
-        return "sparse" if self.converted and not all_dense else "dense"
+        # Batch > 1 runs the union of the tokens' experts; on the H200 the union kernels lost to cuBLAS at
+        # batch 8 at every density we measured (docs/decode.md), so "auto" keeps them for batch 1 only.
+        return "sparse" if self.converted and not all_dense and self.batch == 1 else "dense"
 
     def _signature(self, mode: str) -> tuple:
         r = self.routing

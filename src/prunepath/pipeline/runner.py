@@ -1,0 +1,166 @@
+"""Run a recipe end to end, resumably: every finished stage leaves a file that a re-run picks up.
+
+    out/dense.json        dense reference metric
+    out/model/            the converted (and trained) PrunePath checkpoint (+ training log / checkpoints)
+    out/sweep.jsonl       one line per finished τ
+    out/results.{json,csv,md}, out/frontier.png, out/summary.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from prunepath.errors import PrunePathError
+from prunepath.pipeline.recipe import Recipe
+
+
+def _log(msg: str) -> None:
+    print(f"[prunepath run] {msg}", flush=True)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by an interruption: recompute from here
+    return rows
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+
+
+def _eval_kwargs(recipe: Recipe) -> dict:
+    ev = recipe.evaluation
+    return {k: ev[k] for k in ("window", "stride", "batch_size") if k in ev}
+
+
+def _record(method: str, res: dict, recipe: Recipe, *, tau=None, train_tokens: int = 0) -> dict:
+    return {"method": method, "model": res.get("model"), "s_ffn": float(res.get("s_ffn", 0.0)),
+            "ppl": res["ppl"], "tau": tau, "eval_tokens": res["tokens"], "train_tokens": train_tokens,
+            "window": res.get("window"), "stride": res.get("stride"), "data": recipe.evaluation.get("data"),
+            "mean_active": res.get("mean_active"), "per_layer_s_ffn": res.get("per_layer_s_ffn")}
+
+
+def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
+    """The PrunePath model to sweep: trained per the recipe, or converted untrained; resumes finished work."""
+    import prunepath
+
+    ckpt = out / "model"
+    if (ckpt / "prunepath_config.json").exists():
+        _log(f"reusing the finished model in {ckpt}")
+        trained, tok2 = prunepath.load(ckpt)
+        meta = json.loads((ckpt / "train_result.json").read_text()) if (ckpt / "train_result.json").exists() else {}
+        return trained, tok2 or tok, int(meta.get("tokens", 0) or 0)
+    if recipe.train is None:
+        prunepath.moefy(model, **recipe.convert, progress=progress)
+        prunepath.save(model, ckpt, tokenizer=tok)
+        return model, tok, 0
+    from prunepath.training.data import build_task_data
+    from prunepath.training.trainer import train
+
+    cfg = recipe.train_config()
+    cfg.progress = progress
+    if ckpt.exists() and any(ckpt.iterdir()):
+        cfg.resume = "auto"
+        _log(f"resuming training in {ckpt}")
+    if tok is not None and tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    need = cfg.total_steps * cfg.tokens_per_step + cfg.seq_len
+    train_ds, eval_ds, info = build_task_data(cfg, tok, max_train_tokens=need)
+    _log(f"training: {cfg.stage1_steps} + {cfg.stage2_steps} steps x {cfg.tokens_per_step} tokens on {cfg.data}")
+    result = train(model, tok, train_ds, cfg, eval_data=eval_ds, out_dir=ckpt)
+    return model, tok, int(getattr(result, "tokens", 0) or 0)
+
+
+def _nearest(rows: list[dict], target: float) -> dict | None:
+    return min(rows, key=lambda r: abs(r["s_ffn"] - target)) if rows else None
+
+
+def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
+    """Run ``recipe``; returns {"rows": [...], "summary": str, "out": path}. Safe to re-run after an interruption."""
+    import prunepath
+    from prunepath.evaluation.common import resolve_data_path
+    from prunepath.evaluation.perplexity import evaluate_perplexity, tokenize_text
+    from prunepath.evaluation.plots import plot_frontier
+    from prunepath.evaluation.reports import write_csv, write_json, write_markdown
+
+    t0 = time.time()
+    out = recipe.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "recipe.json", {k: v for k, v in vars(recipe).items()})
+    data_path = resolve_data_path(recipe.evaluation.get("data", "wikitext-2/wiki.valid.raw"))
+    max_tokens = recipe.evaluation.get("max_tokens")
+    kw = _eval_kwargs(recipe)
+
+    _log(f"model {recipe.model}")
+    model, tok = prunepath.load_model(recipe.model)
+    if tok is None:
+        raise PrunePathError(f"{recipe.model} has no tokenizer; a run needs one to read {data_path}")
+    ids = tokenize_text(tok, data_path, max_tokens, progress=progress)
+    dense_row = None
+    if recipe.sweep.get("dense", True) and not prunepath.is_converted(model):
+        dense_file = out / "dense.json"
+        if dense_file.exists():
+            dense_row = json.loads(dense_file.read_text())
+        else:
+            _log(f"dense reference: perplexity on {ids.numel()} tokens of {data_path.name}")
+            res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
+            dense_row = _record("dense", res, recipe)
+            write_json(dense_file, dense_row)
+        _log(f"dense PPL {dense_row['ppl']:.3f}")
+
+    model, tok, train_tokens = _prepare_model(recipe, model, tok, out, progress)
+    method = "prunepath-sweep" if recipe.train is not None else "prunepath-untrained"
+    sweep_file = out / "sweep.jsonl"
+    done = {r["tau"]: r for r in _read_jsonl(sweep_file)}
+    from prunepath.evaluation.sweep import validate_taus
+
+    for tau in sorted(validate_taus(recipe.sweep["taus"]), reverse=True):
+        if tau in done:
+            continue
+        _log(f"τ = {tau}")
+        with prunepath.routing(model, tau=tau):
+            res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
+        row = _record(method, res, recipe, tau=tau, train_tokens=train_tokens)
+        _append_jsonl(sweep_file, row)
+        done[tau] = row
+        _log(f"τ = {tau}: PPL {row['ppl']:.3f}, s_FFN {row['s_ffn']:.3f}")
+    rows = sorted(done.values(), key=lambda r: -r["tau"])
+    all_rows = ([dense_row] if dense_row else []) + rows
+    write_json(out / "results.json", all_rows)
+    columns = ["method", "tau", "s_ffn", "ppl", "eval_tokens", "train_tokens"]
+    write_csv(out / "results.csv", all_rows, columns)
+    write_markdown(out / "results.md", all_rows, title=f"{recipe.name}: {all_rows[0]['model']}", columns=columns)
+    plot = plot_frontier({"rows": rows, "dense": dense_row, "label": method}, out / "frontier.png", "ppl",
+                         title=f"{recipe.name}: WikiText-2 PPL vs s_FFN")
+
+    lines = [f"# {recipe.name}", "", f"model: {all_rows[0]['model']}",
+             f"evaluation: perplexity on {rows[0]['eval_tokens'] if rows else '?'} tokens of {data_path.name} "
+             f"(window {kw.get('window', 512)})"]
+    if train_tokens:
+        lines.append(f"training: {train_tokens} tokens ({recipe.train.get('data')})")
+    if dense_row:
+        lines.append(f"dense PPL: {dense_row['ppl']:.2f}")
+    sparse_rows = [r for r in rows if r["s_ffn"] > 0]
+    for target in recipe.sweep.get("summary_sparsities", [0.2, 0.35, 0.5]):
+        r = _nearest(sparse_rows, float(target))
+        if r is not None:
+            ratio = f" ({r['ppl'] / dense_row['ppl']:.2f}x dense)" if dense_row else ""
+            lines.append(f"PrunePath PPL at s_FFN {r['s_ffn']:.2f} (τ={r['tau']:g}): {r['ppl']:.2f}{ratio}")
+    lines += [f"plot: {plot}", f"table: {out / 'results.md'}",
+              f"time: {(time.time() - t0) / 60:.1f} min"]
+    summary = "\n".join(lines)
+    (out / "summary.md").write_text(summary + "\n")
+    return {"rows": all_rows, "summary": summary, "out": str(out), "plot": str(plot),
+            "finite": all(math.isfinite(r["ppl"]) for r in all_rows)}
