@@ -229,6 +229,7 @@ def main(argv=None) -> int:
                           f"dense {dense_ms:6.3f}  union {active / e:.2f}  {rec['ffn_gbps']:6.0f} GB/s", flush=True)
         del layers
         torch.cuda.empty_cache()
+        (Path(args.out) / "ffn-stack.json").write_text(json.dumps({"records": records, "sweeps": sweeps}, indent=1))
         print(f"{name} done in {time.time() - t0:.0f}s", flush=True)
     out = Path(args.out) / "ffn-stack.json"
     out.write_text(json.dumps({"records": records, "sweeps": sweeps}, indent=1))

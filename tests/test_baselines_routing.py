@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 import prunepath
 from prunepath.baselines import fitting, lte, prepare
@@ -189,7 +188,7 @@ def test_fit_router_lowers_its_loss_and_leaves_backbone_alone(tiny_model, method
     backbone = {k: v.clone() for k, v in model.state_dict().items() if ".router." not in k}
     short = fitting.fit_router(model, inputs=inputs, method=method, steps=1, lr=1e-2, progress=False,
                                params={"eta": 0.01})
-    long = fitting.fit_router(model, inputs=inputs, method=method, steps=150, lr=1e-2, progress=False,
+    long = fitting.fit_router(model, inputs=inputs, method=method, steps=60, lr=1e-2, progress=False,
                               params={"eta": 0.01})
     assert sum(long["final_loss"]) < sum(short["final_loss"])
     after = model.state_dict()
@@ -232,3 +231,29 @@ def test_prepare_and_checkpoint_roundtrip(tiny_model, tmp_path):
         assert loaded.prunepath_config.router == method
     with pytest.raises(prunepath.PrunePathError):
         prepare(converted(tiny_model), "nope")
+
+
+def test_prepare_for_training_sets_lte_router_once(tiny_model):
+    from prunepath.baselines import prepare_for_training
+
+    model = converted(tiny_model)
+    cfg = SimpleNamespace(method="lte", method_params={"init_bias": 3.0, "threshold": 0.4})
+    prepare_for_training(model, cfg)
+    ffn = prunepath.prunepath_modules(model)[0]
+    assert model.prunepath_config.router == "lte" and torch.all(ffn.router.bias == 3.0)
+    assert model.prunepath_config.routing.params == {"soft": True, "threshold": 0.4}
+    router = ffn.router
+    prepare_for_training(model, cfg)  # idempotent: keeps the (possibly trained) router
+    assert prunepath.prunepath_modules(model)[0].router is router
+    with pytest.raises(prunepath.PrunePathError, match="fit_router"):
+        prepare_for_training(model, SimpleNamespace(method="moefication", method_params={}))
+
+
+def test_report_table_picks_nearest_point_within_tolerance():
+    from prunepath.baselines.report import table
+
+    rows = [{"key": "a@0.3", "s_ffn": 0.31, "ppl": 10.0}, {"key": "a@0.5", "s_ffn": 0.58, "ppl": 20.0},
+            {"key": "lte(eta=1.0)@delta=0.5", "s_ffn": 0.5, "ppl": 30.0}]
+    md = table(rows, targets=(0.3, 0.5))
+    assert "| a | 10 (0.31) | – |" in md
+    assert "| lte(eta=1.0) | – | 30 (0.50) |" in md

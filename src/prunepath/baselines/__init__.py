@@ -24,7 +24,10 @@ from prunepath.errors import PrunePathError
 
 METHODS = ("prunepath", "lte", "moefication", "d2dmoe", "static", "wanda")
 
-__all__ = ["METHODS", "apply_wanda", "fit_router", "prepare", "prune_experts", "weight_sparsity"]
+__all__ = ["METHODS", "apply_wanda", "fit_router", "prepare", "prepare_for_training", "prune_experts",
+           "weight_sparsity"]
+
+TRAINABLE = ("lte",)
 
 
 def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[str] | None = None,
@@ -73,4 +76,23 @@ def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[st
                 for ffn in prunepath_modules(model):
                     ffn.router.init_from_centroids(ffn)
         configure(model, method=method, k=k, tau=tau)
+    return model
+
+
+def prepare_for_training(model: nn.Module, cfg) -> nn.Module:
+    """What the trainer must do for a baseline ``cfg.method`` on a converted model *before* it builds the
+    optimiser: LTE gets its own router (``method_params["init_bias"]``, default 0) and soft routing. The other
+    baselines are not trained by the trainer (fit_router / apply_wanda / prune_experts instead)."""
+    from prunepath.routing.control import configure
+    from prunepath.routing.routers import set_router
+
+    method = cfg.method
+    if method not in TRAINABLE:
+        raise PrunePathError(f"method {method!r} is not trained with the trainer: use "
+                             "prunepath.baselines.fit_router (moefication, d2dmoe), apply_wanda or prune_experts")
+    params = dict(getattr(cfg, "method_params", None) or {})
+    if model.prunepath_config.router != "lte":
+        set_router(model, "lte", init_bias=float(params.get("init_bias", 0.0)))
+    configure(model, method="lte", params={"soft": True,
+                                           "threshold": float(params.get("threshold", lte.DEFAULT_THRESHOLD))})
     return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -125,7 +125,3 @@ def expert_output_norms(ffn: nn.Module, x: torch.Tensor, chunk: int = 1024) -> t
         h = ffn.intermediate(part).float().view(-1, e, n)
         out.append(torch.einsum("ten,den->ted", h, w).norm(dim=-1))
     return torch.cat(out).view(*x.shape[:-1], e)
-
-
-def maybe_no_grad(enabled: bool):
-    return torch.no_grad() if enabled else nullcontext()

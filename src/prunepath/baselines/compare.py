@@ -12,7 +12,6 @@ expert's output-norm share) with unit gates. See docs/baselines.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ import prunepath
 from prunepath.baselines import fitting
 from prunepath.baselines.calibration import (collect_ffn_inputs, data_root, default_calibration_texts,
                                              expert_mass, token_batches)
-from prunepath.baselines.knobs import knob_for_sparsity, sparsity_on_inputs
+from prunepath.baselines.knobs import knob_for_sparsity
 from prunepath.baselines.static import prune_experts
 from prunepath.baselines.wanda import apply_wanda, input_norms, target_linears
 

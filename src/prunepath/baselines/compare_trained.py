@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import prunepath
-from prunepath.baselines import prepare
+from prunepath.baselines import prepare_for_training
 from prunepath.baselines.calibration import collect_ffn_inputs, token_batches
 from prunepath.baselines.compare import Results
 from prunepath.baselines.knobs import knob_for_sparsity
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(base)
         if method != "dense":
             prunepath.moefy(model, neurons_per_expert=32, progress=False)
-        if method == "lte":
-            prepare(model, "lte", soft=True)
         cfg = TrainConfig(method=method, method_params=dict(params), **common)
+        if method == "lte":
+            prepare_for_training(model, cfg)  # LTE router + soft routing before the optimiser exists
         tr = time.time()
         result = train(model, tok, data, cfg)
         info = {"train_s": round(time.time() - tr, 1), "train_tokens": result.tokens,
