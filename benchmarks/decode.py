@@ -179,7 +179,8 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, tiny=False, l
         fms, _ = engine_ffn_ms(eng, dev)
         floor = ffn_bytes(eng, 1.0) / bw * 1e3
         recs.append(dict(base, batch=b, density=1.0, engine="dense-graph", ms_per_token=ms, tokens_per_s=1e3 * b / ms,
-                         peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor))
+                         peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
+                         ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None))
         log(f"{name} b{b} dense-graph {ms:.3f} ms/token ffn {fms:.3f} (floor {floor:.3f}) peak {pk:.0f} MB "
             f"prefill {pre:.1f} ms")
         dense_ms[b] = ms
@@ -211,6 +212,7 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, tiny=False, l
                 rec = dict(base, batch=b, density=dens, engine="prunepath" if mode == "sparse" else "prunepath-gated-dense",
                            tau=tau, measured_density=active / e, ms_per_token=ms, tokens_per_s=1e3 * b / ms,
                            peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
+                           ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None,
                            speedup_vs_dense_graph=dense_ms[b] / ms, **corr)
                 recs.append(rec)
                 log(f"{name} b{b} d{dens:.2f} {rec['engine']} {ms:.3f} ms/token ({dense_ms[b] / ms:.2f}x dense-graph) "

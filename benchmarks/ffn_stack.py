@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -52,10 +51,9 @@ def make_layers(shape: dict, device: str = "cuda"):
     e = shape["ff"] // NEURONS
     layers = []
     for i in range(shape["layers"]):
+        # Router weights N(0, (0.01/√d)²): with x ~ N(0, 1) the logits have std 0.01 (near-uniform routing).
         p = random_packed_ffn(shape["d"], e, NEURONS, gated=shape["gated"], activation=shape["act"], bias=shape["bias"],
-                              dtype=torch.bfloat16, device=device, router_std=0.01 * math.sqrt(shape["d"]) / math.sqrt(shape["d"]))
-        # router weights: logits = x·w with x ~ N(0,1): std(logit) = 0.01 needs std(w) = 0.01/sqrt(d)
-        p.router_w.normal_(0, 0.01 / math.sqrt(shape["d"]))
+                              dtype=torch.bfloat16, device=device, router_std=0.01)
         p.layer_index = i
         layers.append(p)
     return layers

@@ -16,7 +16,8 @@ from prunepath.kernels import pack_ffn, random_packed_ffn  # noqa: E402
 from prunepath.kernels.experts import ExpertRunner  # noqa: E402
 from prunepath.kernels.ffn import SparseFFN, dense_ffn  # noqa: E402
 from prunepath.kernels.reference import (  # noqa: E402
-    decode_attention_reference, experts_reference, ffn_reference, rmsnorm_reference, route_reference)
+    decode_attention_reference, experts_reference, ffn_reference, rmsnorm_reference, rope_reference,
+    route_reference)
 from prunepath.kernels.route import Router  # noqa: E402
 from prunepath.routing.config import RoutingConfig  # noqa: E402
 
@@ -176,8 +177,7 @@ def test_rope_cache_and_decode_attention():
     parts = qkv.view(b, h + 2 * kvh, hd)
 
     def rot(z):
-        z1, z2 = z[..., : hd // 2], z[..., hd // 2:]
-        return z * cos[29] + torch.cat([-z2, z1], -1) * sin[29]
+        return rope_reference(z, cos[29], sin[29])
 
     assert torch.allclose(q, rot(parts[:, :h]), atol=1e-5)
     assert torch.allclose(kc[:, :, 29], rot(parts[:, h:h + kvh]), atol=1e-5)
@@ -210,6 +210,34 @@ def test_pack_ffn_reproduces_converted_modules():
         with torch.no_grad():
             want = ffn(x)
         assert _rel(ffn_reference(x, packed, ffn.routing), want) < 1e-5
+
+
+def test_route_every_expert_always_on_and_bad_inputs():
+    gen = torch.Generator().manual_seed(9)
+    packed = random_packed_ffn(16, 6, 4, dtype=torch.float32, generator=gen)
+    packed.always_on.fill_(1)
+    x = torch.randn(1, 16, generator=gen)
+    router = Router(packed, 1, tau=0.3)
+    router(x)
+    ref = route_reference(x, packed, RoutingConfig(tau=0.3))
+    assert int(router.count) == 6 == int(ref.count)
+    assert torch.allclose(router.slot_w[:6], ref.slot_w[:6])
+    with pytest.raises(PrunePathError, match="router expects"):
+        router(torch.randn(2, 16))
+    with pytest.raises(PrunePathError, match="unknown routing rule"):
+        Router(packed, 1, rule="bogus")
+
+
+def test_pack_ffn_and_activation_errors():
+    from prunepath.kernels import detect_activation
+    assert detect_activation(torch.nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert detect_activation(torch.nn.GELU()) == "gelu"
+    assert detect_activation(torch.nn.SiLU()) == "silu"
+    assert detect_activation(torch.nn.ReLU()) == "relu"
+    with pytest.raises(PrunePathError, match="--kernels torch"):
+        detect_activation(torch.nn.Tanh())
+    with pytest.raises(PrunePathError, match="moefy"):
+        pack_ffn(torch.nn.Linear(4, 4))
 
 
 def test_kernels_refuse_cpu_without_interpreter(monkeypatch):

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: Triton engine on CUDA, PyTorch elsewhere; triton needs --device cuda or "
                         "TRITON_INTERPRET=1; torch: the model's own generate")
     p.add_argument("--ffn", choices=("auto", "sparse", "dense"), default="auto",
-                   help="FFN path of the engine (auto: sparse kernels unless every expert is active)")
+                   help="FFN path of the engine (auto: sparse kernels at batch 1 unless every expert is active, else cuBLAS "
+                        "over every expert with the router's gates)")
     add_device_arg(p)
     p.set_defaults(func=run)
 
@@ -42,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
             raise PrunePathError("--kernels triton needs a GPU: use --device cuda (or set TRITON_INTERPRET=1 to "
                                  "run the Triton kernels on the CPU, slowly)")
     dtype = "bfloat16" if device.type == "cuda" else None
-    model, tok = prunepath.load_model(args.model, dtype=dtype, device=str(device))
+    # With the engine on a GPU, the model itself can stay in host memory: the engine keeps its own
+    # (packed) copy of every weight it needs on the device, so GPU memory holds one copy, not two.
+    engine_on_gpu = device.type == "cuda" and args.kernels != "torch"
+    model, tok = prunepath.load_model(args.model, dtype=dtype, device="cpu" if engine_on_gpu else str(device))
     if tok is None:
         raise PrunePathError(f"{args.model} has no tokenizer; pass a model directory that includes one")
     model.eval()

@@ -52,6 +52,10 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
     tau: PrunePath budget for this call (a converted model; None keeps the model's). temperature 0 = greedy.
     kernels: "auto" (the Triton engine on CUDA, PyTorch elsewhere), "triton" (the engine; on a CPU only under
     TRITON_INTERPRET=1), "torch" (the model's own generate). Returns the new text (without the prompt).
+
+    The engine keeps its own device copy of the weights (FFNs packed expert-contiguous); to hold a single copy
+    on the GPU, keep the model in host memory and pass ``device="cuda"``. The engine is cached on the model
+    (one per batch size and device); τ changes between calls reuse its captured graph.
     """
     from prunepath.conversion.moefy import is_converted
     from prunepath.routing.control import routing as routing_ctx
@@ -80,10 +84,27 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
         torch.manual_seed(seed)
     eos = getattr(tokenizer, "eos_token_id", None)
     settings = {"tau": tau} if tau is not None else {}
+    supported = getattr(getattr(model, "config", None), "model_type", None) in ("llama", "mistral", "qwen2", "gpt2")
+    method = model.prunepath_config.routing.method if is_converted(model) else "prunepath"
+    why = (f"the decode engine does not support {model.config.model_type!r} models" if not supported else
+           f"the decode kernels implement the prunepath routing method, not {method!r}" if method != "prunepath"
+           else None)
+    if use_engine and why:
+        if kernels == "triton":
+            raise PrunePathError(f"{why}; use --kernels torch")
+        if not quiet:
+            print(f"prunepath generate: {why}; using the pure-PyTorch path.", file=sys.stderr)
+        use_engine = False
+    eng = None
     if use_engine:
-        if model.config.model_type not in ("llama", "mistral", "qwen2", "gpt2"):
-            raise PrunePathError(f"the decode engine does not support {model.config.model_type!r}; use --kernels torch")
-        eng = _engine_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, dev, ffn)
+        try:
+            eng = _engine_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, dev, ffn)
+        except PrunePathError as exc:  # e.g. a baseline routing method or router the kernels do not fuse
+            if kernels == "triton":
+                raise
+            if not quiet:
+                print(f"prunepath generate: {exc}; using the pure-PyTorch path.", file=sys.stderr)
+    if eng is not None:
         if is_converted(model):
             with routing_ctx(model, **settings) as r:
                 eng.sync_routing(r, ffn)  # τ only: device tensors, no recapture
@@ -91,7 +112,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
         else:
             new = eng.generate(input_ids, max_new_tokens, temperature=temperature, eos_token_id=eos)
     else:
-        if not quiet and dev.type != "cuda":
+        if not quiet and dev.type != "cuda" and kernels == "auto":
             print("prunepath generate: no CUDA device: using the pure-PyTorch path (the model's own generate; "
                   "every expert is computed and masked, so it is not faster). Use --device cuda for the fast "
                   "decode kernels.", file=sys.stderr)

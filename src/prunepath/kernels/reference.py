@@ -102,6 +102,13 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y
 
 
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate-half RoPE of heads x [..., hd] with cos/sin [hd] (or broadcastable), in float32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    return xf * cos + torch.cat([-xf[..., half:], xf[..., :half]], -1) * sin
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
                                scale: float) -> torch.Tensor:
     """One query per sequence over the first ``length`` cache positions (GQA). q [B, H, hd]; caches [B, KVH, T, hd]."""
