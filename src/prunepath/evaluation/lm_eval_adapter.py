@@ -9,8 +9,8 @@ Python::
     import lm_eval; lm_eval.simple_evaluate(model=lm, tasks=["mmlu"], num_fewshot=5)
 
 CLI: ``prunepath eval --model ckpt/ --tau 0.8 --task lm-eval --lm-eval-tasks mmlu --num-fewshot 5``, or the
-harness's own CLI with this module registered: ``python -m prunepath.evaluation.lm_eval_adapter --model prunepath
---model_args pretrained=ckpt/,tau=0.8 --tasks hellaswag``.
+harness's own CLI with this module registered: ``python -m prunepath.evaluation.lm_eval_adapter run --model
+prunepath --model_args pretrained=ckpt/,tau=0.8 --tasks hellaswag --device cpu``.
 The module imports without lm_eval installed (the class then derives from ``object``).
 """
 
@@ -44,6 +44,11 @@ class PrunePathLM(_LMBase):  # type: ignore[misc, valid-type]
             super().__init__()
         import prunepath
 
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # The harness's CLI passes device="cuda" unless told otherwise.
+            import warnings
+            warnings.warn(f"device {device} is not available here; evaluating on the CPU", stacklevel=2)
+            device = "cpu"
         if model is None:
             if pretrained is None:
                 raise PrunePathError("PrunePathLM needs pretrained=NAME|DIR or model=")

@@ -159,11 +159,11 @@ def score_tokens(model: nn.Module, ids: torch.Tensor, *, window: int, stride: in
         inp, tgt, mask = inp.to(dev), tgt.to(dev), mask.to(dev)
         # Right padding needs no attention mask in a causal model: real positions never see later ones.
         logits = model(input_ids=inp, use_cache=False).logits
-        # Only the scored positions go through the (vocab-sized) loss.
-        scored = logits[mask]
-        if scored.dtype in (torch.float16, torch.bfloat16):
-            scored = scored.float()
-        loss = F.cross_entropy(scored, tgt[mask], reduction="sum")
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        # Unscored positions are ignored in place (no copy of the vocab-sized logits).
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.masked_fill(~mask, -100).reshape(-1),
+                               reduction="sum", ignore_index=-100)
         nll += float(loss.double())
         n = int(mask.sum())
         count += n
