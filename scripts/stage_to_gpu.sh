@@ -21,7 +21,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAGE="$ROOT/.stage/train"          # .stage/ is git-ignored
-HOLD="/root/.prunepath-stage"       # outside the repo on the GPU machine: survives between two calls
+HOLD="${PRUNEPATH_STAGE_HOLD:-/root/.prunepath-stage}"  # outside the repo there: survives between two calls
 CACHE="${PRUNEPATH_CACHE:-$HOME/.cache/prunepath}"
 
 pack() {
@@ -85,7 +85,7 @@ EOF
     export PYTHONUNBUFFERED=1
     rm -rf /tmp/pp-run
     local rc=0
-    python3 -m prunepath.cli.main train --out /tmp/pp-run --device cuda --no-progress "$@" \
+    python3 -m prunepath.cli.main train --out /tmp/pp-run --device "${STAGE_DEVICE:-cuda}" --no-progress "$@" \
         2>&1 | tee "${OUT:-/tmp}/train_stdout.log" || rc=$?
     for f in train_log.jsonl train_result.json ppl_eval.json train_config.json; do
         [[ -f "/tmp/pp-run/$f" ]] && cp "/tmp/pp-run/$f" "${OUT:-/tmp}/" || true

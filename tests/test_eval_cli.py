@@ -53,6 +53,17 @@ def test_eval_dense_reports_zero_sparsity(files):
     assert r["s_ffn"] == 0 and r["tokens"] == 299 and r["converted"] is False
 
 
+def test_routing_overrides_gates_off_all_experts_equals_dense(files, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--gates", "off",
+                 "--tau", "1.05", "--window", "64", "--json", str(a), "--no-progress"]) == 0
+    assert main(["eval", "--model", files["dense"], "--task", "ppl", "--data", files["text"], "--window", "64",
+                 "--json", str(b), "--no-progress"]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["routing"]["gates"] is False and ra["s_ffn"] == 0
+    assert ra["ppl"] == pytest.approx(rb["ppl"], rel=1e-5)
+
+
 def test_eval_target_sparsity(files):
     out = files["root"] / "t.json"
     assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.reports import METRIC_DIRECTION, metric_of, read_json, rows_of
+from prunepath.evaluation.reports import METRIC_DIRECTION, default_mode, metric_of, read_json, rows_of
 
 
 def _load(item: Any) -> tuple[str, list[dict], dict | None]:
@@ -81,6 +81,7 @@ def plot_frontier(result_files_or_rows: Sequence[Any] | Any, out_png: str | os.P
     os.close(fd)
     try:
         fig.savefig(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, out)
     finally:
         plt.close(fig)

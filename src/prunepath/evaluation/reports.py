@@ -29,12 +29,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+        os.chmod(tmp, default_mode())  # mkstemp creates 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def default_mode() -> int:
+    """0666 minus the process umask (what a plain ``open(path, "w")`` would give)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _clean(obj: Any) -> Any:
@@ -110,8 +118,10 @@ def run_meta() -> dict:
     """When and how a result was produced (the command line, UTC time, machine)."""
     from prunepath.evaluation.common import machine_info
 
-    return {"command": " ".join(["prunepath", *sys.argv[1:]]) if sys.argv and "prunepath" in sys.argv[0]
-            else " ".join(sys.argv), "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    import shlex
+
+    argv = ["prunepath", *sys.argv[1:]] if sys.argv and "prunepath" in sys.argv[0] else list(sys.argv)
+    return {"command": shlex.join(argv), "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine_info()}
 
 

@@ -230,7 +230,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_data, *, progress: b
         info["converted"] = {"num_experts": model.prunepath_config.num_experts,
                              "neurons_per_expert": model.prunepath_config.neurons_per_expert,
                              "clustering": cfg.clustering}
-    if cfg.method != "prunepath":
+    if cfg.method not in ("prunepath", "dense"):
+        # A baseline installs its own router / routing before the optimiser exists (e.g. LTE's sigmoid router).
+        from prunepath.baselines import prepare_for_training
+
+        prepare_for_training(model, cfg)
         return info
     prunepath.configure(model, tau=cfg.tau_warmup, gate_offset=float(cfg.gate_offset))
     needs_inputs = cfg.always_on or cfg.warmstart_steps
