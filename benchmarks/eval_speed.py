@@ -13,7 +13,6 @@ forward, tool, ...) so that load from other processes hits both alike; the best 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path

@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 import prunepath
 from prunepath.cli.main import main

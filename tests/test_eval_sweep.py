@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from prunepath.evaluation.calibration import find_tau_for_sparsity, measure_spar
 from prunepath.evaluation.perplexity import evaluate_perplexity
 from prunepath.evaluation.reconstruction import default_ks, topk_reconstruction
 from prunepath.evaluation.sweep import sweep
-from test_eval_fixtures import one_thread, tiny_converted, tiny_llama, tiny_tokenizer  # noqa: F401
+from test_eval_fixtures import one_thread, tiny_converted, tiny_llama  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.common import check_token_ids, prepare_model, pad_id
+from prunepath.evaluation.common import check_token_ids, prepare_model
 from prunepath.routing.methods import get_method
 
 
