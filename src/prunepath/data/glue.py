@@ -56,7 +56,7 @@ def infer_task(path: str | os.PathLike) -> str:
         if key in text:
             return task
     raise PrunePathError(f"cannot infer the GLUE task from {path}; pass task= one of {', '.join(TASKS)} "
-                         "(--task sst2|mrpc|rte|cola)")
+                         "(on the command line: --task sst2|mrpc|rte|cola for eval, --glue-task for train)")
 
 
 def _read_rows(path: Path) -> list[list[str]]:

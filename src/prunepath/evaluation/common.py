@@ -142,6 +142,8 @@ class ActiveMeter:
         cfg = getattr(model, "prunepath_config", None)
         self.converted = cfg is not None
         self.num_experts = cfg.num_experts if cfg is not None else 0
+        # Wanda (static unstructured pruning) reports its weight sparsity as s_FFN, as the paper does.
+        self.static_sparsity = getattr(model, "prunepath_static_sparsity", None)
         self.sums: list[float] | None = None
         self.hist: list[torch.Tensor] | None = None
         self.tokens = 0
@@ -164,6 +166,10 @@ class ActiveMeter:
     def result(self) -> dict:
         """s_ffn, mean_active (experts per token per layer), per-layer means / s_FFN, and per-layer histograms
         (``active_hist[layer][k]`` = tokens with k active experts)."""
+        if not self.converted and self.static_sparsity is not None:
+            return {"s_ffn": float(self.static_sparsity), "s_ffn_kind": "weights (unstructured)",
+                    "mean_active": None, "num_experts": 0, "per_layer_active": [], "per_layer_s_ffn": [],
+                    "active_hist": [], "stat_tokens": self.tokens}
         if not self.converted or not self.sums or self.tokens == 0:
             return {"s_ffn": 0.0, "mean_active": None, "num_experts": self.num_experts, "per_layer_active": [],
                     "per_layer_s_ffn": [], "active_hist": [], "stat_tokens": self.tokens}
