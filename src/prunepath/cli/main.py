@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "prunepath.cli.info",
     "prunepath.cli.demo",
     "prunepath.cli.train",
+    "prunepath.cli.baseline",
     "prunepath.cli.eval",
     "prunepath.cli.sweep",
     "prunepath.cli.plot",

@@ -114,6 +114,12 @@ def load_model(
         cls = model_class_for(config, task)
         model = cls.from_pretrained(source, config=config, dtype=torch_dtype)
         tok = _tokenizer_or_none(source)
+    static = path / "prunepath_static.json" if path.is_dir() else None
+    if static is not None and static.exists():
+        import json
+
+        # A statically pruned dense model (Wanda): evaluation reports its weight sparsity as s_FFN.
+        model.prunepath_static_sparsity = float(json.loads(static.read_text())["weight_sparsity"])
     model.prunepath_source = name
     model.prunepath_display_name = display_name(name)
     model.prunepath_tokenizer = tok

@@ -1,0 +1,99 @@
+"""``prunepath baseline``: build a baseline checkpoint on the same experts (MoEfication top-k, D2DMoE, static
+expert pruning, Wanda) for the same `eval` / `sweep` / `plot` commands. LTE is trained with
+``prunepath train --method lte``."""
+
+from __future__ import annotations
+
+import argparse
+
+from prunepath.cli.common import add_model_arg
+
+FITTED = ("moefication", "d2dmoe")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "baseline", help="build a baseline checkpoint (moefication, d2dmoe, static, wanda) on the same experts",
+        description="Convert the model (same clustering as PrunePath), then fit a baseline router with the "
+                    "backbone frozen (moefication, d2dmoe) or prune on calibration text (static experts, Wanda), "
+                    "and save a checkpoint that `prunepath eval` / `sweep` evaluate like any other. Train LTE "
+                    "with `prunepath train --method lte`.")
+    add_model_arg(p)
+    p.add_argument("--method", required=True, choices=["moefication", "d2dmoe", "static", "wanda"])
+    p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    p.add_argument("--calib-data", default="mix:sotu,moby-dick,austen,brown",
+                   help="calibration text: a corpus name, mix, or a text/JSON(L) file (default: the registry mix; "
+                        "never the evaluation text)")
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--sparsity", type=float, help="static / wanda: fraction of experts / weights to drop")
+    p.add_argument("--k", type=int, help="moefication: experts per token stored in the checkpoint (default E/2)")
+    p.add_argument("--tau", type=float, default=0.5, help="d2dmoe: keep experts with predicted norm >= (1-τ)·max")
+    p.add_argument("--fit-steps", type=int, default=300, help="router fitting steps per layer (moefication, d2dmoe)")
+    p.add_argument("--neurons-per-expert", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import prunepath
+    from prunepath.baselines import apply_wanda, fit_router, prune_experts
+    from prunepath.checkpoint import atomic_replace_dir
+    from prunepath.data.text import load_texts
+    from prunepath.errors import PrunePathError
+
+    if args.method in ("static", "wanda") and args.sparsity is None:
+        raise PrunePathError(f"--method {args.method} needs --sparsity (e.g. 0.5)")
+    model, tok = prunepath.load_model(args.model)
+    if tok is None:
+        raise PrunePathError(f"{args.model} has no tokenizer; calibration needs one")
+    texts = load_texts(args.calib_data, "train", seed=args.seed)
+    if not texts:
+        raise PrunePathError(f"no calibration text in {args.calib_data}")
+    if args.method == "wanda":
+        info = apply_wanda(model, tok, texts, args.sparsity, max_tokens=args.calib_tokens, progress=args.progress)
+        if prunepath.is_converted(model):
+            prunepath.save(model, args.out, tokenizer=tok, extra={"static_sparsity": info["sparsity"]})
+        else:  # a dense pruned model: a plain save_pretrained directory plus its weight sparsity
+            final = Path(args.out).expanduser().resolve()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists() and any(final.iterdir()):
+                raise PrunePathError(f"{final} exists and is not empty; choose another --out")
+            staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+            try:
+                model.save_pretrained(staging)
+                tok.save_pretrained(staging)
+                (staging / "prunepath_static.json").write_text(json.dumps(
+                    {"method": "wanda", "weight_sparsity": info["sparsity"], "scope": "ffn"}) + "\n")
+                if final.exists():
+                    final.rmdir()
+                os.replace(staging, final)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+        print(f"saved {args.out}: Wanda, FFN weight sparsity {info['sparsity']:.3f}")
+        return 0
+    if not prunepath.is_converted(model):
+        prunepath.moefy(model, neurons_per_expert=args.neurons_per_expert, seed=args.seed, progress=args.progress)
+    if args.method == "static":
+        prune_experts(model, tok, texts, args.sparsity, max_tokens=args.calib_tokens, progress=args.progress)
+        what = f"static pruning of {args.sparsity:.0%} of the experts per layer"
+    else:
+        fit_router(model, tok, texts, method=args.method, steps=args.fit_steps, max_tokens=args.calib_tokens,
+                   seed=args.seed, progress=args.progress)
+        e = model.prunepath_config.num_experts
+        if args.method == "moefication":
+            prunepath.configure(model, k=args.k or max(1, e // 2))  # fit_router switched the method
+            what = f"MoEfication router, top-{args.k or max(1, e // 2)}"
+        else:
+            prunepath.configure(model, tau=args.tau)
+            what = f"D2DMoE router, τ {args.tau}"
+    out = prunepath.save(model, args.out, tokenizer=tok)
+    print(f"saved {out}: {what}")
+    return 0
