@@ -6,19 +6,13 @@ import torch
 
 from prunepath.errors import PrunePathError
 from prunepath.kernels.experts import ExpertRunner
-from prunepath.kernels.layout import PackedFFN
+from prunepath.kernels.layout import PackedFFN, _act_reference
 from prunepath.kernels.route import Router
 from prunepath.routing.config import RoutingConfig
 
 
-def _act(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return torch.nn.functional.silu(x)
-    if name == "gelu_tanh":
-        return torch.nn.functional.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return torch.nn.functional.gelu(x)
-    return torch.relu(x)
+# One definition of each activation for every PyTorch path (reference and cuBLAS fallback).
+_act = _act_reference
 
 
 def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | None = None) -> torch.Tensor:
