@@ -14,7 +14,6 @@ from prunepath.errors import PrunePathError
 COMMAND_MODULES = (
     "prunepath.cli.convert",
     "prunepath.cli.info",
-    "prunepath.cli.demo",
     "prunepath.cli.train",
     "prunepath.cli.baseline",
     "prunepath.cli.eval",
