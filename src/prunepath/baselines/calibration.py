@@ -7,9 +7,7 @@ goes through these helpers, so they all see the same tokens in the same order.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -17,12 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
+from prunepath.evaluation.common import shared_data_dir
 
 
-def data_root() -> Path:
-    """The shared data folder: ``$PRUNEPATH_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("PRUNEPATH_DATA")
-    return Path(env) if env else (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
+# The shared data folder: ``$PRUNEPATH_DATA`` or ``<repo>/../shared/data`` (one definition, in evaluation).
+data_root = shared_data_dir
 
 
 def default_calibration_texts(max_docs: int | None = None) -> list[str]:
@@ -95,16 +92,12 @@ def collect_ffn_inputs(model: nn.Module, batches: Sequence[torch.Tensor], *, pro
     mods = prunepath_modules(model)
     if not mods:
         raise PrunePathError("collect_ffn_inputs needs a converted model (prunepath.moefy first)")
-    store: list[list[torch.Tensor]] = [[] for _ in mods]
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args, i=i: store[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu", dtype)))
-        for i, m in enumerate(mods)]
-    try:
-        run_batches(model, batches, desc="collecting FFN inputs", progress=progress)
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(s) for s in store]
+    from prunepath.training.calibration import collect_ffn_inputs as collect_masked_inputs
+
+    # One hook-based collector for the whole project; the baselines run it with every expert active.
+    with dense_routing(model):
+        xs = collect_masked_inputs(model, mods, ({"input_ids": b} for b in batches), progress)
+    return [x.to(dtype) for x in xs]
 
 
 def expert_mass(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -117,11 +110,4 @@ def expert_mass(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def expert_output_norms(ffn: nn.Module, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """‖FFN_e(x)‖₂ of every expert's contribution to the output (down-projection bias excluded) [tokens, E]."""
-    flat = x.reshape(-1, x.shape[-1])
-    e, n = ffn.num_experts, ffn.neurons_per_expert
-    w = ffn.down_proj.weight.float().view(-1, e, n)  # [hidden, E, n]
-    out = []
-    for part in flat.split(chunk):
-        h = ffn.intermediate(part).float().view(-1, e, n)
-        out.append(torch.einsum("ten,den->ted", h, w).norm(dim=-1))
-    return torch.cat(out).view(*x.shape[:-1], e)
+    return ffn.expert_output_norms(x, chunk)

@@ -84,6 +84,18 @@ class PrunePathFFN(nn.Module):
             return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         return self.act_fn(self.up_proj(x))
 
+    def expert_output_norms(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """‖FFN_e(x)‖₂ of every expert's ungated contribution to the output (output bias excluded), float32,
+        shape [..., E]. Chunked over tokens so the [tokens, E, d] intermediate stays small."""
+        flat = x.reshape(-1, x.shape[-1])
+        e, n = self.num_experts, self.neurons_per_expert
+        w = self.down_proj.weight.float().view(-1, e, n)  # [hidden, E, n]
+        out = []
+        for part in flat.split(chunk):
+            h = self.intermediate(part).float().view(-1, e, n)
+            out.append(torch.einsum("ten,den->ted", h, w).norm(dim=-1))
+        return torch.cat(out).view(*x.shape[:-1], e)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         h = self.intermediate(x)

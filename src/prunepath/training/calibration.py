@@ -96,15 +96,13 @@ def expert_contributions(ffn, x: torch.Tensor, target: str = "output_norm", chun
     """[tokens, E] size of each expert's ungated output ‖FFN_e(x)‖ ("output_norm") or its activation mass
     Σ|h| over its neurons ("activation_mass")."""
     e, n = ffn.num_experts, ffn.neurons_per_expert
-    w = ffn.down_proj.weight.float().view(ffn.hidden_size, e, n)  # [d, E, n]
     outs = []
     for i in range(0, x.shape[0], chunk):
         xs = x[i:i + chunk].to(ffn.up_proj.weight.device, ffn.up_proj.weight.dtype)
-        h = ffn.intermediate(xs).float().view(-1, e, n)
         if target == "activation_mass":
-            outs.append(h.abs().sum(-1))
+            outs.append(ffn.intermediate(xs).float().view(-1, e, n).abs().sum(-1))
         else:
-            outs.append(torch.einsum("ten,den->ted", h, w).norm(dim=-1))
+            outs.append(ffn.expert_output_norms(xs, chunk))
     return torch.cat(outs).cpu()
 
 
