@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from prunepath.errors import PrunePathError
 
@@ -143,8 +142,8 @@ def resolve_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import prunepath
-    from prunepath.training.data import build_task_data, glue_num_labels
-    from prunepath.training.trainer import train
+    from prunepath.training.data import glue_num_labels
+    from prunepath.training.trainer import train_from_config
 
     cfg = resolve_config(args)
     if getattr(args, "print_config", False):
@@ -157,16 +156,7 @@ def run(args: argparse.Namespace) -> int:
         model, tok = prunepath.load_model(cfg.model, task="classify", num_labels=n)
     else:
         model, tok = prunepath.load_model(cfg.model)
-    from prunepath.training.trainer import check_task
-    check_task(model, cfg.task)
-    if tok is not None and tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    need = cfg.total_steps * cfg.tokens_per_step * world + cfg.seq_len
-    train_ds, eval_ds, info = build_task_data(cfg, tok, max_train_tokens=need)
-    print(f"[prunepath] data: {json.dumps(info)}; {len(train_ds)} training rows of {cfg.seq_len} tokens; "
-          f"{cfg.total_steps} steps × {cfg.tokens_per_step} tokens/step/process", flush=True)
-    result = train(model, tok, train_ds, cfg, eval_data=eval_ds, out_dir=cfg.out)
+    result = train_from_config(model, tok, cfg)
     summary = {k: v for k, v in result.to_dict().items() if k not in ("calibration",)}
     if getattr(args, "ppl_data", None) and cfg.task != "classify":
         summary["ppl_eval"] = ppl_eval(model, tok, args.ppl_data, getattr(args, "ppl_tokens", 32768),

@@ -66,20 +66,15 @@ def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
         prunepath.moefy(model, **recipe.convert, progress=progress)
         prunepath.save(model, ckpt, tokenizer=tok)
         return model, tok, 0
-    from prunepath.training.data import build_task_data
-    from prunepath.training.trainer import train
+    from prunepath.training.trainer import train_from_config
 
     cfg = recipe.train_config()
     cfg.progress = progress
     if ckpt.exists() and any(ckpt.iterdir()):
         cfg.resume = "auto"
         _log(f"resuming training in {ckpt}")
-    if tok is not None and tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    need = cfg.total_steps * cfg.tokens_per_step + cfg.seq_len
-    train_ds, eval_ds, info = build_task_data(cfg, tok, max_train_tokens=need)
     _log(f"training: {cfg.stage1_steps} + {cfg.stage2_steps} steps x {cfg.tokens_per_step} tokens on {cfg.data}")
-    result = train(model, tok, train_ds, cfg, eval_data=eval_ds, out_dir=ckpt)
+    result = train_from_config(model, tok, cfg, out_dir=ckpt)
     return model, tok, int(getattr(result, "tokens", 0) or 0)
 
 

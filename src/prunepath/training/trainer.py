@@ -508,3 +508,20 @@ def _save_final(model: nn.Module, tokenizer, out: Path, cfg: TrainConfig, result
         os.replace(staging / name, out / name)
     shutil.rmtree(staging, ignore_errors=True)
     _write_json_atomic(out / "train_result.json", result.to_dict())
+
+
+def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
+                      out_dir: str | os.PathLike | None = None) -> TrainResult:
+    """Build ``cfg``'s task data (exactly the tokens the steps need, per process) and :func:`train` on it —
+    what ``prunepath train`` and ``prunepath run`` both do."""
+    from prunepath.training.data import build_task_data
+
+    check_task(model, cfg.task)
+    if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    need = cfg.total_steps * cfg.tokens_per_step * world + cfg.seq_len
+    train_ds, eval_ds, info = build_task_data(cfg, tokenizer, max_train_tokens=need)
+    print(f"[prunepath] data: {json.dumps(info)}; {len(train_ds)} training rows of {cfg.seq_len} tokens; "
+          f"{cfg.total_steps} steps × {cfg.tokens_per_step} tokens/step/process", flush=True)
+    return train(model, tokenizer, train_ds, cfg, eval_data=eval_ds, out_dir=out_dir or cfg.out)
