@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -22,11 +21,6 @@ def machine() -> dict:
 
 
 def write_json(name: str, payload) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    final = RESULTS / name
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, prefix=f".{name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, final)
-    return final
+    from prunepath.evaluation.reports import atomic_write_text
+
+    return atomic_write_text(RESULTS / name, json.dumps(payload, indent=2) + "\n")

@@ -37,7 +37,6 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import os
     import shutil
     import tempfile
     from pathlib import Path
@@ -71,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 tok.save_pretrained(staging)
                 (staging / "prunepath_static.json").write_text(json.dumps(
                     {"method": "wanda", "weight_sparsity": info["sparsity"], "scope": "ffn"}) + "\n")
-                if final.exists():
-                    final.rmdir()
-                os.replace(staging, final)
+                atomic_replace_dir(staging, final)
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)

@@ -142,9 +142,9 @@ def _checkpoints(root: Path) -> list[Path]:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    from prunepath.evaluation.reports import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @torch.no_grad()
