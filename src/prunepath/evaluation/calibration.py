@@ -16,17 +16,14 @@ from prunepath.evaluation.common import ActiveMeter, check_token_ids, needs_bos,
 def measure_sparsity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, batch_size: int = 4,
                      bos_id: int | None = None, pad: int = 0) -> float:
     """s_FFN of the current routing on ``ids`` under the perplexity window protocol (no loss computed)."""
-    from prunepath.evaluation.perplexity import _window_inputs, plan_windows
+    from prunepath.evaluation.perplexity import plan_windows, window_batches
 
     plan = plan_windows(int(ids.numel()), window, window, bos_id is not None)
     meter = ActiveMeter(model)
     dev = next(model.parameters()).device
     base = model.get_submodule(model.base_model_prefix) if getattr(model, "base_model_prefix", "") and \
         hasattr(model, model.base_model_prefix) else model
-    for i in range(0, len(plan), batch_size):
-        chunk = plan[i:i + batch_size]
-        width = max(e - (1 if s == 0 and bos_id is None else s) for s, e, _ in chunk)
-        inp, _, mask = _window_inputs(ids, chunk, bos_id, pad, width)
+    for inp, _, mask in window_batches(ids, plan, bos_id, pad, batch_size):
         base(input_ids=inp.to(dev), use_cache=False)  # the LM head is not needed for routing statistics
         meter.update(model, mask.to(dev))
     return float(meter.result()["s_ffn"])

@@ -139,6 +139,16 @@ def _window_inputs(ids: torch.Tensor, plan: list[tuple[int, int, int]], bos_id: 
     return inp, tgt, mask
 
 
+def window_batches(ids: torch.Tensor, plan: list[tuple[int, int, int]], bos_id: int | None, pad: int,
+                   batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(inputs, targets, scored mask) for each batch of ``batch_size`` windows of ``plan``."""
+    for i in range(0, len(plan), batch_size):
+        chunk = plan[i:i + batch_size]
+        # Input length of a window = end - (first input file token); see _window_inputs.
+        width = max(e - (1 if s == 0 and bos_id is None else s) for s, e, _ in chunk)
+        yield _window_inputs(ids, chunk, bos_id, pad, width)
+
+
 @torch.inference_mode()
 def score_tokens(model: nn.Module, ids: torch.Tensor, *, window: int, stride: int, bos_id: int | None,
                  pad: int, batch_size: int = 4, progress: bool = True, meter: ActiveMeter | None = None,
@@ -151,11 +161,7 @@ def score_tokens(model: nn.Module, ids: torch.Tensor, *, window: int, stride: in
     nll = 0.0
     count = 0
     bar = tqdm(total=sum(e - f for _, e, f in plan), desc=desc, unit="tok", disable=not progress, leave=False)
-    for i in range(0, len(plan), batch_size):
-        chunk = plan[i:i + batch_size]
-        # Input length of a window = end - (first input file token); see _window_inputs.
-        width = max(e - (1 if s == 0 and bos_id is None else s) for s, e, _ in chunk)
-        inp, tgt, mask = _window_inputs(ids, chunk, bos_id, pad, width)
+    for inp, tgt, mask in window_batches(ids, plan, bos_id, pad, batch_size):
         inp, tgt, mask = inp.to(dev), tgt.to(dev), mask.to(dev)
         # Right padding needs no attention mask in a causal model: real positions never see later ones.
         logits = model(input_ids=inp, use_cache=False).logits
