@@ -11,6 +11,20 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def word_tokenizer(tokens, *, split_punctuation: bool = False, **special):
+    """A word-level fast tokenizer (no download): token i of ``tokens`` gets id i; ``special`` names the roles,
+    e.g. ``pad_token="<pad>"``. ``split_punctuation`` picks the Whitespace pre-tokenizer over WhitespaceSplit."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=special.get("unk_token")))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **special)
+
+
 def _tiny(arch: str):
     import transformers as T
 

@@ -10,16 +10,12 @@ from prunepath.baselines import apply_wanda, prepare, prune_experts, weight_spar
 from prunepath.baselines.calibration import collect_ffn_inputs, token_batches
 from prunepath.baselines.static import calibration_mass, experts_to_drop
 from prunepath.baselines.wanda import input_norms, target_linears, wanda_mask
+from conftest import word_tokenizer
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(98)} | {"[UNK]": 98, "[EOS]": 99}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
+    return word_tokenizer([f"w{i}" for i in range(98)] + ["[UNK]", "[EOS]"], split_punctuation=True,
+                          unk_token="[UNK]", eos_token="[EOS]")
 
 
 def random_texts(n, seed=0):

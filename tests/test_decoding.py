@@ -90,13 +90,9 @@ def test_engine_sampling_is_seeded_and_in_vocab():
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {f"w{i}": i for i in range(63)}
-    vocab["[UNK]"] = 63
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    from conftest import word_tokenizer
+
+    return word_tokenizer([f"w{i}" for i in range(63)] + ["[UNK]"], split_punctuation=True, unk_token="[UNK]")
 
 
 def test_generate_api_and_cli(tmp_path, capsys, monkeypatch):

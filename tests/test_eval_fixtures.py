@@ -10,16 +10,10 @@ N_WORDS = 60
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import word_tokenizer
 
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    for i in range(N_WORDS):
-        vocab[f"w{i}"] = len(vocab)
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return word_tokenizer(["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(N_WORDS)],
+                          bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 def tiny_llama(seed: int = 0, vocab: int = 64, layers: int = 2, dtype=torch.float32):

@@ -11,16 +11,10 @@ WORDS = ("the cat dog bird sat ran flew on under over a mat log tree and then qu
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import word_tokenizer
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, ".": 4}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                   unk_token="<unk>")
+    return word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", ".", *WORDS], pad_token="<pad>", eos_token="<eos>",
+                          bos_token="<bos>", unk_token="<unk>")
 
 
 def synthetic_docs(n_docs: int = 40, seed: int = 0) -> list[str]:
