@@ -49,6 +49,15 @@ class TrainResult:
         return dict(self.__dict__)
 
 
+class TrainingStopped(Exception):
+    """Raised by :func:`train` when ``should_stop()`` said so: a checkpoint of the last finished step was saved
+    (with ``out_dir``), so ``resume="auto"`` continues from it."""
+
+    def __init__(self, step: int, checkpoint: str | None) -> None:
+        super().__init__(f"training stopped at step {step} (checkpoint: {checkpoint})")
+        self.step, self.checkpoint = step, checkpoint
+
+
 # ---- checks --------------------------------------------------------------------------------------------------
 def is_causal_lm(model: nn.Module) -> bool:
     name = type(model).__name__
@@ -258,13 +267,15 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_data, *, progress: b
 
 
 def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_data=None,
-          out_dir: str | os.PathLike | None = None) -> TrainResult:
+          out_dir: str | os.PathLike | None = None, should_stop=None) -> TrainResult:
     """Train ``model`` on ``train_data`` (a dataset of dicts: input_ids, attention_mask, labels) with ``cfg``.
 
     Stage 1 (``cfg.stage1_steps``) and stage 2 (``cfg.stage2_steps``) routing is set before every step by the
     method's stage hook; the method's auxiliary losses are added to the task loss. With ``out_dir`` it writes a
     JSONL log of every step, checkpoints (``cfg.save_every``) with optimizer/scheduler/RNG state, and finally a
-    ``prunepath.load``-able directory (``save_pretrained`` for method "dense").
+    ``prunepath.load``-able directory (``save_pretrained`` for method "dense"). ``should_stop`` (a callable,
+    e.g. a deadline check) is asked after every step; when it returns True a checkpoint is saved and
+    :class:`TrainingStopped` is raised.
     """
     import prunepath
     from accelerate import Accelerator
@@ -411,6 +422,15 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if accelerator.num_processes > 1:
+                # Each process saw its own shard of the batch: log the global mean, so a multi-GPU log reads
+                # like a one-GPU log of the same global batch.
+                keys = list(acc) + list(terms_acc)
+                vals = torch.tensor([acc[k] for k in acc] + [terms_acc[k] for k in terms_acc],
+                                    device=accelerator.device, dtype=torch.float64)
+                vals = accelerator.reduce(vals, reduction="mean").tolist()
+                for k, v in zip(keys, vals):
+                    (acc if k in acc else terms_acc)[k] = v
 
             rec = {"step": step, "stage": stage, "tau": tau, **acc, **terms_acc, "grad_norm": grad_norm,
                    "lr": {n: pg["lr"] for n, pg in zip(group_names, optimizer.param_groups)},
@@ -436,6 +456,13 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                     log_file.write(json.dumps({"step": step, "eval": ev}) + "\n")
                     log_file.flush()
                 model.train()
+            if should_stop is not None and step < total and should_stop():
+                ckpt = None
+                if out is not None:
+                    if not (cfg.save_every and step % cfg.save_every == 0):
+                        _save_checkpoint(accelerator, out, step, mb, tokens_seen, time.time() - t0, cfg, calib_info)
+                    ckpt = str(out / CKPT_DIR / f"step-{step:07d}")
+                raise TrainingStopped(step, ckpt)
     finally:
         pbar.close()
         if log_file is not None:
@@ -511,7 +538,7 @@ def _save_final(model: nn.Module, tokenizer, out: Path, cfg: TrainConfig, result
 
 
 def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
-                      out_dir: str | os.PathLike | None = None) -> TrainResult:
+                      out_dir: str | os.PathLike | None = None, should_stop=None) -> TrainResult:
     """Build ``cfg``'s task data (exactly the tokens the steps need, per process) and :func:`train` on it —
     what ``prunepath train`` and ``prunepath run`` both do."""
     from prunepath.training.data import build_task_data
@@ -524,4 +551,5 @@ def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
     train_ds, eval_ds, info = build_task_data(cfg, tokenizer, max_train_tokens=need)
     print(f"[prunepath] data: {json.dumps(info)}; {len(train_ds)} training rows of {cfg.seq_len} tokens; "
           f"{cfg.total_steps} steps × {cfg.tokens_per_step} tokens/step/process", flush=True)
-    return train(model, tokenizer, train_ds, cfg, eval_data=eval_ds, out_dir=out_dir or cfg.out)
+    return train(model, tokenizer, train_ds, cfg, eval_data=eval_ds, out_dir=out_dir or cfg.out,
+                 should_stop=should_stop)

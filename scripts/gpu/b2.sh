@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Device call 2 (carry .stage/g2, right after b1): join + dequantise SmolLM2, unpack corpora and data, run the LM
+# study (both GPUs) until its deadline.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/g2/whl/*.whl
+tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/g2/corpora.tar.gz
+cp -r .stage/g2/data/* "$DATA_DIR/"
+stage_smollm2 .stage/g2/smol.part.01 .stage/g2/smol.sha256
+log "staged; study starts"
+STUDY_DEADLINE_S="${STUDY_DEADLINE_S:-520}" TRAIN_TOKENS="${TRAIN_TOKENS:-10000000}" \
+    bash scripts/gpu/study_lm.sh "$OUT/study" 2>&1 | tee "$OUT/study_b2.log" | tail -c 20000 || log "study exit $?"
+log "b2 done"
+tar -C "$OUT" -czf "$OUT/study.tgz" study && rm -rf "$OUT/study"
+ls -la "$OUT"
