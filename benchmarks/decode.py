@@ -9,6 +9,13 @@ different random set per token and layer. τ changes between densities without r
 Per (shape, batch): ms/token and tokens/s of the decode loop (prefill excluded), peak memory of the decode
 (engine weights + caches, the HF model moved off the GPU), the FFN stack alone inside the engine (one CUDA
 graph over every layer's FFN) with its bandwidth floor, and a GPU correctness check of the FFN kernels.
+Engines: hf-eager, dense-graph, prunepath-sparse (routing + expert kernels), prunepath-dense (the
+dense-equivalent GatedDense path), prunepath-dense-legacy (router kernel + gated cuBLAS, d = 1.0, batch 1), and
+"prunepath" = the faster of sparse / dense at that batch (what the engine's measured crossover dispatches to).
+Prefill: the engine's default dense-equivalent prefill, plus the grouped prefill (tokens sorted by expert,
+``torch._grouped_mm``) at ``--grouped-densities``. ``--density-profile`` replaces the densities by a trained
+model's per-token expert counts (records with density "profile:<tau>"). ``--deadline`` stops before work that
+would start after it; records are written atomically as they are made.
 Writes records to $OUT/decode-<tag>.json (copy to benchmarks/results/).
 """
 
@@ -87,17 +94,23 @@ def hf_eager(model, ids, new, dev):
     return (times[new] - times[1]) / (new - 1) * 1e3, peak_mb(dev), times[1] * 1e3
 
 
-def time_engine(eng, ids, new, dev):
-    """Decode loop of the engine: ms/token excluding prefill, peak memory of prefill + decode, prefill ms."""
-    eng.generate(ids, 3)  # compile + capture
+def time_prefill(eng, ids, dev, reps: int = 3) -> float:
+    """Median wall time of the engine's prefill (ms), after one warm-up."""
+    eng.prefill(ids)
     pre = []
-    for _ in range(3):
+    for _ in range(reps):
         sync(dev)
         t0 = time.perf_counter()
         eng.prefill(ids)
         sync(dev)
         pre.append(time.perf_counter() - t0)
-    pre_ms = sorted(pre)[1] * 1e3
+    return sorted(pre)[len(pre) // 2] * 1e3
+
+
+def time_engine(eng, ids, new, dev):
+    """Decode loop of the engine: ms/token excluding prefill, peak memory of prefill + decode, prefill ms."""
+    eng.generate(ids, 3)  # compile + capture
+    pre_ms = time_prefill(eng, ids, dev)
     peak_reset(dev)
     sync(dev)
     t0 = time.perf_counter()
@@ -136,6 +149,16 @@ def engine_ffn_ms(eng, dev):
     return ms, active
 
 
+class Budget:
+    """Measure-and-stop: ``late()`` once the deadline (epoch seconds, 0 = none) has passed."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def late(self, margin: float = 0.0) -> bool:
+        return bool(self.deadline) and time.time() + margin > self.deadline
+
+
 def ffn_bytes(eng, active: float) -> float:
     p = eng.layers[0].ffn
     e, r, d = p.w_in.shape
@@ -146,83 +169,172 @@ def ffn_bytes(eng, active: float) -> float:
     return len(eng.layers) * (active * per_expert + router)
 
 
-def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, tiny=False, log=print):
+def _model(name, dev, tiny):
     from transformers import AutoModelForCausalLM
-
-    import prunepath
-    from prunepath.decoding.engine import DecodeEngine
-    recs = []
     cfg = hf_config(name, tiny)
     torch.manual_seed(0)
-    t0 = time.time()
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    model.eval()
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return model.eval(), cfg
+
+
+def _free(dev):
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False, log=print, budget=None,
+              hf_new=8, emit=None, profile=None, grouped_densities=(0.3,), legacy=True):
+    """Every engine for one shape; ``emit(record)`` is called as each record is made (partial results)."""
+    import prunepath
+    from prunepath.decoding.engine import DecodeEngine
+    budget = budget or Budget(0)
+    recs = []
+
+    def add(rec):
+        recs.append(rec)
+        if emit:
+            emit(rec)
+
+    t0 = time.time()
+    model, cfg = _model(name, dev, tiny)
     log(f"{name}: model built in {time.time() - t0:.0f}s")
     vocab = cfg.vocab_size
     max_len = prompt + new + 8
     base = dict(shape=name, gpu=gpu, prompt=prompt, new_tokens=new, dtype=str(next(model.parameters()).dtype),
-                copy_gbps=bw / 1e9, date=_dt.date.today().isoformat())
+                copy_gbps=bw / 1e9, date=_dt.date.today().isoformat(),
+                peak_method="max_memory_allocated over prefill + decode, HF model moved to the host")
     dense_ms = {}
     ids_of = {b: torch.randint(0, vocab, (b, prompt), device=dev, generator=torch.Generator(device=dev).manual_seed(b))
               for b in batches}
     for b in batches:  # dense model: HF eager, then the dense engine
+        if budget.late():
+            break
         ids = ids_of[b]
-        ms, pk, pre = hf_eager(model, ids, new, dev)
-        recs.append(dict(base, batch=b, density=1.0, engine="hf-eager", ms_per_token=ms, tokens_per_s=1e3 * b / ms,
-                         peak_mem_mb=pk, prefill_ms=pre, ffn_ms=None, ffn_floor_ms=None))
-        log(f"{name} b{b} hf-eager {ms:.2f} ms/token peak {pk:.0f} MB")
+        if profile is None and hf_new > 1:
+            ms, pk, pre = hf_eager(model, ids, hf_new, dev)
+            add(dict(base, batch=b, density=1.0, engine="hf-eager", ms_per_token=ms, tokens_per_s=1e3 * b / ms,
+                     peak_mem_mb=pk, prefill_ms=pre, ffn_ms=None, ffn_floor_ms=None, hf_new_tokens=hf_new))
+            log(f"{name} b{b} hf-eager {ms:.2f} ms/token peak {pk:.0f} MB ({hf_new} tokens)")
         eng = DecodeEngine(model, batch=b, max_len=max_len, ffn="dense", device=dev)
         model.to("cpu")  # the engine holds its own tensors: peak memory is the engine's
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
+        _free(dev)
         ms, pk, pre = time_engine(eng, ids, new, dev)
         fms, _ = engine_ffn_ms(eng, dev)
         floor = ffn_bytes(eng, 1.0) / bw * 1e3
-        recs.append(dict(base, batch=b, density=1.0, engine="dense-graph", ms_per_token=ms, tokens_per_s=1e3 * b / ms,
-                         peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
-                         ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None))
+        add(dict(base, batch=b, density=1.0, engine="dense-graph", ms_per_token=ms, tokens_per_s=1e3 * b / ms,
+                 peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
+                 ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None))
         log(f"{name} b{b} dense-graph {ms:.3f} ms/token ffn {fms:.3f} (floor {floor:.3f}) peak {pk:.0f} MB "
             f"prefill {pre:.1f} ms")
         dense_ms[b] = ms
         del eng
+        _free(dev)
         model.to(dev)
+    if budget.late():
+        return recs
     prunepath.moefy(model, neurons_per_expert=NEURONS, clustering="random", progress=False)
     d = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd
     for f in prunepath.prunepath_modules(model):
         torch.nn.init.normal_(f.router.weight, std=0.01 / math.sqrt(d))
     e = prunepath.prunepath_modules(model)[0].num_experts
     for b in batches:
+        if budget.late() or b not in dense_ms:
+            break
         ids = ids_of[b]
         prunepath.configure(model, tau=1.05)
         eng = DecodeEngine(model, batch=b, max_len=max_len, ffn="sparse", device=dev)
         model.to("cpu")
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
-        corr = check_correctness([eng.layers[0].ffn], b, {}) if dev.type == "cuda" else {}
-        log(f"{name} b{b} correctness {corr}")
-        for dens in densities:
+        _free(dev)
+        if dev.type == "cuda":
+            for m in ("sparse", "dense"):
+                corr = check_correctness([eng.layers[0].ffn], b, {}, mode=m)
+                add(dict(base, batch=b, engine=f"check-{m}", **corr))
+                log(f"{name} b{b} correctness {m} {corr}")
+        if profile is not None:
+            _run_profile(eng, profile, ids, new, dev, e, b, base, dense_ms, bw, add, log, name)
+        for dens in ([] if profile is not None else densities):
+            if budget.late():
+                break
             k = max(1, round(dens * e))
             tau = (k + 0.5) / e if k < e else 1.05
-            modes = ["sparse", "dense"] if dens >= 1.0 or b > 1 else ["sparse"]
+            modes = ["sparse", "dense"] + (["dense_legacy"] if legacy and dens >= 1.0 and b == 1 else [])
+            got = {}
             for mode in modes:
+                if budget.late():
+                    break
                 eng.routing.tau = tau
                 eng.sync_routing(eng.routing, mode)  # τ only → same graph; a mode change → recapture
                 ms, pk, pre = time_engine(eng, ids, new, dev)
                 fms, active = engine_ffn_ms(eng, dev)
                 floor = ffn_bytes(eng, k if mode == "sparse" else e) / bw * 1e3
-                rec = dict(base, batch=b, density=dens, engine="prunepath" if mode == "sparse" else "prunepath-gated-dense",
+                rec = dict(base, batch=b, density=dens, engine=f"prunepath-{mode.replace('_', '-')}",
                            tau=tau, measured_density=active / e, ms_per_token=ms, tokens_per_s=1e3 * b / ms,
                            peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
                            ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None,
-                           speedup_vs_dense_graph=dense_ms[b] / ms, **corr)
-                recs.append(rec)
+                           speedup_vs_dense_graph=dense_ms[b] / ms)
+                got[mode] = rec
+                add(rec)
                 log(f"{name} b{b} d{dens:.2f} {rec['engine']} {ms:.3f} ms/token ({dense_ms[b] / ms:.2f}x dense-graph) "
                     f"ffn {fms:.3f} (floor {floor:.3f}) active {active / e:.2f} peak {pk:.0f} MB prefill {pre:.1f} ms")
+            cand = {m: r for m, r in got.items() if m in ("sparse", "dense")}
+            if cand:  # what the measured-crossover dispatch runs: the faster of the two paths
+                m, r = min(cand.items(), key=lambda kv: kv[1]["ms_per_token"])
+                add(dict(r, engine="prunepath", picked_mode=m))
+            if dens in grouped_densities and b == 1 and not budget.late():
+                eng.routing.tau = tau
+                eng.sync_routing(eng.routing, "dense")
+                eng.prefill_mode = "grouped"
+                try:
+                    gms = time_prefill(eng, ids, dev)
+                    from prunepath.kernels.dense import GROUPED_USED
+                    add(dict(base, batch=b, density=dens, tau=tau, engine="prunepath-prefill-grouped",
+                             prefill_ms=gms, grouped_impl=dict(GROUPED_USED), ms_per_token=None,
+                             peak_mem_mb=None, ffn_ms=None, ffn_floor_ms=None))
+                    log(f"{name} b{b} d{dens:.2f} grouped prefill {gms:.1f} ms")
+                except Exception as exc:  # noqa: BLE001 - record and go on: one failure must not cost the run
+                    add(dict(base, batch=b, density=dens, engine="prunepath-prefill-grouped", error=repr(exc)[:300]))
+                    log(f"{name} grouped prefill failed: {exc!r}")
+                finally:
+                    eng.prefill_mode = "dense"
         del eng
+        _free(dev)
         model.to(dev)
     del model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    _free(dev)
     return recs
+
+
+def _run_profile(eng, profile, ids, new, dev, e, b, base, dense_ms, bw, add, log, name):
+    """Realistic density: per-step, per-layer counts from the profile forced through the top-k rule (the
+    graph copies the step's row into the routers' k at its start)."""
+    from ffn_stack import profile_counts
+
+    from prunepath.routing.config import RoutingConfig
+    kt = profile_counts(profile, len(eng.layers), e, steps=max(new, 16)).to(dev)
+    label = f"profile:{profile.get('tau')}"
+    for mode in ("sparse", "dense"):
+        eng.routing = RoutingConfig(rule="topk", k=e)
+        eng.set_ffn_mode(mode)
+        kcur = torch.zeros(len(eng.layers), dtype=torch.int32, device=dev)
+        step = torch.zeros(1, dtype=torch.long, device=dev)
+        for i, layer in enumerate(eng.layers):
+            layer.sparse.k_tensor = kcur[i:i + 1]
+
+        def hook(kcur=kcur, step=step):
+            kcur.copy_(kt.index_select(0, step).view(-1))
+            step.add_(1).remainder_(kt.shape[0])
+        eng.step_hook = hook
+        ms, pk, pre = time_engine(eng, ids, new, dev)
+        eng.step_hook = None
+        active = float(kt.float().mean())
+        floor = ffn_bytes(eng, active if mode == "sparse" else e) / bw * 1e3
+        add(dict(base, batch=b, density=label, measured_density=active / e, engine=f"prunepath-{mode}",
+                 ms_per_token=ms, tokens_per_s=1e3 * b / ms, peak_mem_mb=pk, prefill_ms=pre, ffn_ms=None,
+                 ffn_floor_ms=floor, speedup_vs_dense_graph=dense_ms[b] / ms, profile_model=profile.get("model"),
+                 profile_s_ffn=profile.get("s_ffn"), profile_num_experts=profile.get("num_experts")))
+        log(f"{name} b{b} {label} (density {active / e:.3f}) prunepath-{mode} {ms:.3f} ms/token "
+            f"({dense_ms[b] / ms:.2f}x dense-graph)")
 
 
 def main(argv=None) -> int:
@@ -232,6 +344,11 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", default="1.0,0.5,0.3,0.1")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--hf-new", type=int, default=8, help="tokens for the HF eager timing (0 = skip it)")
+    ap.add_argument("--grouped-densities", default="0.3", help="densities at which the grouped prefill is timed")
+    ap.add_argument("--no-legacy", action="store_true", help="skip the dense_legacy rows")
+    ap.add_argument("--density-profile", default="", help="JSON profile: realistic-density rows only")
+    ap.add_argument("--deadline", type=float, default=0.0, help="epoch seconds: skip work that starts after it")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test (needs TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -240,21 +357,42 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     bw = copy_bandwidth() if dev.type == "cuda" else 1e11
     print(f"gpu {gpu} copy {bw / 1e12:.2f} TB/s", flush=True)
+    profile = None
+    if args.density_profile:
+        from ffn_stack import load_profile
+        profile = load_profile(args.density_profile)
     recs = []
     out = Path(args.out) / f"decode-{args.tag}.json"
+
+    def emit(rec):
+        from prunepath.evaluation.reports import atomic_write_text
+        recs.append(rec)
+        atomic_write_text(out, json.dumps(recs, indent=1))
+
+    budget = Budget(args.deadline)
     for name in args.shapes.split(","):
-        recs += run_shape(name, [int(b) for b in args.batches.split(",")],
-                          [float(x) for x in args.densities.split(",")], args.prompt, args.new, dev, gpu, bw,
-                          tiny=args.tiny, log=lambda s: print(s, flush=True))
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(recs, indent=1))
-        os.replace(tmp, out)
-    print("\n| shape | batch | density | engine | ms/token | tok/s | peak MB | FFN ms | FFN floor ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        if budget.late():
+            print(f"deadline: skipping {name}", flush=True)
+            continue
+        try:
+            run_shape(name, [int(b) for b in args.batches.split(",")], [float(x) for x in args.densities.split(",")],
+                      args.prompt, args.new, dev, gpu, bw, tiny=args.tiny, log=lambda s: print(s, flush=True),
+                      budget=budget, hf_new=args.hf_new, emit=emit, profile=profile,
+                      grouped_densities=tuple(float(x) for x in args.grouped_densities.split(",") if x),
+                      legacy=not args.no_legacy)
+        except torch.cuda.OutOfMemoryError as exc:
+            print(f"{name}: out of memory: {exc}", flush=True)
+            emit(dict(shape=name, engine="error", error=repr(exc)[:300]))
+            torch.cuda.empty_cache()
+    print("\n| shape | batch | density | engine | ms/token | tok/s | peak MB | FFN ms | FFN floor ms | prefill ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    f = (lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
     for r in recs:
-        f = (lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
-        print(f"| {r['shape']} | {r['batch']} | {r['density']} | {r['engine']} | {r['ms_per_token']:.3f} | "
-              f"{r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {f(r['ffn_ms'])} | {f(r['ffn_floor_ms'])} |")
+        if r.get("engine", "").startswith(("check", "error")):
+            continue
+        print(f"| {r['shape']} | {r['batch']} | {r['density']} | {r['engine']} | {f(r.get('ms_per_token'))} | "
+              f"{f(r.get('tokens_per_s'))} | {f(r.get('peak_mem_mb'))} | {f(r.get('ffn_ms'))} | "
+              f"{f(r.get('ffn_floor_ms'))} | {f(r.get('prefill_ms'))} |")
     return 0
 
 

@@ -1,11 +1,17 @@
 """FFN-stack decode benchmark (GPU): PrunePath sparse kernels vs dense cuBLAS, CUDA graphs, random bf16 weights.
 
     python benchmarks/ffn_stack.py --shapes llama3-8b --batches 1,8 --densities 1.0,0.5,0.3,0.1 [--sweep]
+        [--crossover 1,2,4,8] [--density-profile PROFILE.json] [--deadline EPOCH_SECONDS]
 
 Per layer: router GEMV + selection (one kernel), fused expert kernels (two), accumulating into an fp32 residual.
 Density is forced through the router: a near-uniform random router (logit std 0.01) with the paper's cumulative
 rule at τ = (k + ½)/E keeps k experts per token, a different random set for each token and layer.
 Also checks correctness on the GPU (relative error vs the float32 reference, every output element written).
+Modes: "sparse" (routing + expert kernels), "dense" (GatedDense: one GEMM over w_in + router rows, Triton
+selection/gates, GEMM over w_out), "dense_legacy" (the earlier router kernel + gated cuBLAS), "cublas" (plain
+dense FFN, the baseline). ``--crossover`` times sparse vs dense at several batch sizes and records the smallest
+batch from which dense wins (``crossover`` records). ``--density-profile`` replays a trained model's per-token
+active-expert counts (see :func:`profile_counts`).
 """
 
 from __future__ import annotations
@@ -29,12 +35,30 @@ SHAPES = {
     "smollm2-135m": dict(d=576, ff=1536, layers=30, gated=True, act="silu", bias=False, heads=9, kv=3, vocab=49152),
 }
 NEURONS = 32
+# CPU smoke test of the script (TRITON_INTERPRET=1, --smoke): tiny shape, eager "graphs", wall-clock timing.
+SHAPES["tiny"] = dict(d=48, ff=96, layers=2, gated=True, act="silu", bias=False, heads=4, kv=2, vocab=64)
+SHAPES["tiny-gpt2"] = dict(d=48, ff=96, layers=2, gated=False, act="gelu_tanh", bias=True, heads=4, kv=4, vocab=64)
+DEV = "cuda"
+
+
+class _Eager:
+    """Stands in for a CUDA graph on the CPU (smoke test): replay() calls the function."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _sync():
+    if DEV == "cuda":
+        _sync()
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (the memory ceiling), median of 20."""
+    if DEV != "cuda":
+        return 1e11
     import triton.testing as tt
-    a = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    a = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=DEV).normal_()
     b = torch.empty_like(a)
     ms = tt.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
     bw = 2 * a.numel() * 2 / (ms * 1e-3)
@@ -46,7 +70,8 @@ def tau_for(k: int, e: int) -> float:
     return (k + 0.5) / e if k < e else 1.05
 
 
-def make_layers(shape: dict, device: str = "cuda"):
+def make_layers(shape: dict, device: str | None = None):
+    device = device or DEV
     from prunepath.kernels import random_packed_ffn
     e = shape["ff"] // NEURONS
     layers = []
@@ -60,6 +85,9 @@ def make_layers(shape: dict, device: str = "cuda"):
 
 
 def graph_of(fn, warm: int = 2):
+    if DEV != "cuda":
+        fn()
+        return _Eager(fn)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -73,6 +101,10 @@ def graph_of(fn, warm: int = 2):
 
 
 def bench_graph(g) -> float:
+    if DEV != "cuda":
+        t0 = time.perf_counter()
+        g.replay()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing as tt
     return tt.do_bench(g.replay, warmup=25, rep=300, return_mode="median")
 
@@ -85,8 +117,18 @@ def ffn_bytes(shape: dict, active: float, batch_union: float | None = None) -> f
     return shape["layers"] * (active * per_expert + e * shape["d"] * 2)
 
 
-def check_correctness(layers, batch: int, tuning: dict) -> dict:
-    """Relative error vs the float32 reference on fresh inputs; the kernels add into a poisoned output."""
+def make_ffn(p, batch: int, routing, mode: str, tuning: dict | None = None):
+    """SparseFFN for a benchmark mode: sparse, dense, dense_legacy, dense_bf16 (dense with bf16 GEMM outputs),
+    or one of the sweep's partial modes (router, router-gemv, router+in: the sparse objects)."""
+    from prunepath.kernels.ffn import SparseFFN
+    smode = mode if mode in SparseFFN.MODES else ("dense" if mode == "dense_bf16" else "sparse")
+    tun = (tuning or {}) if smode == "sparse" else ({"dense_fp32_logits": False} if mode == "dense_bf16" else {})
+    return SparseFFN(p, batch, routing, mode=smode, **tun)
+
+
+def check_correctness(layers, batch: int, tuning: dict, mode: str = "sparse") -> dict:
+    """Relative error vs the float32 reference on fresh inputs; the kernels add into a poisoned output (NaN
+    where a kernel must overwrite, so an unwritten element shows as non-finite)."""
     from prunepath.kernels.ffn import SparseFFN
     from prunepath.kernels.reference import ffn_reference, route_reference
     from prunepath.routing.config import RoutingConfig
@@ -95,42 +137,69 @@ def check_correctness(layers, batch: int, tuning: dict) -> dict:
     worst, ids_ok = 0.0, True
     for k in (max(1, e // 10), e // 2, e):
         routing = RoutingConfig(tau=tau_for(k, e))
-        ffn = SparseFFN(p, batch, routing, **tuning)
-        x = torch.randn(batch, p.hidden_size, device="cuda").to(torch.bfloat16)
-        poison = torch.randn(batch, p.hidden_size, device="cuda") * 100
+        ffn = make_ffn(p, batch, routing, mode, tuning)
+        if ffn.dense is not None:
+            ffn.dense.write_weights = True
+        x = torch.randn(batch, p.hidden_size, device=DEV).to(torch.bfloat16)
+        poison = torch.randn(batch, p.hidden_size, device=DEV) * 100
         out = poison.clone()
         ffn(x, out)
-        torch.cuda.synchronize()
+        _sync()
         ref = ffn_reference(x, p, routing, dtype=torch.float32)
         err = float((out - poison - ref).norm() / ref.norm())
         rr = route_reference(x, p, routing)
         c = int(rr.count)
-        ids_ok &= int(ffn.router.count) == c and torch.equal(ffn.router.ids[:c], rr.ids[:c])
+        if ffn.router is not None:
+            ids_ok &= int(ffn.router.count) == c and torch.equal(ffn.router.ids[:c], rr.ids[:c])
+        else:  # the dense path's selection, per token; bf16-output logits may flip near-ties (counted)
+            agree = float(((ffn.dense.weights != 0) == rr.mask).float().mean())
+            ids_ok &= agree > 0.999
         ids_ok &= bool(torch.isfinite(out).all())
         worst = max(worst, err)
-    return {"rel_err_max": worst, "routing_matches_reference": bool(ids_ok)}
+    res = {"rel_err_max": worst, "routing_matches_reference": bool(ids_ok), "checked_mode": mode}
+    if mode.startswith("dense"):
+        from prunepath.kernels.dense import logits_are_fp32
+        from prunepath.kernels.dense import _MM_F32
+        res["logits_fp32"] = logits_are_fp32(torch.device(DEV))
+        res["addmm_fp32_out"] = _MM_F32.get("addmm")
+    return res
 
 
-def run_stack(layers, shape, batch, density, mode="sparse", tuning=None):
-    """Time the whole FFN stack (one CUDA graph); returns (ms, mean active experts per layer)."""
+def run_stack(layers, shape, batch, density, mode="sparse", tuning=None, ktable=None):
+    """Time the whole FFN stack (one CUDA graph); returns (ms, mean active experts per layer).
+
+    ``ktable`` (int32 [S, L] on the device): per-step, per-layer expert counts forced through the top-k rule
+    (a realistic density profile); the graph copies row ``step`` into the routers' k at its start, and the time
+    is the mean over S consecutive replays (every row once)."""
     from prunepath.kernels.ffn import SparseFFN, dense_ffn
     from prunepath.routing.config import RoutingConfig
     e = layers[0].num_experts
     k = max(1, round(density * e))
     d = shape["d"]
-    xs = torch.randn(len(layers), batch, d, device="cuda").to(torch.bfloat16)
-    outs = torch.zeros(len(layers), batch, d, device="cuda")
+    xs = torch.randn(len(layers), batch, d, device=DEV).to(torch.bfloat16)
+    outs = torch.zeros(len(layers), batch, d, device=DEV)
+    kcur = step = None
     if mode == "cublas":
         def fn():
             for i, p in enumerate(layers):
                 outs[i] += dense_ffn(xs[i], p).float()
         ffns = None
     else:
-        routing = RoutingConfig(tau=tau_for(k, e))
-        ffns = [SparseFFN(p, batch, routing, mode="dense" if mode == "dense" else "sparse", **(tuning or {}))
-                for p in layers]
+        if ktable is not None:
+            routing = RoutingConfig(rule="topk", k=e)
+        else:
+            routing = RoutingConfig(tau=tau_for(k, e))
+        ffns = [make_ffn(p, batch, routing, mode, tuning) for p in layers]
+        if ktable is not None:
+            kcur = torch.zeros(len(layers), dtype=torch.int32, device=DEV)
+            step = torch.zeros(1, dtype=torch.long, device=DEV)
+            for i, f in enumerate(ffns):
+                f.k_tensor = kcur[i:i + 1]
 
         def fn():
+            if kcur is not None:
+                kcur.copy_(ktable.index_select(0, step).view(-1))
+                step.add_(1).remainder_(ktable.shape[0])
             for i, f in enumerate(ffns):
                 if mode in ("router", "router-gemv"):
                     f.router.select = mode == "router"
@@ -147,14 +216,71 @@ def run_stack(layers, shape, batch, density, mode="sparse", tuning=None):
                 else:
                     f(xs[i], outs[i])
     g = graph_of(fn)
-    ms = bench_graph(g)
-    active = float("nan")
-    if ffns is not None:
-        g.replay()
-        torch.cuda.synchronize()
-        active = float(torch.stack([f.router.count for f in ffns]).float().mean())
+    if ktable is not None:
+        ms = bench_mean(g, ktable.shape[0])
+        active = float(ktable.float().mean())
+    else:
+        ms = bench_graph(g)
+        active = float("nan")
+        if ffns is not None and ffns[0].router is not None and mode == "sparse":
+            g.replay()
+            _sync()
+            active = float(torch.stack([f.router.count for f in ffns]).float().mean())
+        elif ffns is not None:
+            active = float(k) if batch == 1 else float(e)
     del g
     return ms, active
+
+
+def bench_mean(g, n: int, rounds: int = 3) -> float:
+    """Mean ms per replay over ``n`` consecutive replays (CUDA events), median of ``rounds``."""
+    if DEV != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            g.replay()
+        return (time.perf_counter() - t0) * 1e3 / n
+    for _ in range(3):
+        g.replay()
+    res = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            g.replay()
+        b.record()
+        _sync()
+        res.append(a.elapsed_time(b) / n)
+    return sorted(res)[len(res) // 2]
+
+
+def load_profile(path: str) -> dict:
+    """A density profile: {"model", "tau", "s_ffn", "num_experts", "layers": [{"layer", "counts": {n: tokens}}]}."""
+    prof = json.loads(Path(path).read_text())
+    for key in ("num_experts", "layers"):
+        if key not in prof:
+            raise SystemExit(f"density profile {path} lacks {key!r} (written by the study driver)")
+    if not prof["layers"]:
+        raise SystemExit(f"density profile {path} has no layers")
+    return prof
+
+
+def profile_counts(prof: dict, num_layers: int, num_experts: int, steps: int = 256, seed: int = 0) -> torch.Tensor:
+    """int32 [steps, num_layers]: per-token active counts sampled from the profile's per-layer histograms,
+    scaled to ``num_experts`` by fraction (k = round(n / E_profile · E), 1 ≤ k ≤ E). Layer i of the target
+    shape uses profile layer ⌊i · L_profile / num_layers⌋."""
+    g = torch.Generator().manual_seed(seed)
+    ep = int(prof["num_experts"])
+    layers = sorted(prof["layers"], key=lambda r: int(r["layer"]))
+    out = torch.empty(steps, num_layers, dtype=torch.int32)
+    for i in range(num_layers):
+        rec = layers[i * len(layers) // num_layers]
+        ns = torch.tensor([int(n) for n in rec["counts"]], dtype=torch.float64)
+        ws = torch.tensor([float(c) for c in rec["counts"].values()], dtype=torch.float64)
+        if float(ws.sum()) <= 0:
+            raise SystemExit(f"density profile layer {rec['layer']} has no tokens")
+        idx = torch.multinomial(ws, steps, replacement=True, generator=g)
+        out[:, i] = (ns[idx] / ep * num_experts).round().clamp(1, num_experts).to(torch.int32)
+    return out
 
 
 def sweep(layers, shape, densities=(0.5, 0.3, 0.1)):
@@ -181,19 +307,56 @@ def sweep(layers, shape, densities=(0.5, 0.3, 0.1)):
     return best, [{"tuning": t, "ms": ms} for _, t, ms in results]
 
 
+def crossover_of(times: dict[int, tuple[float, float]]) -> int | None:
+    """Smallest batch from which the dense path is at least as fast as sparse at every larger measured batch."""
+    best = None
+    for b in sorted(times, reverse=True):
+        sp, dn = times[b]
+        if dn <= sp:
+            best = b
+        else:
+            break
+    return best
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", default="llama3-8b")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--densities", default="1.0,0.5,0.3,0.1")
+    ap.add_argument("--modes", default="sparse,dense,dense_legacy",
+                    help="PrunePath paths to time besides cuBLAS (dense_legacy only at density 1.0)")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--crossover", default="", help="batches for the sparse-vs-dense crossover, e.g. 1,2,4,8")
+    ap.add_argument("--crossover-densities", default="0.5,0.3,0.1")
+    ap.add_argument("--density-profile", default="", help="JSON profile of per-token active experts")
+    ap.add_argument("--profile-batches", default="1")
+    ap.add_argument("--deadline", type=float, default=0.0, help="epoch seconds: skip work that starts after it")
+    ap.add_argument("--profile-steps", type=int, default=256)
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke test (TRITON_INTERPRET=1, shape tiny)")
+    ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args(argv)
-    gpu = torch.cuda.get_device_name(0)
+    global DEV
+    DEV = "cpu" if args.smoke else "cuda"
+    gpu = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
     bw = copy_bandwidth()
     print(f"gpu {gpu}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     records, sweeps = [], {}
+    out = Path(args.out) / f"ffn-stack-{args.tag}.json"
+    late = (lambda: args.deadline and time.time() > args.deadline)
+    modes = [m for m in args.modes.split(",") if m]
+    prof = load_profile(args.density_profile) if args.density_profile else None
+    base = dict(gpu=gpu, copy_gbps=bw / 1e9, date=time.strftime("%Y-%m-%d"))
+
+    def save():
+        from prunepath.evaluation.reports import atomic_write_text
+        atomic_write_text(out, json.dumps({"records": records, "sweeps": sweeps}, indent=1))
+
     for name in args.shapes.split(","):
+        if late():
+            print(f"deadline: skipping {name}", flush=True)
+            continue
         shape = SHAPES[name]
         t0 = time.time()
         layers = make_layers(shape)
@@ -202,39 +365,84 @@ def main(argv=None) -> int:
         if args.sweep:
             tuning, sweeps[name] = sweep(layers, shape)
             print("best", tuning, flush=True)
-        for batch in [int(b) for b in args.batches.split(",")]:
-            corr = check_correctness(layers, batch, tuning if batch == 1 else {})
-            print(name, "batch", batch, corr, flush=True)
+        batches = [int(b) for b in args.batches.split(",")] if not prof else []
+        for batch in batches:
+            if late():
+                break
             tb = tuning if batch == 1 else {}
+            for m in modes:
+                if True:
+                    corr = check_correctness(layers, batch, tb, mode=m)
+                    print(name, "batch", batch, corr, flush=True)
+                    records.append(dict(base, shape=name, batch=batch, engine=f"check-{m}", **corr))
             dense_ms, _ = run_stack(layers, shape, batch, 1.0, mode="cublas")
             dense_floor = ffn_bytes(shape, e) / bw * 1e3
-            records.append(dict(shape=name, batch=batch, density=1.0, engine="ffn-dense-cublas", ffn_ms=dense_ms,
-                                ffn_floor_ms=dense_floor, ffn_gbps=ffn_bytes(shape, e) / dense_ms / 1e6, gpu=gpu,
-                                copy_gbps=bw / 1e9))
+            records.append(dict(base, shape=name, batch=batch, density=1.0, engine="ffn-dense-cublas", ffn_ms=dense_ms,
+                                ffn_floor_ms=dense_floor, ffn_gbps=ffn_bytes(shape, e) / dense_ms / 1e6))
             for dens in [float(x) for x in args.densities.split(",")]:
-                for mode in ("sparse", "dense"):
-                    if mode == "dense" and dens < 1.0:
+                for mode in modes:
+                    if late():
+                        break
+                    if mode in ("dense_legacy", "dense_bf16") and dens < 1.0:
                         continue
                     ms, active = run_stack(layers, shape, batch, dens, mode=mode, tuning=tb if mode == "sparse" else {})
-                    byt = ffn_bytes(shape, active)
+                    byt = ffn_bytes(shape, active) if mode == "sparse" else ffn_bytes(shape, e)
                     floor = ffn_bytes(shape, max(1, round(dens * e)) * 1.0) / bw * 1e3
-                    rec = dict(shape=name, batch=batch, density=dens, engine="ffn-prunepath" if mode == "sparse"
-                               else "ffn-prunepath-gated-dense", ffn_ms=ms, ffn_floor_ms=floor,
-                               union_density=active / e, ffn_gbps=byt / ms / 1e6, gpu=gpu, copy_gbps=bw / 1e9,
-                               dense_cublas_ms=dense_ms, speedup_vs_dense=dense_ms / ms, tuning=tb, **corr)
+                    rec = dict(base, shape=name, batch=batch, density=dens, engine=f"ffn-prunepath-{mode}", ffn_ms=ms,
+                               ffn_floor_ms=floor, union_density=active / e, ffn_gbps=byt / ms / 1e6,
+                               dense_cublas_ms=dense_ms, speedup_vs_dense=dense_ms / ms, tuning=tb)
                     records.append(rec)
                     print(f"{name:13s} b{batch} d{dens:.2f} {rec['engine']:26s} {ms:7.3f} ms  floor {floor:6.3f}  "
                           f"dense {dense_ms:6.3f}  union {active / e:.2f}  {rec['ffn_gbps']:6.0f} GB/s", flush=True)
+            save()
+        if args.crossover and not prof:
+            for dens in [float(x) for x in args.crossover_densities.split(",")]:
+                times = {}
+                for batch in [int(b) for b in args.crossover.split(",")]:
+                    if late():
+                        break
+                    sp, act = run_stack(layers, shape, batch, dens, mode="sparse", tuning=tuning if batch == 1 else {})
+                    dn, _ = run_stack(layers, shape, batch, dens, mode="dense")
+                    times[batch] = (sp, dn)
+                    records.append(dict(base, shape=name, batch=batch, density=dens, engine="crossover-point",
+                                        sparse_ms=sp, dense_ms=dn, union_density=act / e))
+                    print(f"{name} crossover d{dens:.2f} b{batch}: sparse {sp:.3f} dense {dn:.3f} union {act / e:.2f}",
+                          flush=True)
+                records.append(dict(base, shape=name, density=dens, engine="crossover",
+                                    crossover_batch=crossover_of(times), measured_batches=sorted(times)))
+                print(f"{name} crossover d{dens:.2f}: dense from batch {crossover_of(times)}", flush=True)
+                save()
+        if prof:
+            kt = profile_counts(prof, shape["layers"], e, steps=args.profile_steps).to(DEV)
+            label = f"profile:{prof.get('tau')}"
+            pdens = float(kt.float().mean()) / e
+            for batch in [int(b) for b in args.profile_batches.split(",")]:
+                if late():
+                    break
+                kb = kt
+                dense_ms, _ = run_stack(layers, shape, batch, 1.0, mode="cublas")
+                for mode in ("sparse", "dense"):
+                    ms, active = run_stack(layers, shape, batch, pdens, mode=mode, tuning=tuning if batch == 1 else {},
+                                           ktable=kb)
+                    floor = ffn_bytes(shape, active) / bw * 1e3
+                    rec = dict(base, shape=name, batch=batch, density=label, measured_density=active / e,
+                               engine=f"ffn-prunepath-{mode}", ffn_ms=ms, ffn_floor_ms=floor, dense_cublas_ms=dense_ms,
+                               speedup_vs_dense=dense_ms / ms, profile_model=prof.get("model"),
+                               profile_s_ffn=prof.get("s_ffn"), profile_num_experts=prof.get("num_experts"))
+                    records.append(rec)
+                    print(f"{name} b{batch} {label} (mean density {active / e:.3f}) {mode}: {ms:.3f} ms "
+                          f"(cuBLAS {dense_ms:.3f}, floor {floor:.3f})", flush=True)
+                save()
         del layers
-        torch.cuda.empty_cache()
-        (Path(args.out) / "ffn-stack.json").write_text(json.dumps({"records": records, "sweeps": sweeps}, indent=1))
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+        save()
         print(f"{name} done in {time.time() - t0:.0f}s", flush=True)
-    out = Path(args.out) / "ffn-stack.json"
-    out.write_text(json.dumps({"records": records, "sweeps": sweeps}, indent=1))
+    save()
     print("\n| shape | batch | density | engine | ffn ms | floor ms | GB/s |")
     for r in records:
-        print(f"| {r['shape']} | {r['batch']} | {r['density']} | {r['engine']} | {r['ffn_ms']:.3f} | "
-              f"{r['ffn_floor_ms']:.3f} | {r['ffn_gbps']:.0f} |")
+        if "ffn_ms" in r:
+            print(f"| {r['shape']} | {r['batch']} | {r['density']} | {r['engine']} | {r['ffn_ms']:.3f} | "
+                  f"{r['ffn_floor_ms']:.3f} | {r.get('ffn_gbps', float('nan')):.0f} |")
     return 0
 
 

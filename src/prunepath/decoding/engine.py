@@ -41,6 +41,7 @@ class _Layer:
     k_cache: torch.Tensor | None = None
     v_cache: torch.Tensor | None = None
     sparse: object | None = None  # SparseFFN for the decode step
+    prefill_ffn: object | None = None  # GatedDense for prefill (any token count)
 
 
 def _pack_dense(dense, dtype: torch.dtype, device: torch.device) -> PackedFFN:
@@ -67,14 +68,23 @@ def _pack_dense(dense, dtype: torch.dtype, device: torch.device) -> PackedFFN:
 class DecodeEngine:
     """Static KV cache + CUDA-graph decode for one model, batch size and maximum length.
 
-    ffn: "auto" (a converted model at batch 1 runs the sparse kernels, or cuBLAS over every expert when every
-    layer's τ > 1 or the batch is larger; an unconverted model runs dense), "sparse", "dense" (converted: router + gates + cuBLAS over every
-    expert; unconverted: the plain dense FFN). ``graphs=False`` runs the same kernels eagerly (CPU interpreter).
+    ffn: "auto" (a converted model runs the sparse kernels when the batch is below ``crossover``, else the
+    dense-equivalent path; dense too when every layer's τ > 1; an unconverted model runs dense), "sparse",
+    "dense" (converted: one cuBLAS GEMM over w_in and the router, selection + gates in a Triton kernel,
+    cuBLAS over w_out; unconverted: the plain dense FFN), "dense_legacy" (router kernel + gated cuBLAS).
+    ``crossover``: the smallest batch at which the dense-equivalent path beats the sparse kernels (measured by
+    ``benchmarks/ffn_stack.py --crossover``; default 2 = sparse at batch 1 only).
+    ``prefill``: "dense" (the dense-equivalent path over all prompt tokens) or "grouped" (tokens sorted by
+    expert, grouped GEMMs over the selected pairs only). ``graphs=False`` runs the same kernels eagerly (CPU
+    interpreter). ``step_hook`` (a callable, or None) runs at the start of every decode step, inside the graph.
     """
+
+    FFN_MODES = ("auto", "sparse", "dense", "dense_legacy")
 
     def __init__(self, model: nn.Module, *, batch: int = 1, max_len: int = 1024, ffn: str = "auto",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 graphs: bool | None = None, ffn_tuning: dict | None = None) -> None:
+                 graphs: bool | None = None, ffn_tuning: dict | None = None, crossover: int = 2,
+                 prefill: str = "dense") -> None:
         from prunepath.conversion.moefy import is_converted, prunepath_modules
         from prunepath.models.adapters import adapter_for
 
@@ -83,8 +93,12 @@ class DecodeEngine:
         if mt not in SUPPORTED:
             raise PrunePathError(f"the decode engine supports {', '.join(SUPPORTED)} models, not {mt!r}; "
                                  "use the PyTorch path (--kernels torch)")
-        if ffn not in ("auto", "sparse", "dense"):
-            raise PrunePathError(f"ffn must be auto, sparse or dense (got {ffn!r})")
+        if ffn not in self.FFN_MODES:
+            raise PrunePathError(f"ffn must be one of {', '.join(self.FFN_MODES)} (got {ffn!r})")
+        if prefill not in ("dense", "grouped"):
+            raise PrunePathError(f"prefill must be 'dense' or 'grouped' (got {prefill!r})")
+        self.crossover, self.prefill_mode = int(crossover), prefill
+        self.step_hook = None
         ref = next(model.parameters())
         self.device = torch.device(device) if device is not None else ref.device
         if self.device.type != "cuda" and not interpreting():
@@ -184,9 +198,9 @@ class DecodeEngine:
             return ffn
         all_dense = all(r.rule == "all" or (r.rule in ("cumulative", "nucleus") and r.tau_for(i) > 1.0)
                         for i in range(len(self.layers)))
-        # Batch > 1 runs the union of the tokens' experts; on the H200 the union kernels lost to cuBLAS at
-        # batch 8 at every density we measured (docs/decode.md), so "auto" keeps them for batch 1 only.
-        return "sparse" if self.converted and not all_dense and self.batch == 1 else "dense"
+        # Batch > 1 runs the union of the tokens' experts, which loses to the dense-equivalent path from the
+        # measured crossover batch on (docs/decode.md).
+        return "sparse" if self.converted and not all_dense and self.batch < self.crossover else "dense"
 
     def _signature(self, mode: str) -> tuple:
         r = self.routing
@@ -207,13 +221,23 @@ class DecodeEngine:
         """Choose the FFN path (see the class docstring); rebuilds the per-layer FFN objects and drops graphs."""
         from prunepath.kernels.ffn import SparseFFN
         r = self.routing
-        if ffn not in ("auto", "sparse", "dense"):
-            raise PrunePathError(f"ffn must be auto, sparse or dense (got {ffn!r})")
+        if ffn not in self.FFN_MODES:
+            raise PrunePathError(f"ffn must be one of {', '.join(self.FFN_MODES)} (got {ffn!r})")
         ffn = self.resolve_mode(ffn)
+        if ffn == "dense_legacy" and not self.converted:
+            ffn = "dense"
         if ffn == "sparse" and not self.converted:
             raise PrunePathError("ffn='sparse' needs a converted model (prunepath.moefy or a PrunePath checkpoint)")
-        for layer in self.layers:
+        from prunepath.kernels.dense import GatedDense
+        if r.method != "prunepath" and self.converted:
+            raise PrunePathError(f"the decode kernels implement the prunepath routing method, not {r.method!r}; "
+                                 "use the PyTorch path (--kernels torch)")
+        self._graphs.clear()  # drop the old graphs (and their memory pools) before building new FFN objects
+        for i, layer in enumerate(self.layers):
+            layer.sparse = None
             layer.sparse = SparseFFN(layer.ffn, self.batch, r, mode=ffn, **self.ffn_tuning) if self.converted else None
+            layer.prefill_ffn = (GatedDense(layer.ffn, rule=r.rule, tau=r.tau_for(i), k=r.k, gates=r.gates,
+                                            gate_offset=r.gate_offset) if self.converted else None)
         self.ffn_mode = ffn
         self._sig = self._signature(ffn)
         self._graphs.clear()
@@ -230,6 +254,8 @@ class DecodeEngine:
         for i, layer in enumerate(self.layers):
             if layer.sparse is not None:
                 layer.sparse.set_tau(self.routing.tau_for(i), self.routing.k)
+            if layer.prefill_ffn is not None:
+                layer.prefill_ffn.set_tau(self.routing.tau_for(i), self.routing.k)
 
     # ---- the step ---------------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -244,6 +270,8 @@ class DecodeEngine:
         from prunepath.kernels.decode_ops import rope_and_cache
         b, hd = self.batch, self.head_dim
         res = self.res
+        if self.step_hook is not None:
+            self.step_hook()
         emb = self.embed.index_select(0, self.tok).float()
         if self.wpe is not None:
             emb = emb + self.wpe.index_select(0, self.pos.long())
@@ -307,11 +335,12 @@ class DecodeEngine:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt [B, T] through the model (eager, batched), fill the caches; returns last logits [B, V].
 
-        The FFN of a converted model runs the router and every expert through cuBLAS with the gate weights
-        (0 for dropped experts): prefill is compute-bound, so this costs the dense time plus the router.
+        The FFN of a converted model runs the dense-equivalent path (``prefill="dense"``: one GEMM over w_in and
+        the router rows, selection + gates in a Triton kernel, a GEMM over w_out: the dense time plus the router
+        rows) or the grouped path (``prefill="grouped"``: only the selected (token, expert) pairs).
         """
+        from prunepath.kernels.dense import _linear_f32, grouped_ffn
         from prunepath.kernels.ffn import dense_ffn
-        from prunepath.routing.methods import prunepath_method
         b, t = input_ids.shape
         if b != self.batch:
             raise PrunePathError(f"this engine was built for batch {self.batch}, got {b} prompts")
@@ -342,11 +371,13 @@ class DecodeEngine:
             h = h + torch.nn.functional.linear(o.transpose(1, 2).reshape(b * t, nh * hd), layer.o_w, layer.o_b).float()
             x = self._norm(h, layer.ln2_w, layer.ln2_b, torch.empty(b * t, self.hidden, dtype=self.dtype,
                                                                       device=self.device))
-            weights = None
-            if layer.converted:
-                scores = x.float() @ layer.ffn.router_w.float().t()
-                weights, _ = prunepath_method(scores, self.routing, i, layer.ffn.always_on.bool())
-            h = h + dense_ffn(x, layer.ffn, weights).float()
+            if not layer.converted:
+                h = h + dense_ffn(x, layer.ffn).float()
+            elif self.prefill_mode == "grouped":
+                weights = layer.prefill_ffn.select(_linear_f32(x, layer.ffn.router_w))
+                h = h + grouped_ffn(x, layer.ffn, weights).float()
+            else:
+                layer.prefill_ffn(x, h)
         last = h.view(b, t, -1)[:, -1].contiguous()
         x = self._norm(last, self.final_w, self.final_b, torch.empty(b, self.hidden, dtype=self.dtype, device=self.device))
         return torch.nn.functional.linear(x, self.lm_head).float()

@@ -36,10 +36,16 @@ def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | N
 class SparseFFN:
     """Decode-time PrunePath FFN for one layer and batch size: ``ffn(x, out)`` adds FFN(x) into ``out``.
 
-    Graph-safe: fixed grids, preallocated buffers, τ in a device tensor (``set_tau``). ``mode`` "sparse" runs
-    the routing + expert kernels; "dense" runs the router (for the gates) and cuBLAS over every expert — the
-    faster choice when (nearly) every expert is active.
+    Graph-safe: fixed grids, preallocated buffers, τ in a device tensor (``set_tau``). ``mode``:
+
+    * "sparse": the routing kernel + fused expert kernels (only the selected experts' bytes are read);
+    * "dense": :class:`~prunepath.kernels.dense.GatedDense` — one cuBLAS GEMM over w_in and the router rows,
+      a Triton kernel for selection + activation + gates, cuBLAS over w_out (every expert read; same result);
+    * "dense_legacy": the earlier dense path (routing kernel, then ``dense_ffn`` with the gate weights), kept
+      so a benchmark can time old against new.
     """
+
+    MODES = ("sparse", "dense", "dense_legacy")
 
     def __init__(self, packed: PackedFFN, batch: int, routing: RoutingConfig | None = None, *,
                  mode: str = "sparse", **tuning) -> None:
@@ -47,23 +53,46 @@ class SparseFFN:
         if routing.method != "prunepath":
             raise PrunePathError(f"the decode kernels implement the prunepath routing method, not "
                                  f"{routing.method!r}; use the PyTorch path (--kernels torch)")
-        if mode not in ("sparse", "dense"):
-            raise PrunePathError(f"mode must be 'sparse' or 'dense' (got {mode!r})")
+        if mode not in self.MODES:
+            raise PrunePathError(f"mode must be one of {', '.join(self.MODES)} (got {mode!r})")
         rt = {k: v for k, v in tuning.items() if k.startswith("router_")}
-        ex = {k: v for k, v in tuning.items() if not k.startswith("router_")}
+        ex = {k: v for k, v in tuning.items() if not k.startswith("router_") and not k.startswith("dense_")}
+        dn = {k[len("dense_"):]: v for k, v in tuning.items() if k.startswith("dense_")}
         self.packed, self.batch, self.mode = packed, batch, mode
+        tau, k = routing.tau_for(packed.layer_index), routing.k
         self.experts = ExpertRunner(packed, batch, **ex) if mode == "sparse" else None
-        self.router = Router(packed, batch, rule=routing.rule, tau=routing.tau_for(packed.layer_index), k=routing.k,
-                             gates=routing.gates, gate_offset=routing.gate_offset,
-                             zero=self.experts.acc if self.experts is not None else None,
-                             **{k[len("router_"):]: v for k, v in rt.items()})
+        self.router = None
+        self.dense = None
+        if mode == "dense":
+            from prunepath.kernels.dense import GatedDense
+            self.dense = GatedDense(packed, rule=routing.rule, tau=tau, k=k, gates=routing.gates,
+                                    gate_offset=routing.gate_offset, **dn)
+        else:
+            self.router = Router(packed, batch, rule=routing.rule, tau=tau, k=k, gates=routing.gates,
+                                 gate_offset=routing.gate_offset,
+                                 zero=self.experts.acc if self.experts is not None else None,
+                                 **{k[len("router_"):]: v for k, v in rt.items()})
+
+    @property
+    def k_tensor(self) -> torch.Tensor:
+        """The device tensor holding k (benchmarks replace it with a view to drive per-token counts)."""
+        return self.dense.k if self.dense is not None else self.router.k
+
+    @k_tensor.setter
+    def k_tensor(self, t: torch.Tensor) -> None:
+        if self.dense is not None:
+            self.dense.k = t
+        else:
+            self.router.k = t
 
     def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
-        self.router.set_tau(tau, k)
+        (self.dense if self.dense is not None else self.router).set_tau(tau, k)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense(x, out)
         r = self.router(x)
-        if self.mode == "dense":
+        if self.mode == "dense_legacy":
             out += dense_ffn(x, self.packed, r.weights).float()
             return out
         return self.experts.run(x, r.ids, r.slot_w, r.count, out, clear=False)

@@ -7,6 +7,10 @@
 * ``w_out`` [E, n, d] holds W_down / W_2 transposed, so expert e's [n, d] block is contiguous and each row
   is read coalesced; ``b_out`` [d] is the shared output bias (applied once, never gated);
 * ``router_w`` [E, d] (the bias-free linear router) and ``always_on`` (int8 [E]).
+
+``pack_ffn`` and ``random_packed_ffn`` store the router rows directly after ``w_in`` in one buffer
+(:func:`fuse_router`), so ``PackedFFN.w_in_router()`` is a zero-copy [E·R + E, d] view: one cuBLAS GEMM gives
+the pre-activations of every expert and the router logits (the dense-equivalent path, prefill).
 """
 
 from __future__ import annotations
@@ -95,11 +99,33 @@ class PackedFFN:
         ts = [self.w_in, self.b_in, self.w_out, self.b_out, self.router_w, self.always_on]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
+    def w_in_router(self) -> torch.Tensor | None:
+        """[E·R + E, d] view over w_in's rows followed by the router's, when they share one buffer (else None)."""
+        e, r, d = self.w_in.shape
+        w, rt = self.w_in, self.router_w
+        if (rt.dtype != w.dtype or rt.device != w.device or not w.is_contiguous() or not rt.is_contiguous()
+                or rt.shape != (e, d)):
+            return None
+        if w.untyped_storage().data_ptr() != rt.untyped_storage().data_ptr():
+            return None
+        if rt.data_ptr() != w.data_ptr() + w.numel() * w.element_size():
+            return None
+        return w.as_strided((e * r + e, d), (d, 1))
+
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Views for a dense (cuBLAS) pass over all experts: w_in as [E·R, d], b_in [E·R], w_out as [E·n, d]."""
         e, r, d = self.w_in.shape
         b = self.b_in.reshape(e * r) if self.b_in is not None else None
         return self.w_in.reshape(e * r, d), b, self.w_out.reshape(e * self.neurons_per_expert, d)
+
+
+def fuse_router(w_in: torch.Tensor, router_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy w_in [E, R, d] and router_w [E, d] into one buffer (router rows last); returns views of it."""
+    e, r, d = w_in.shape
+    buf = torch.empty(e * r + e, d, dtype=w_in.dtype, device=w_in.device)
+    buf[: e * r].copy_(w_in.reshape(e * r, d))
+    buf[e * r:].copy_(router_w.to(w_in.dtype))
+    return buf[: e * r].view(e, r, d), buf[e * r:]
 
 
 def pack_ffn(ffn: nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> PackedFFN:
@@ -142,7 +168,7 @@ def pack_ffn(ffn: nn.Module, dtype: torch.dtype | None = None, device: torch.dev
         w_out = ffn.down_proj.weight.detach().t().reshape(e, n, d).to(**kw).contiguous()
         b_out = (ffn.down_proj.bias.detach().to(device=device, dtype=torch.float32).contiguous()
                  if ffn.down_proj.bias is not None else None)
-        router_w = router.weight.detach().to(**kw).contiguous()
+        w_in, router_w = fuse_router(w_in, router.weight.detach().to(**kw))
         always_on = ffn.always_on.detach().to(device=device, dtype=torch.int8).contiguous()
     return PackedFFN(w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out, router_w=router_w, always_on=always_on,
                      activation=detect_activation(ffn.act_fn), gated=ffn.gated, layer_index=ffn.layer_index)
@@ -159,10 +185,11 @@ def random_packed_ffn(hidden: int, num_experts: int, neurons: int, *, gated: boo
     def rnd(*shape: int, std: float = s, dt: torch.dtype = dtype) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dt)
 
+    w_in, router_w = fuse_router(rnd(num_experts, r, hidden), rnd(num_experts, hidden, std=router_std * s))
     return PackedFFN(
-        w_in=rnd(num_experts, r, hidden), b_in=rnd(num_experts, r, std=0.1, dt=torch.float32) if bias else None,
+        w_in=w_in, b_in=rnd(num_experts, r, std=0.1, dt=torch.float32) if bias else None,
         w_out=rnd(num_experts, neurons, hidden, std=1.0 / math.sqrt(num_experts * neurons)),
         b_out=rnd(hidden, std=0.1, dt=torch.float32) if bias else None,
-        router_w=rnd(num_experts, hidden, std=router_std * s),
+        router_w=router_w,
         always_on=torch.zeros(num_experts, dtype=torch.int8, device=device),
         activation=activation, gated=gated)

@@ -84,18 +84,12 @@ def _select_rows(logits_ptr, keep_ptr, wdense_ptr, ids_ptr, slotw_ptr, count_ptr
 
 
 @triton.jit
-def _select_one(logits_ptr, keep_ptr, wdense_ptr, ids_ptr, slotw_ptr, count_ptr, ao_ptr, tau_ptr, k_ptr,
-                E, gate_offset, E_PAD: tl.constexpr, RULE: tl.constexpr, GATES: tl.constexpr):
-    """Batch-1 selection. Sorting the fp32 probabilities alone gives the exact count (equal probabilities add
-    equal mass, whatever their order) and the smallest kept probability p*; experts above p* are kept, and
-    of those equal to p* the lowest indices fill the remaining places (the rule's tie order). No index
-    payload, no scatter: the active ids come out compacted in ascending order."""
-    offs = tl.arange(0, E_PAD)
-    valid = offs < E
-    ao = (tl.load(ao_ptr + offs, mask=valid, other=0) != 0) & valid
-    tau = tl.load(tau_ptr)
-    kk = tl.load(k_ptr)
-    lg = tl.load(logits_ptr + offs, mask=valid, other=0.0)
+def _keep_one(lg, ao, valid, offs, tau, kk, E_PAD: tl.constexpr, RULE: tl.constexpr):
+    """One token's kept experts (bool [E_PAD], expert order, always-on included) from fp32 logits ``lg``.
+
+    Sorting the fp32 probabilities alone gives the exact count (equal probabilities add equal mass, whatever
+    their order) and the smallest kept probability p*; experts above p* are kept, and of those equal to p*
+    the lowest indices fill the remaining places (the rule's tie order)."""
     cand = valid & (ao == 0)
     sel = tl.where(cand, lg, float("-inf"))
     mx = tl.max(sel, 0)
@@ -123,6 +117,23 @@ def _select_one(logits_ptr, keep_ptr, wdense_ptr, ids_ptr, slotw_ptr, count_ptr,
     ti = tie.to(tl.int32)
     tie_rank = tl.cumsum(ti, 0) - ti
     keep = above | (tie & (tie_rank < nsel - tl.sum(above.to(tl.int32), 0))) | ao
+    return keep
+
+
+@triton.jit
+def _select_one(logits_ptr, keep_ptr, wdense_ptr, ids_ptr, slotw_ptr, count_ptr, ao_ptr, tau_ptr, k_ptr,
+                E, gate_offset, E_PAD: tl.constexpr, RULE: tl.constexpr, GATES: tl.constexpr):
+    """Batch-1 selection. Sorting the fp32 probabilities alone gives the exact count (equal probabilities add
+    equal mass, whatever their order) and the smallest kept probability p*; experts above p* are kept, and
+    of those equal to p* the lowest indices fill the remaining places (the rule's tie order). No index
+    payload, no scatter: the active ids come out compacted in ascending order."""
+    offs = tl.arange(0, E_PAD)
+    valid = offs < E
+    ao = (tl.load(ao_ptr + offs, mask=valid, other=0) != 0) & valid
+    tau = tl.load(tau_ptr)
+    kk = tl.load(k_ptr)
+    lg = tl.load(logits_ptr + offs, mask=valid, other=0.0)
+    keep = _keep_one(lg, ao, valid, offs, tau, kk, E_PAD, RULE)
     if GATES:
         w = tl.sigmoid(lg + gate_offset)
     else:

@@ -1,0 +1,77 @@
+"""Engine FFN paths: batch crossover, prefill (dense-equivalent vs grouped), the step hook (interpreter, CPU)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import prunepath  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    m.eval()
+    prunepath.moefy(m, neurons_per_expert=8, progress=False, clustering="random")
+    for ffn in prunepath.prunepath_modules(m):
+        torch.nn.init.normal_(ffn.router.weight, std=1.0)
+    return m
+
+
+def test_crossover_picks_the_path_and_outputs_agree():
+    from prunepath.decoding.engine import DecodeEngine
+    model = _tiny_llama()
+    prunepath.configure(model, tau=0.6)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                          pad_token_id=0)[:, 5:]
+    below = DecodeEngine(model, batch=2, max_len=12, device="cpu", crossover=4)
+    at = DecodeEngine(model, batch=2, max_len=12, device="cpu", crossover=2)
+    assert below.ffn_mode == "sparse" and at.ffn_mode == "dense"
+    assert torch.equal(below.generate(ids, 3), want)
+    assert torch.equal(at.generate(ids, 3), want)
+    legacy = DecodeEngine(model, batch=2, max_len=12, device="cpu", ffn="dense_legacy")
+    assert legacy.ffn_mode == "dense_legacy" and torch.equal(legacy.generate(ids, 3), want)
+
+
+def test_prefill_paths_match_the_model():
+    from prunepath.decoding.engine import DecodeEngine
+    model = _tiny_llama()
+    prunepath.configure(model, tau=0.97)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1].float()
+    for mode in ("dense", "grouped"):
+        eng = DecodeEngine(model, batch=1, max_len=16, device="cpu", prefill=mode)
+        got = eng.prefill(ids)
+        assert float((got - ref).abs().max()) < 2e-6, mode
+    # τ changed in place reaches the prefill path too
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    prunepath.configure(model, tau=0.2)
+    eng.sync_routing(model.prunepath_config.routing)
+    with torch.no_grad():
+        ref2 = model(ids).logits[:, -1].float()
+    assert float((eng.prefill(ids) - ref2).abs().max()) < 2e-6
+    assert float((ref2 - ref).abs().max()) > 1e-4  # τ matters (50x the tolerance)
+    with pytest.raises(prunepath.PrunePathError, match="prefill"):
+        DecodeEngine(model, batch=1, max_len=16, device="cpu", prefill="fast")
+
+
+def test_step_hook_runs_every_step():
+    from prunepath.decoding.engine import DecodeEngine
+    model = _tiny_llama()
+    prunepath.configure(model, tau=0.6)
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    calls = []
+    eng.step_hook = lambda: calls.append(1)
+    eng.generate(torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(6)), 5)
+    assert len(calls) == 4  # the first token comes from prefill
