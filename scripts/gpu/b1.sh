@@ -2,7 +2,7 @@
 # Device call 1 (nvidia-h200-x2, carry .stage/g1): keep GGUF part 1 on the machine; kernels benchmark on GPU 1
 # while the 1-GPU training run of the multi-GPU comparison uses GPU 0; then the 2-GPU run.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-cp .stage/g1/smol.part.00 "$HOLD/"
+[[ -f .stage/g1/smol.part.00 ]] && cp .stage/g1/smol.part.00 "$HOLD/"
 cp .stage/g1/corpora/*.jsonl "$PRUNEPATH_CACHE/corpora/"
 rm -f /tmp/kern.done
 mkdir -p "$OUT/kern"
