@@ -69,14 +69,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/multi-gpu-train"))
     ap.add_argument("--out-name", default="multi-gpu-train.json")
+    ap.add_argument("--one-gpu-only", action="store_true",
+                    help="run only the 1-GPU half (when a single GPU is lent): its throughput and loss curve")
     ap.add_argument("--wait-file", type=Path, help="before the 2-GPU run, wait (<= 6 min) until this file exists "
                     "(another job holds GPU 1 until then)")
     args = ap.parse_args()
 
     import torch
 
-    if torch.cuda.device_count() < 2:
-        raise SystemExit(f"needs 2 GPUs, found {torch.cuda.device_count()} (device kind nvidia-h200-x2)")
+    if torch.cuda.device_count() < (1 if args.one_gpu_only else 2):
+        raise SystemExit(f"needs {1 if args.one_gpu_only else 2} GPU(s), found {torch.cuda.device_count()} "
+                         "(the 2-GPU comparison needs device kind nvidia-h200-x2; --one-gpu-only runs the first half)")
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.work / "random-smollm2-shape"
     make_random_model(args.config_dir, model, seed=0)
@@ -84,6 +87,18 @@ def main() -> int:
         subprocess.run(["rm", "-rf", str(args.work / d)])
     py = [sys.executable]
     one = run("1 GPU", [*py], model, args.data, 2 * args.batch, args.seq_len, args.steps, args.work / "one", [], "0")
+    if args.one_gpu_only:
+        summary = {"model": "random init, SmolLM2-135M shape (config of SmolLM2-135M-Instruct)",
+                   "global_batch_tokens": 2 * args.batch * args.seq_len, "steps": args.steps,
+                   "date": time.strftime("%Y-%m-%d"), **machine(), "gpus": torch.cuda.device_count(),
+                   "note": "1-GPU half only: no second GPU was lent"}
+        print(f"\n| run | tokens/s | median step (s) | final loss | wall (s) |\n|---|---|---|---|---|\n"
+              f"| {one['label']} | {one['tokens_per_s']:,} | {one['median_step_s']} | {one['final_loss']:.4f} | "
+              f"{one['wall_s']} |")
+        path = write_json(args.out_name, {"summary": summary, "runs": [one]})
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / args.out_name).write_text(path.read_text())
+        return 0
     if args.wait_file is not None:
         t = time.time()
         while not args.wait_file.exists() and time.time() - t < 360:
