@@ -1,8 +1,14 @@
-"""``prunepath run RECIPE``: the main job — resolve, convert/train, sweep τ, report — from one recipe file."""
+"""``prunepath run RECIPE``: the main job — resolve, convert/train, sweep τ, report — from one recipe file.
+
+A recipe with a top-level ``study:`` key runs a study driver instead: ``study: lm`` → :mod:`prunepath.pipeline.lm_study`,
+``study: nlu`` → :mod:`prunepath.pipeline.nlu_study`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 
 def register(sub) -> None:
@@ -10,17 +16,60 @@ def register(sub) -> None:
                        description="Run a recipe file (recipes/*.yaml): resolve the model, convert it (and train "
                                    "it if the recipe says so), evaluate the dense reference and a τ sweep, then "
                                    "print a summary and write results.{json,csv,md} and frontier.png. Re-running "
-                                   "the same command resumes an interrupted run.")
+                                   "the same command resumes an interrupted run. Recipes with `study: lm` / "
+                                   "`study: nlu` run the whole study (resumable, shardable over GPUs).")
     p.add_argument("recipe", help="recipe file, e.g. recipes/quickstart.yaml")
     p.add_argument("--out", help="output directory (default: the recipe's out, else runs/NAME)")
     p.add_argument("--model", help="override the recipe's model")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    g = p.add_argument_group("studies (recipes with `study:`)")
+    g.add_argument("--device", help="auto | cpu | cuda (study recipes; default: the recipe's, else auto)")
+    g.add_argument("--deadline-s", type=float, default=None,
+                   help="stop cleanly (checkpointed) this many seconds from now; env PRUNEPATH_DEADLINE (epoch "
+                        "seconds) also works")
+    g.add_argument("--train-tokens", type=int, default=None, help="token budget per trained method (lm study)")
+    g.add_argument("--shard", default=None, help="i/n: run the i-th of n disjoint parts of the study (lm study)")
+    g.add_argument("--merge-only", action="store_true", help="only gather finished jobs into OUT/results (lm study)")
+    g.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge after running (lm study)")
     p.set_defaults(func=run)
+
+
+def _deadline(args: argparse.Namespace) -> float | None:
+    if args.deadline_s is not None:
+        return time.time() + float(args.deadline_s)
+    env = os.environ.get("PRUNEPATH_DEADLINE")
+    return float(env) if env else None
 
 
 def run(args: argparse.Namespace) -> int:
     from prunepath.pipeline import load_run_recipe, run_recipe
+    from prunepath.pipeline.recipe import read_recipe_mapping
 
+    raw = read_recipe_mapping(args.recipe)
+    study = raw.get("study")
+    if study is not None:
+        raw = {**raw, **{k: v for k, v in (("out", args.out), ("model", args.model)) if v}}
+        raw.setdefault("name", os.path.splitext(os.path.basename(args.recipe))[0])
+        raw["source"] = str(args.recipe)
+        if study == "lm":
+            from prunepath.pipeline import lm_study
+
+            result = lm_study.run(raw, progress=args.progress, deadline=_deadline(args), device=args.device,
+                                  shard=args.shard, train_tokens=args.train_tokens, merge_only=args.merge_only,
+                                  do_merge=args.merge)
+        elif study == "nlu":
+            from prunepath.pipeline import nlu_study
+
+            if args.device:
+                raw["device"] = args.device
+            result = nlu_study.run(raw, progress=args.progress, deadline=_deadline(args))
+        else:
+            from prunepath.errors import PrunePathError
+
+            raise PrunePathError(f"{args.recipe}: unknown study {study!r}; known: lm, nlu")
+        print()
+        print(result.get("summary", result) if isinstance(result, dict) else result)
+        return 0
     overrides = {k: v for k, v in (("out", args.out), ("model", args.model)) if v}
     recipe = load_run_recipe(args.recipe, overrides)
     result = run_recipe(recipe, progress=args.progress)

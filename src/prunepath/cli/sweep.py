@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                  calib_tokens=args.calib_tokens, **kw)
     dense = None
     if args.dense:
-        dmodel, dtok = prunepath.load_model(args.dense, device=args.device)
+        dmodel, dtok = prunepath.load_model(args.dense, dtype=args.dtype, device=args.device)
         dense = run_task(dmodel, dtok, args.task, args.data, **kw)
         del dmodel
     metric = METRICS.get(args.task, "accuracy")

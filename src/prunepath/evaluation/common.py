@@ -65,11 +65,19 @@ def model_name(model: nn.Module) -> str:
     return str(base)
 
 
+def model_dtype(model: nn.Module) -> str | None:
+    """The dtype of the model's floating-point weights, e.g. ``float32`` / ``bfloat16`` (None if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return None
+
+
 def model_meta(model: nn.Module) -> dict:
     """Fields every result carries about the model and its routing."""
     cfg = getattr(model, "prunepath_config", None)
     meta = {"model": model_name(model), "converted": cfg is not None,
-            "source": getattr(model, "prunepath_source", None)}
+            "source": getattr(model, "prunepath_source", None), "dtype": model_dtype(model)}
     if cfg is not None:
         meta["num_experts"] = cfg.num_experts
         meta["neurons_per_expert"] = cfg.neurons_per_expert

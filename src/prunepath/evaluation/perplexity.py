@@ -149,35 +149,109 @@ def window_batches(ids: torch.Tensor, plan: list[tuple[int, int, int]], bos_id: 
         yield _window_inputs(ids, chunk, bos_id, pad, width)
 
 
+HEAD_CHUNK_BYTES = 1 << 29  # fp32 logits per LM-head GEMM block (512 MiB; 2,730 rows at a 49k vocabulary)
+SOFTMAX_CHUNK_BYTES = 1 << 23  # fp32 logits per log-softmax call on CPU (8 MiB): stays in cache
+
+
+def split_lm_head(model: nn.Module, probe: torch.Tensor | None = None) -> tuple[nn.Module, nn.Module] | None:
+    """``(decoder, lm_head)`` when the model's logits are exactly ``lm_head(decoder(ids).last_hidden_state)``.
+
+    Checked structurally (``get_decoder`` / ``get_output_embeddings``) and, when ``probe`` ids [1, n] are given,
+    numerically on one short forward (this catches logit soft-capping or scaling that some architectures add in
+    their forward). None means: use the model's own logits. The probe forward runs before any scored forward,
+    so it never disturbs the per-forward routing statistics that s_FFN is read from.
+    """
+    get_dec = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_dec is None or get_head is None:
+        return None
+    try:
+        decoder, head = get_dec(), get_head()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    if decoder is None or head is None or decoder is model or not isinstance(head, nn.Module):
+        return None
+    if probe is not None:
+        try:
+            ref = model(input_ids=probe, use_cache=False).logits
+            got = head(decoder(input_ids=probe, use_cache=False).last_hidden_state)
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return None
+        if ref.shape != got.shape or not torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-3):
+            return None
+    return decoder, head
+
+
+def head_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
+                 chunk_bytes: int = HEAD_CHUNK_BYTES, softmax_bytes: int = SOFTMAX_CHUNK_BYTES) -> torch.Tensor:
+    """Sum over rows of -log softmax(head(hidden))[target] as a float64 scalar tensor (on the hidden's device).
+
+    ``hidden`` [N, d] holds only the scored positions, so the LM head runs on nothing else (no padding, no
+    overlap context). The head's GEMM runs on blocks of rows whose float32 logits take at most ``chunk_bytes``;
+    on CPU the log-softmax then runs on sub-blocks of at most ``softmax_bytes`` (cache-resident, instead of one
+    memory-bound pass over the whole batch's logits). The log-softmax is float32 for bf16/fp16 logits (float64
+    for a float64 model), so the result does not depend on the chunking beyond summation order.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    n = hidden.shape[0]
+    if n == 0:
+        return total
+    weight = getattr(head, "weight", None)
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    rows = n if vocab is None else max(256, chunk_bytes // (4 * vocab))
+    sub = rows if vocab is None or hidden.device.type != "cpu" else max(1, softmax_bytes // (4 * vocab))
+    for i in range(0, n, rows):
+        logits = head(hidden[i:i + rows])
+        for j in range(0, logits.shape[0], sub):
+            part = logits[j:j + sub]
+            if part.dtype in (torch.float16, torch.bfloat16):
+                part = part.float()
+            total += F.cross_entropy(part, targets[i + j:i + j + part.shape[0]], reduction="sum").double()
+    return total
+
+
 @torch.inference_mode()
 def score_tokens(model: nn.Module, ids: torch.Tensor, *, window: int, stride: int, bos_id: int | None,
                  pad: int, batch_size: int = 4, progress: bool = True, meter: ActiveMeter | None = None,
-                 desc: str = "perplexity") -> tuple[float, int]:
-    """Sum of NLL (nats, float64) and number of scored tokens under the window protocol."""
+                 desc: str = "perplexity", fused_head: bool = True) -> tuple[float, int]:
+    """Sum of NLL (nats, float64) and number of scored tokens under the window protocol.
+
+    With ``fused_head`` (default) the LM head and the loss run only on scored positions, chunked (see
+    :func:`head_nll_sum`), whenever :func:`split_lm_head` confirms the model allows it; otherwise (or with
+    ``fused_head=False``) the model's full logits are used. Both give the same NLL up to float rounding.
+    """
     if batch_size < 1:
         raise PrunePathError(f"batch_size must be >= 1 (got {batch_size})")
     plan = plan_windows(int(ids.numel()), window, stride, bos_id is not None)
     dev = next(model.parameters()).device
-    nll = 0.0
+    split = None
+    if fused_head and plan:
+        probe = ids[: min(8, int(ids.numel()))].view(1, -1).to(dev)
+        split = split_lm_head(model, probe)
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
     count = 0
     bar = tqdm(total=sum(e - f for _, e, f in plan), desc=desc, unit="tok", disable=not progress, leave=False)
     for inp, tgt, mask in window_batches(ids, plan, bos_id, pad, batch_size):
+        n = int(mask.sum())
         inp, tgt, mask = inp.to(dev), tgt.to(dev), mask.to(dev)
         # Right padding needs no attention mask in a causal model: real positions never see later ones.
-        logits = model(input_ids=inp, use_cache=False).logits
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        # Unscored positions are ignored in place (no copy of the vocab-sized logits).
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.masked_fill(~mask, -100).reshape(-1),
-                               reduction="sum", ignore_index=-100)
-        nll += float(loss.double())
-        n = int(mask.sum())
+        if split is not None:
+            decoder, head = split
+            hidden = decoder(input_ids=inp, use_cache=False).last_hidden_state
+            nll += head_nll_sum(hidden[mask], tgt[mask], head)
+        else:
+            logits = model(input_ids=inp, use_cache=False).logits
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            # Unscored positions are ignored in place (no copy of the vocab-sized logits).
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.masked_fill(~mask, -100).reshape(-1),
+                                   reduction="sum", ignore_index=-100).double()
         count += n
         if meter is not None:
             meter.update(model, mask)
         bar.update(n)
     bar.close()
-    return nll, count
+    return float(nll), count
 
 
 def evaluate_perplexity(
@@ -191,12 +265,16 @@ def evaluate_perplexity(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     progress: bool = True,
+    fused_head: bool = True,
 ) -> dict:
     """Perplexity of a causal LM on a text file (or pre-tokenized ids) under the window protocol above.
 
     Returns ``ppl`` (= exp of the mean NLL), ``nll`` (mean, nats), ``tokens`` (scored), ``s_ffn``,
-    ``mean_active``, ``per_layer_active``, per-layer histograms, ``window``, ``stride``, ``bos``, ``model``.
-    A dense, unconverted model reports s_ffn 0.
+    ``mean_active``, ``per_layer_active``, per-layer histograms, ``window``, ``stride``, ``bos``, ``model``,
+    ``dtype`` (the model's weights). A dense, unconverted model reports s_ffn 0. ``fused_head=False`` scores
+    from the model's full logits instead of the LM head on scored positions only (same result; slower).
+    Speed: the model's dtype decides it (bfloat16 is ~1.8x faster on CPUs with avx512_bf16; see
+    docs/evaluation.md, "Speed").
     """
     require_causal_lm(model, "ppl")
     stride = window if stride is None else stride
@@ -212,7 +290,7 @@ def evaluate_perplexity(
     nll, count = score_tokens(model, ids, window=window, stride=stride,
                               bos_id=int(tokenizer.bos_token_id) if bos else None,
                               pad=pad_id(tokenizer) if tokenizer is not None else 0, batch_size=batch_size,
-                              progress=progress, meter=meter)
+                              progress=progress, meter=meter, fused_head=fused_head)
     mean = nll / count
     out = {"task": "ppl", **model_meta(model), "ppl": math.exp(mean), "nll": mean, "nll_sum": nll,
            "tokens": count, "input_tokens": int(ids.numel()), "window": window, "stride": stride, "bos": bos,
