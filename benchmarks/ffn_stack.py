@@ -1,7 +1,8 @@
 """FFN-stack decode benchmark (GPU): PrunePath sparse kernels vs dense cuBLAS, CUDA graphs, random bf16 weights.
 
     python benchmarks/ffn_stack.py --shapes llama3-8b --batches 1,8 --densities 1.0,0.5,0.3,0.1 [--sweep]
-        [--crossover 1,2,4,8] [--density-profile PROFILE.json] [--deadline EPOCH_SECONDS]
+        [--crossover 1,2,4,8] [--density-profile PROFILE.json[#i]] [--deadline EPOCH_SECONDS]
+    python benchmarks/ffn_stack.py --density-profile PROFILE.json[#i] --profile-summary   # CPU, no GPU
 
 Per layer: router GEMV + selection (one kernel), fused expert kernels (two), accumulating into an fp32 residual.
 Density is forced through the router: a near-uniform random router (logit std 0.01) with the paper's cumulative
@@ -50,7 +51,7 @@ class _Eager:
 
 def _sync():
     if DEV == "cuda":
-        _sync()
+        torch.cuda.synchronize()
 
 
 def copy_bandwidth() -> float:
@@ -254,14 +255,65 @@ def bench_mean(g, n: int, rounds: int = 3) -> float:
 
 
 def load_profile(path: str) -> dict:
-    """A density profile: {"model", "tau", "s_ffn", "num_experts", "layers": [{"layer", "counts": {n: tokens}}]}."""
-    prof = json.loads(Path(path).read_text())
+    """A density profile: {"model", "tau", "s_ffn", "num_experts", "layers": [{"layer", "counts": {n: tokens}}]}.
+
+    A study file with several profiles ({"profiles": [...], **profiles[0]}) gives its first one; ``PATH#i``
+    picks profile ``i`` of ``"profiles"``."""
+    file, _, index = path.partition("#")
+    prof = json.loads(Path(file).read_text())
+    if index:
+        many = prof.get("profiles") or []
+        if not index.isdigit() or int(index) >= len(many):
+            raise SystemExit(f"density profile {path}: no profile {index!r} (the file has {len(many)} under "
+                             f"'profiles'; use {file}#0 .. #{max(len(many) - 1, 0)})")
+        prof = many[int(index)]
     for key in ("num_experts", "layers"):
         if key not in prof:
             raise SystemExit(f"density profile {path} lacks {key!r} (written by the study driver)")
     if not prof["layers"]:
         raise SystemExit(f"density profile {path} has no layers")
     return prof
+
+
+def profile_summary(prof: dict) -> dict:
+    """Active-expert fraction of a density profile: mean over every (token, layer) (= 1 − s_FFN), its standard
+    deviation and 10/50/90 % quantiles over (token, layer), the per-layer means (lowest, highest, their spread)
+    and the mean within-layer standard deviation across tokens."""
+    ep = int(prof["num_experts"])
+    tot = s1 = s2 = 0.0
+    pooled: dict[int, float] = {}
+    layer_means, layer_sds = {}, []
+    for rec in sorted(prof["layers"], key=lambda r: int(r["layer"])):
+        cs = {int(n): float(c) for n, c in rec["counts"].items() if float(c) > 0}
+        n = sum(cs.values())
+        if n <= 0:
+            raise SystemExit(f"density profile layer {rec['layer']} has no tokens")
+        m = sum(k / ep * c for k, c in cs.items()) / n
+        layer_means[int(rec["layer"])] = m
+        layer_sds.append((sum((k / ep - m) ** 2 * c for k, c in cs.items()) / n) ** 0.5)
+        for k, c in cs.items():
+            pooled[k] = pooled.get(k, 0.0) + c
+            tot, s1, s2 = tot + c, s1 + k / ep * c, s2 + (k / ep) ** 2 * c
+    mean = s1 / tot
+
+    def quantile(q: float) -> float:
+        acc = 0.0
+        for k in sorted(pooled):
+            acc += pooled[k]
+            if acc >= q * tot:
+                return k / ep
+        return max(pooled) / ep
+
+    lm = list(layer_means.values())
+    lo, hi = min(layer_means, key=layer_means.get), max(layer_means, key=layer_means.get)
+    lmean = sum(lm) / len(lm)
+    return {"model": prof.get("model"), "tau": prof.get("tau"), "s_ffn": prof.get("s_ffn"), "num_experts": ep,
+            "layers": len(lm), "tokens_per_layer": tot / len(lm), "mean_active": mean,
+            "sd_active": max(s2 / tot - mean * mean, 0.0) ** 0.5,
+            "q10": quantile(0.1), "q50": quantile(0.5), "q90": quantile(0.9),
+            "layer_mean_min": layer_means[lo], "layer_min": lo, "layer_mean_max": layer_means[hi], "layer_max": hi,
+            "layer_mean_sd": (sum((x - lmean) ** 2 for x in lm) / len(lm)) ** 0.5,
+            "within_layer_sd_mean": sum(layer_sds) / len(layer_sds)}
 
 
 def profile_counts(prof: dict, num_layers: int, num_experts: int, steps: int = 256, seed: int = 0) -> torch.Tensor:
@@ -331,12 +383,19 @@ def main(argv=None) -> int:
     ap.add_argument("--crossover-densities", default="0.5,0.3,0.1")
     ap.add_argument("--density-profile", default="", help="JSON profile of per-token active experts")
     ap.add_argument("--profile-batches", default="1")
+    ap.add_argument("--profile-summary", action="store_true",
+                    help="print the --density-profile's active-expert summary as JSON and exit (no GPU)")
     ap.add_argument("--deadline", type=float, default=0.0, help="epoch seconds: skip work that starts after it")
     ap.add_argument("--profile-steps", type=int, default=256)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test (TRITON_INTERPRET=1, shape tiny)")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args(argv)
+    if args.profile_summary:
+        if not args.density_profile:
+            raise SystemExit("--profile-summary needs --density-profile PROFILE.json[#i]")
+        print(json.dumps(profile_summary(load_profile(args.density_profile)), indent=1))
+        return 0
     global DEV
     DEV = "cpu" if args.smoke else "cuda"
     gpu = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"

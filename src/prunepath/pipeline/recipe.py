@@ -68,8 +68,8 @@ class Recipe:
         return TrainConfig.from_dict(settings, where=f"{self.source or 'recipe'}: train")
 
 
-def load_run_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recipe:
-    """Read a run recipe (YAML or JSON); unknown top-level keys are rejected by name."""
+def read_recipe_mapping(path: str | os.PathLike) -> dict:
+    """The raw top-level mapping of a YAML / JSON recipe, with clear errors."""
     import yaml
 
     p = Path(path).expanduser()
@@ -81,6 +81,15 @@ def load_run_recipe(path: str | os.PathLike, overrides: dict | None = None) -> R
         raise PrunePathError(f"{p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from exc
     if not isinstance(raw, dict):
         raise PrunePathError(f"{p} must hold a mapping of settings (name, model, train, evaluation, sweep)")
+    return raw
+
+
+def load_run_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recipe:
+    """Read a run recipe (YAML or JSON); unknown top-level keys are rejected by name."""
+    p = Path(path).expanduser()
+    raw = read_recipe_mapping(p)
+    if "study" in raw:
+        raise PrunePathError(f"{p} is a study recipe (study: {raw['study']}); run it with `prunepath run {p}`")
     raw = {**raw, **(overrides or {})}
     known = {f.name for f in fields(Recipe)} - {"source"}
     unknown = sorted(set(raw) - known)

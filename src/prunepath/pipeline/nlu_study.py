@@ -1,0 +1,688 @@
+"""The NLU study (issue 7, item 2): MiniLM-L6 fine-tuned on SST-2, MRPC, RTE and CoLA; metric vs s_FFN for the
+dense fine-tuned model, PrunePath (fine-tune dense → MoEfy the fine-tuned weights → train routing; one checkpoint
+swept over τ), LTE (δ swept), Wanda (several sparsities) and the clustering ablation (experts clustered from the
+fine-tuned vs the pretrained FFN weights).
+
+    prunepath run recipes/study-nlu-minilm.yaml                   # (dispatched here by ``study: nlu``)
+    python -m prunepath.pipeline.nlu_study recipes/study-nlu-minilm.yaml --device cuda --out DIR
+    python -m prunepath.pipeline.nlu_study --report DIR/nlu-minilm.json --plot docs/img/study-nlu-minilm.png
+
+Work is done in units (``<task>/<phase>``) in priority order: dense + PrunePath on every task, then LTE and
+Wanda, then the ablation. The record list (``OUT/nlu-minilm.json``) is rewritten atomically after every unit, so
+it is valid JSON at any time; a re-run skips finished units (fine-tuned dense weights are kept in
+``OUT/finetuned/<task>``). With a deadline, a unit whose estimated time does not fit is skipped (listed in
+``OUT/status.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prunepath.errors import PrunePathError
+
+TASK_FILES = {"sst2": ("stsa.binary.train", "stsa.binary.dev"), "mrpc": ("train.tsv", "dev.tsv"),
+              "rte": ("train.tsv", "dev.tsv"), "cola": ("in_domain_train.tsv", "in_domain_dev.tsv")}
+PRIMARY = {"sst2": "accuracy", "mrpc": "f1", "rte": "accuracy", "cola": "mcc"}
+PHASES = ("dense", "prunepath", "lte", "wanda", "ablation")
+RECORDS_NAME = "nlu-minilm.json"
+
+DEFAULTS: dict = {
+    "study": "nlu",
+    "name": None,  # set by `prunepath run` (the recipe's file name)
+    "source": None,  # set by `prunepath run` (the recipe's path)
+    "model": "minilm-l6",
+    "display_name": None,  # what records call the model (default: the registry's display name)
+    "data_dir": None,  # default: $DATA_DIR, else the shared data folder
+    "out": "runs/study-nlu-minilm",
+    "results": None,  # optional extra copy of the record list (e.g. docs/results/nlu-minilm.json)
+    "device": "auto",
+    "precision": "fp32",
+    "seed": 0,
+    "tasks": ["sst2", "mrpc", "rte", "cola"],
+    "phases": list(PHASES),
+    "max_train_examples": None,  # int or {task: int}: a seeded subsample of the training set
+    "max_eval_examples": None,  # int: first N dev examples (None: the whole dev set)
+    "seq_len": 128,
+    "batch_size": 32,
+    "eval_batch_size": 128,
+    "neurons_per_expert": 32,
+    "dense": {"steps": 300, "lr": 1e-4, "lr_head": 1e-3, "lr_scheduler": "linear", "warmup_steps": 30},
+    "prunepath": {"stage1_steps": 100, "stage2_steps": 200, "tau_min": 0.6, "lr_backbone": 3e-5,
+                  "lr_router": 1e-3},
+    "lte": {"stage1_steps": 150, "stage2_steps": 150, "lr_backbone": 3e-5, "lr_router": 1e-3, "eta": 0.01,
+            "thresholds": [0.3, 0.5, 0.7, 0.8, 0.9]},
+    "taus": [1.05, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
+    "wanda": {"sparsities": [0.3, 0.5, 0.6, 0.7, 0.8], "calib_tokens": 8192},
+    "deadline_margin_s": 10.0,
+    "keep_finetuned": True,
+    "continue_on_error": True,  # a failing unit is logged (status.json "failed") and the study goes on
+}
+_TRAIN_KEYS = {"prunepath": ("stage1_steps", "stage2_steps", "tau_min", "lr_backbone", "lr_router", "eta", "lam",
+                             "gamma", "tau_start", "tau_warmup", "tau_schedule", "lr_scheduler", "warmup_steps"),
+               "lte": ("stage1_steps", "stage2_steps", "lr_backbone", "lr_router", "eta", "thresholds",
+                       "sep_weight", "lr_scheduler", "warmup_steps"),
+               "dense": ("steps", "lr", "lr_head", "lr_scheduler", "warmup_steps"),
+               "wanda": ("sparsities", "calib_tokens")}
+
+
+def _log(msg: str) -> None:
+    print(f"[nlu] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+# ---- recipe ----------------------------------------------------------------------------------------------------
+def _numbers(name: str, value) -> list[float]:
+    if not isinstance(value, (list, tuple)):
+        raise PrunePathError(f"NLU recipe: {name} must be a list of numbers (got {value!r})")
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise PrunePathError(f"NLU recipe: {name} must be a list of numbers (got {value!r})") from exc
+
+
+def validate_recipe(recipe: dict) -> dict:
+    """The recipe merged over :data:`DEFAULTS`, checked; unknown keys and bad values raise PrunePathError."""
+    if not isinstance(recipe, dict):
+        raise PrunePathError("the NLU recipe must be a mapping of setting: value")
+    unknown = sorted(set(recipe) - set(DEFAULTS))
+    if unknown:
+        raise PrunePathError(f"NLU recipe: unknown setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    if recipe.get("study", "nlu") != "nlu":
+        raise PrunePathError(f"NLU recipe: study must be 'nlu' (got {recipe['study']!r})")
+    r = copy.deepcopy(DEFAULTS)
+    for k, v in recipe.items():
+        if k in _TRAIN_KEYS and v is not None:
+            if not isinstance(v, dict):
+                raise PrunePathError(f"NLU recipe: {k} must be a mapping (keys: {', '.join(_TRAIN_KEYS[k])})")
+            bad = sorted(set(v) - set(_TRAIN_KEYS[k]))
+            if bad:
+                raise PrunePathError(f"NLU recipe: {k}: unknown key(s) {', '.join(bad)}; known: "
+                                     f"{', '.join(_TRAIN_KEYS[k])}")
+            r[k].update(v)
+        else:
+            r[k] = v
+    from prunepath.data.glue import TASKS
+
+    if not r["tasks"] or any(t not in TASKS for t in r["tasks"]):
+        raise PrunePathError(f"NLU recipe: tasks must be a non-empty list from {', '.join(TASKS)} (got {r['tasks']})")
+    if not r["phases"] or any(p not in PHASES for p in r["phases"]):
+        raise PrunePathError(f"NLU recipe: phases must be a non-empty list from {', '.join(PHASES)} "
+                             f"(got {r['phases']})")
+    if "dense" not in r["phases"]:
+        raise PrunePathError("NLU recipe: phases must include 'dense' (every method starts from the fine-tuned model)")
+    r["taus"] = taus = _numbers("taus", r["taus"])
+    if not taus or any(t <= 0 for t in taus):
+        raise PrunePathError(f"NLU recipe: taus must be a non-empty list of positive numbers (got {r['taus']})")
+    r["wanda"]["sparsities"] = _numbers("wanda.sparsities", r["wanda"]["sparsities"])
+    r["lte"]["thresholds"] = _numbers("lte.thresholds", r["lte"]["thresholds"])
+    for s in r["wanda"]["sparsities"]:
+        if not 0 <= float(s) < 1:
+            raise PrunePathError(f"NLU recipe: wanda sparsities must be in [0, 1) (got {s})")
+    for d in r["lte"]["thresholds"]:
+        if not 0 < float(d) < 1:
+            raise PrunePathError(f"NLU recipe: lte thresholds must be in (0, 1) (got {d})")
+    for k in ("seq_len", "batch_size", "eval_batch_size", "neurons_per_expert"):
+        if not isinstance(r[k], int) or r[k] < 1:
+            raise PrunePathError(f"NLU recipe: {k} must be a positive integer (got {r[k]!r})")
+    if int(r["dense"]["steps"]) < 1:
+        raise PrunePathError("NLU recipe: dense.steps must be >= 1")
+    mte = r["max_train_examples"]
+    if mte is not None and not isinstance(mte, (int, dict)):
+        raise PrunePathError("NLU recipe: max_train_examples must be an integer or a {task: integer} mapping")
+    if r["precision"] not in ("fp32", "bf16", "fp16", "no"):
+        raise PrunePathError(f"NLU recipe: precision must be fp32, bf16 or fp16 (got {r['precision']!r})")
+    if r["device"] not in ("auto", "cpu") and not str(r["device"]).startswith("cuda"):
+        raise PrunePathError(f"NLU recipe: device must be auto, cpu or cuda (got {r['device']!r})")
+    return r
+
+
+def _device(r: dict) -> str:
+    if r["device"] == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(r["device"]).startswith("cuda") and not torch.cuda.is_available():
+        raise PrunePathError(f"device {r['device']} asked for a GPU but none is available here; use device: cpu")
+    return str(r["device"])
+
+
+def _data_dir(r: dict) -> Path:
+    if r["data_dir"]:
+        return Path(r["data_dir"]).expanduser()
+    if os.environ.get("DATA_DIR"):
+        return Path(os.environ["DATA_DIR"])
+    from prunepath.evaluation.common import shared_data_dir
+
+    return Path(shared_data_dir())
+
+
+def load_task(r: dict, task: str):
+    """(train GlueData, dev GlueData, subsampled?) for ``task`` from the data folder."""
+    import random
+
+    from prunepath.data.glue import GlueData, load_glue
+
+    root = _data_dir(r) / task
+    tr_name, dev_name = TASK_FILES[task]
+    for name in (tr_name, dev_name):
+        if not (root / name).exists():
+            raise PrunePathError(f"{root / name} is missing; set data_dir (or $DATA_DIR) to a folder holding "
+                                 f"{task}/{tr_name} and {task}/{dev_name}")
+    train = load_glue(root / tr_name, task)
+    dev = load_glue(root / dev_name, task).head(r["max_eval_examples"])
+    cap = r["max_train_examples"]
+    cap = cap.get(task) if isinstance(cap, dict) else cap
+    sub = False
+    if cap is not None and int(cap) < len(train):
+        idx = sorted(random.Random(r["seed"]).sample(range(len(train)), int(cap)))
+        train = GlueData(task, [train.texts[i] for i in idx], [train.labels[i] for i in idx], train.num_labels,
+                         train.path, train.label_names)
+        sub = True
+    return train, dev, sub
+
+
+# ---- model helpers -----------------------------------------------------------------------------------------------
+def _load_base(r: dict, num_labels: int = 2):
+    import prunepath
+
+    torch.manual_seed(r["seed"])  # the new classification head (and pooler if absent) is seeded
+    model, tok = prunepath.load_model(r["model"], task="classify", num_labels=num_labels)
+    if tok is None:
+        raise PrunePathError(f"{r['model']} has no tokenizer; the NLU study needs one stored with the model")
+    return model, tok
+
+
+def _unwrap_autocast(model) -> None:
+    if hasattr(model, "_original_forward"):  # accelerate's autocast wrapper: evaluate like the rest
+        model.forward = model._original_forward
+
+
+def moefy_with_permutations(model, permutations: list[torch.Tensor], neurons_per_expert: int, *, seed: int = 0,
+                            clustering: str = "kmeans-pretrained"):
+    """Convert ``model`` with given per-layer neuron permutations (e.g. from clustering *another* model's FFN
+    weights — the pretrained one in the clustering ablation). Same structure as :func:`prunepath.moefy`."""
+    from prunepath.conversion.clustering import resolve_expert_count
+    from prunepath.conversion.moefy import PrunePathConfig, build_ffn, is_converted
+    from prunepath.models.adapters import adapter_for
+    from prunepath.routing.config import RoutingConfig
+
+    if is_converted(model):
+        raise PrunePathError("this model is already converted; pass the dense model")
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    if len(sites) != len(permutations):
+        raise PrunePathError(f"{len(permutations)} permutations for {len(sites)} FFN layers")
+    routing = RoutingConfig()
+    e = n = 0
+    for site, perm in zip(sites, permutations):
+        dense = adapter.extract(site)
+        e, n = resolve_expert_count(dense.intermediate_size, neurons_per_expert, None)
+        if sorted(perm.tolist()) != list(range(dense.intermediate_size)):
+            raise PrunePathError(f"layer {site.layer_index}: not a permutation of {dense.intermediate_size} neurons")
+        adapter.install(site, build_ffn(dense, e, n, perm, site.layer_index, routing))
+    model.prunepath_config = PrunePathConfig(
+        adapter=adapter.name, num_experts=e, neurons_per_expert=n, num_layers=len(sites), clustering=clustering,
+        seed=seed, routing=routing, source_model=getattr(getattr(model, "config", None), "_name_or_path", None))
+    return model
+
+
+def cluster_permutations(model, neurons_per_expert: int, seed: int = 0) -> list[torch.Tensor]:
+    """Balanced k-means permutations of every FFN of a dense ``model`` (what moefy would use)."""
+    from prunepath.conversion.clustering import cluster_neurons, resolve_expert_count
+    from prunepath.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    perms = []
+    for site in adapter.sites(model):
+        dense = adapter.extract(site)
+        e, _ = resolve_expert_count(dense.intermediate_size, neurons_per_expert, None)
+        perms.append(cluster_neurons(dense.cluster_rows.detach().float().cpu(), e, method="kmeans", seed=seed))
+    return perms
+
+
+# ---- the study ---------------------------------------------------------------------------------------------------
+class Study:
+    """State of one run: records, timing estimates, fine-tuned weights per task."""
+
+    def __init__(self, r: dict, out: Path, progress: bool, deadline: float | None) -> None:
+        self.r, self.out, self.progress, self.deadline = r, out, progress, deadline
+        self.device = _device(r)
+        self.records_path = out / RECORDS_NAME
+        self.records: list[dict] = json.loads(self.records_path.read_text()) if self.records_path.exists() else []
+        self.done = {rec.get("unit") for rec in self.records}
+        self.skipped: list[dict] = []
+        self.failed: list[dict] = []
+        self.sec_per_step: dict[str, float] = {}  # kind (dense / prunepath / lte) → seconds per step, measured
+        self.sec_per_eval: float | None = None  # one dev-set evaluation, measured
+        self.finetuned: dict[str, dict] = {}  # task → state dict (CPU)
+        self.data: dict[str, tuple] = {}
+        self.base = None
+        self.tok = None
+        self.pretrained_perms: list[torch.Tensor] | None = None
+        self.t0 = time.time()
+
+    # ---- bookkeeping
+    def save(self) -> None:
+        from prunepath.evaluation.reports import atomic_write_text
+
+        text = json.dumps(self.records, indent=1, default=float) + "\n"
+        atomic_write_text(self.records_path, text)
+        if self.r["results"]:
+            atomic_write_text(Path(self.r["results"]), text)
+        status = {"elapsed_s": round(time.time() - self.t0, 1), "skipped": self.skipped, "failed": self.failed,
+                  "done_units": sorted(u for u in self.done if u), "device": self.device,
+                  "sec_per_step": self.sec_per_step, "sec_per_eval": self.sec_per_eval}
+        atomic_write_text(self.out / "status.json", json.dumps(status, indent=1) + "\n")
+
+    def fits(self, unit: str, estimate: float) -> bool:
+        if self.deadline is None:
+            return True
+        left = self.deadline - time.time() - float(self.r["deadline_margin_s"])
+        if estimate > left:
+            _log(f"skip {unit}: estimated {estimate:.0f}s > {max(left, 0):.0f}s left before the deadline")
+            self.skipped.append({"unit": unit, "estimate_s": round(estimate, 1), "left_s": round(left, 1)})
+            self.save()
+            return False
+        return True
+
+    def model_name(self) -> str:
+        from prunepath.models.loading import display_name
+
+        return self.r["display_name"] or display_name(self.r["model"])
+
+    def task_data(self, task: str):
+        if task not in self.data:
+            self.data[task] = load_task(self.r, task)
+        return self.data[task]
+
+    def fresh(self):
+        """A copy of the pretrained classifier (loaded once)."""
+        if self.base is None:
+            self.base, self.tok = _load_base(self.r)
+        torch.manual_seed(self.r["seed"])
+        return copy.deepcopy(self.base)
+
+    def evaluate(self, model, task: str) -> dict:
+        from prunepath.evaluation.classification import evaluate_classification
+
+        _, dev, _ = self.task_data(task)
+        t = time.time()
+        res = evaluate_classification(model, self.tok, dev, task, batch_size=self.r["eval_batch_size"],
+                                      max_length=self.r["seq_len"], device=self.device, progress=False)
+        dt = time.time() - t
+        self.sec_per_eval = dt if self.sec_per_eval is None else max(0.5 * self.sec_per_eval + 0.5 * dt, 1e-3)
+        return res
+
+    def record(self, unit: str, task: str, method: str, res: dict, *, variant: str | None = None,
+               train_steps: int = 0, **extra) -> dict:
+        train, dev, sub = self.task_data(task)
+        rec = {"unit": unit, "task": task, "method": method, "variant": variant, "s_ffn": float(res["s_ffn"]),
+               "metric": PRIMARY[task], "value": float(res[PRIMARY[task]]), "accuracy": float(res["accuracy"]),
+               "f1": res.get("f1"), "mcc": res.get("mcc"), "tau": None, "eval_examples": int(res["examples"]),
+               "train_examples": len(train), "train_subsampled": sub, "train_steps": int(train_steps),
+               "batch_size": self.r["batch_size"], "seq_len": self.r["seq_len"], "seed": self.r["seed"],
+               "finetune_steps": int(self.r["dense"]["steps"]), "model": self.model_name(),
+               "precision": self.r["precision"], "device": self.device,
+               "mean_active": res.get("mean_active"), "per_layer_s_ffn": res.get("per_layer_s_ffn") or None,
+               "eval_data": f"{task}/{TASK_FILES[task][1]}", "train_data": f"{task}/{TASK_FILES[task][0]}",
+               "recipe": self.r["source"] or self.r["name"]}
+        rec.update(extra)
+        return rec
+
+    def commit(self, unit: str, recs: list[dict]) -> None:
+        self.records = [x for x in self.records if x.get("unit") != unit] + recs
+        self.done.add(unit)
+        self.save()
+        for x in recs:
+            tau = f" tau={x['tau']}" if x.get("tau") is not None else ""
+            _log(f"  {x['task']:5s} {x['method']:16s} {str(x.get('variant') or ''):10s} s_ffn={x['s_ffn']:.3f} "
+                 f"{x['metric']}={x['value']:.4f}{tau}")
+
+    # ---- training
+    def _train(self, model, task: str, method: str, steps1: int, steps2: int, **kw):
+        from prunepath.training.config import TrainConfig
+        from prunepath.training.data import encode_classification
+        from prunepath.training.trainer import train
+
+        train_data, _, _ = self.task_data(task)
+        ds = encode_classification(train_data.texts, train_data.labels, self.tok, self.r["seq_len"])
+        cfg = TrainConfig(model=self.r["model"], task="classify", method=method, stage1_steps=steps1,
+                          stage2_steps=steps2, batch_size=self.r["batch_size"], seq_len=self.r["seq_len"],
+                          precision=self.r["precision"], device=self.device, seed=self.r["seed"],
+                          progress=self.progress, neurons_per_expert=self.r["neurons_per_expert"], **kw)
+        t = time.time()
+        res = train(model, self.tok, ds, cfg)
+        _unwrap_autocast(model)
+        model.eval()
+        dt = time.time() - t
+        self.sec_per_step[method] = dt / max(steps1 + steps2, 1)
+        return res, dt
+
+    def has_finetuned(self, task: str) -> bool:
+        """Whether the task's fine-tuned dense weights exist (this run, or saved by an earlier one)."""
+        return task in self.finetuned or (self.out / "finetuned" / task / "model.safetensors").exists()
+
+    def finetuned_model(self, task: str):
+        """The dense model fine-tuned on ``task`` (trained once, kept in memory and under OUT/finetuned)."""
+        if task in self.finetuned:
+            m = self.fresh()
+            m.load_state_dict(self.finetuned[task])
+            return m
+        d = self.r["dense"]
+        saved = self.out / "finetuned" / task
+        m = self.fresh()
+        if (saved / "model.safetensors").exists():
+            from safetensors.torch import load_file
+
+            m.load_state_dict(load_file(str(saved / "model.safetensors")))
+        else:
+            res, dt = self._train(m, task, "dense", int(d["steps"]), 0, lr_backbone=float(d["lr"]),
+                                  lr_head=d["lr_head"], lr_scheduler=d["lr_scheduler"],
+                                  warmup_steps=int(d["warmup_steps"]))
+            if self.r["keep_finetuned"]:
+                self._save_finetuned(m, saved)
+        m.to("cpu")
+        self.finetuned[task] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        return m
+
+    def _save_finetuned(self, model, saved: Path) -> None:
+        import shutil
+
+        from safetensors.torch import save_file
+
+        tmp = saved.with_name(f".{saved.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / "model.safetensors"))
+        if saved.exists():
+            shutil.rmtree(saved)
+        tmp.rename(saved)
+
+    def est_train(self, kind: str, steps: int) -> float:
+        """Seconds a training unit of ``kind`` should take: the last measured rate of that kind, else the dense
+        rate × 1.6 (routing), else 0.05 s/step."""
+        if kind in self.sec_per_step:
+            sps, factor = self.sec_per_step[kind], 1.15
+        else:
+            sps, factor = self.sec_per_step.get("dense", 0.05), (1.0 if kind == "dense" else 1.6)
+        return steps * sps * factor + 5.0
+
+    def est_eval(self, n: int) -> float:
+        return n * (self.sec_per_eval if self.sec_per_eval is not None else 2.0)
+
+    # ---- phases
+    def phase_dense(self, task: str) -> None:
+        unit = f"{task}/dense"
+        if unit in self.done:
+            return
+        steps = int(self.r["dense"]["steps"])
+        if task not in self.finetuned and not self.fits(unit, self.est_train("dense", steps) + self.est_eval(1) + 10):
+            return
+        _log(f"{task}: dense fine-tuning ({steps} steps)")
+        m = self.finetuned_model(task)
+        res = self.evaluate(m, task)
+        self.commit(unit, [self.record(unit, task, "dense-finetuned", res, variant="finetuned", train_steps=steps,
+                                       lr=self.r["dense"]["lr"])])
+
+    def _prunepath(self, task: str, variant: str) -> None:
+        import prunepath
+
+        unit = f"{task}/prunepath" if variant == "finetuned" else f"{task}/ablation"
+        if unit in self.done or not self.has_finetuned(task):
+            return
+        p = self.r["prunepath"]
+        steps = int(p["stage1_steps"]) + int(p["stage2_steps"])
+        if not self.fits(unit, self.est_train("prunepath", steps) + self.est_eval(len(self.r["taus"]) + 1)):
+            return
+        _log(f"{task}: PrunePath, experts clustered from the {variant} weights ({steps} steps)")
+        m = self.finetuned_model(task)
+        if variant == "finetuned":
+            prunepath.moefy(m, neurons_per_expert=self.r["neurons_per_expert"], seed=self.r["seed"],
+                            progress=False)
+        else:
+            if self.pretrained_perms is None:
+                self.pretrained_perms = cluster_permutations(self.fresh(), self.r["neurons_per_expert"],
+                                                             self.r["seed"])
+            moefy_with_permutations(m, self.pretrained_perms, self.r["neurons_per_expert"], seed=self.r["seed"])
+        kw = {k: p[k] for k in p if k not in ("stage1_steps", "stage2_steps")}
+        tr, dt = self._train(m, task, "prunepath", int(p["stage1_steps"]), int(p["stage2_steps"]), **kw)
+        info = {"train_s": round(dt, 1), "tau_min": float(p["tau_min"]), "clustering": variant,
+                "num_experts": m.prunepath_config.num_experts}
+        recs = []
+        prunepath.configure(m, tau=float(p["tau_min"]))
+        res = self.evaluate(m, task)
+        recs.append(self.record(unit, task, "prunepath", res, variant=variant, train_steps=steps,
+                                **{**info, "tau": float(p["tau_min"])}))
+        for t in self.r["taus"]:
+            prunepath.configure(m, tau=float(t))
+            res = self.evaluate(m, task)
+            recs.append(self.record(unit, task, "prunepath-sweep", res, variant=variant, train_steps=steps,
+                                    **{**info, "tau": float(t)}))
+        self.commit(unit, recs)
+
+    def phase_lte(self, task: str) -> None:
+        import prunepath
+
+        unit = f"{task}/lte"
+        if unit in self.done or not self.has_finetuned(task):
+            return
+        p = self.r["lte"]
+        steps = int(p["stage1_steps"]) + int(p["stage2_steps"])
+        if not self.fits(unit, self.est_train("lte", steps) + self.est_eval(len(p["thresholds"]))):
+            return
+        _log(f"{task}: LTE (eta={p['eta']}, {steps} steps)")
+        m = self.finetuned_model(task)
+        prunepath.moefy(m, neurons_per_expert=self.r["neurons_per_expert"], seed=self.r["seed"], progress=False)
+        params = {"eta": float(p["eta"])}
+        if "sep_weight" in p:
+            params["sep_weight"] = float(p["sep_weight"])
+        kw = {k: p[k] for k in ("lr_backbone", "lr_router", "lr_scheduler", "warmup_steps") if k in p}
+        tr, dt = self._train(m, task, "lte", int(p["stage1_steps"]), int(p["stage2_steps"]), method_params=params,
+                             **kw)
+        recs = []
+        for d in p["thresholds"]:
+            prunepath.configure(m, method="lte", params={"soft": False, "threshold": float(d)})
+            res = self.evaluate(m, task)
+            recs.append(self.record(unit, task, "lte", res, variant=f"eta={p['eta']}", train_steps=steps,
+                                    threshold=float(d), eta=float(p["eta"]), train_s=round(dt, 1)))
+        self.commit(unit, recs)
+
+    def phase_wanda(self, task: str) -> None:
+        from prunepath.baselines.wanda import apply_wanda
+
+        unit = f"{task}/wanda"
+        if unit in self.done or not self.has_finetuned(task):
+            return
+        sp = [float(s) for s in self.r["wanda"]["sparsities"]]
+        if not self.fits(unit, self.est_eval(len(sp)) + 5.0):
+            return
+        _log(f"{task}: Wanda at {sp}")
+        train, _, _ = self.task_data(task)
+        calib = [a + (" " + b if b else "") for a, b in train.texts]
+        norms = None
+        recs = []
+        for s in sp:
+            m = self.finetuned_model(task).to(self.device)
+            out = apply_wanda(m, self.tok, calib, s, max_tokens=int(self.r["wanda"]["calib_tokens"]),
+                              seq_len=self.r["seq_len"], progress=False, norms=norms)
+            norms = out["norms"]
+            res = self.evaluate(m, task)
+            recs.append(self.record(unit, task, "wanda", res, variant="ffn-unstructured",
+                                    train_steps=int(self.r["dense"]["steps"]), wanda_sparsity=s,
+                                    calib_tokens=int(self.r["wanda"]["calib_tokens"]),
+                                    s_ffn_kind="weights (unstructured)"))
+            del m
+        self.commit(unit, recs)
+
+
+def run(recipe: dict, *, progress: bool = True, deadline: float | None = None) -> dict:
+    """Run the NLU study of ``recipe`` (see :data:`DEFAULTS`); ``deadline`` is an absolute ``time.time()``
+    after which no unit is started whose estimated time does not fit. Returns {"records", "out", "skipped",
+    "failed", "summary"} (summary: the markdown tables)."""
+    r = validate_recipe(recipe)
+    out = Path(r["out"]).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    st = Study(r, out, progress, deadline)
+    _log(f"device {st.device}, tasks {r['tasks']}, phases {r['phases']}, out {out}"
+         + (f", {deadline - time.time():.0f}s to the deadline" if deadline else ""))
+    st.save()
+
+    def unit(name: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the others' results
+            if not r["continue_on_error"]:
+                raise
+            import traceback
+
+            _log(f"unit {name} FAILED: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            st.failed.append({"unit": name, "error": f"{type(exc).__name__}: {exc}"})
+            st.save()
+
+    tasks = r["tasks"]
+    for task in tasks:  # priority 1: dense + PrunePath everywhere
+        unit(f"{task}/dense", st.phase_dense, task)
+        if "prunepath" in r["phases"]:
+            unit(f"{task}/prunepath", st._prunepath, task, "finetuned")
+    for task in tasks:  # priority 2: the baselines
+        if "lte" in r["phases"]:
+            unit(f"{task}/lte", st.phase_lte, task)
+        if "wanda" in r["phases"]:
+            unit(f"{task}/wanda", st.phase_wanda, task)
+    if "ablation" in r["phases"]:  # priority 3: clustering from the pretrained weights
+        for task in tasks:
+            unit(f"{task}/ablation", st._prunepath, task, "pretrained")
+    st.save()
+    summary = render_markdown(st.records)
+    _log(f"done in {time.time() - st.t0:.0f}s: {len(st.records)} records, {len(st.skipped)} unit(s) skipped")
+    return {"records": st.records, "out": str(out), "skipped": st.skipped, "failed": st.failed, "summary": summary}
+
+
+# ---- report --------------------------------------------------------------------------------------------------------
+def _label(rec: dict) -> str:
+    m = rec["method"]
+    if m in ("prunepath", "prunepath-sweep") and rec.get("variant") == "pretrained":
+        return m + " (pretrained clustering)"
+    return m
+
+
+def render_markdown(records: list[dict]) -> str:
+    """One markdown table per task: method, variant, knob, s_FFN, the task's metrics."""
+    if not records:
+        return "(no NLU records)\n"
+    lines = []
+    model = records[0].get("model", "")
+    for task in [t for t in TASK_FILES if any(x["task"] == t for x in records)]:
+        rows = [x for x in records if x["task"] == task]
+        cols = ["accuracy"] + (["f1"] if task == "mrpc" else []) + (["mcc"] if task == "cola" else [])
+        r0 = rows[0]
+        lines.append(f"**{task.upper()}** ({model}; dev {r0['eval_examples']} examples, train "
+                     f"{r0['train_examples']} examples{' (subsample)' if r0.get('train_subsampled') else ''}, "
+                     f"seed {r0['seed']})\n")
+        lines.append("| method | variant | knob | steps | s_FFN | " + " | ".join(cols) + " |")
+        lines.append("|---|---|---|---:|---:|" + "---:|" * len(cols))
+        for x in rows:
+            knob = (f"τ={x['tau']:g}" if x.get("tau") is not None else
+                    f"δ={x['threshold']:g}" if x.get("threshold") is not None else
+                    f"w={x['wanda_sparsity']:g}" if x.get("wanda_sparsity") is not None else "")
+            vals = " | ".join(f"{x[c]:.4f}" if x.get(c) is not None else "" for c in cols)
+            lines.append(f"| {x['method']} | {x.get('variant') or ''} | {knob} | {x['train_steps']} | "
+                         f"{x['s_ffn']:.3f} | {vals} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_records(records: list[dict], out_png: str | os.PathLike) -> Path:
+    """One panel per task: primary metric vs s_FFN per method (dense fine-tuned as a dashed line)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        raise PrunePathError("no NLU records to plot")
+    tasks = [t for t in TASK_FILES if any(x["task"] == t for x in records)]
+    n = len(tasks)
+    cols = min(n, 2)
+    rows_ = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.8 * rows_), squeeze=False)
+    styles = {"prunepath-sweep": "o-", "prunepath-sweep (pretrained clustering)": "s--", "lte": "^-",
+              "wanda": "v-", "prunepath": "*", "prunepath (pretrained clustering)": "P"}
+    for ax, task in zip(axes.flat, tasks):
+        recs = [x for x in records if x["task"] == task]
+        for x in recs:
+            if x["method"] == "dense-finetuned":
+                ax.axhline(x["value"], ls=":", color="k", label="dense fine-tuned")
+        for label in sorted({_label(x) for x in recs if x["method"] != "dense-finetuned"}):
+            pts = sorted((x["s_ffn"], x["value"]) for x in recs if _label(x) == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(label, "x-"), label=label, ms=6)
+        ax.set_title(f"{task.upper()} (dev)")
+        ax.set_xlabel("s_FFN")
+        ax.set_ylabel(PRIMARY[task])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(records[0].get("model", ""), fontsize=9)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+# ---- command line ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m prunepath.pipeline.nlu_study", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", nargs="?", help="recipe YAML/JSON (study: nlu)")
+    p.add_argument("--device", help="override the recipe's device (cpu, cuda)")
+    p.add_argument("--out", help="override the recipe's out directory")
+    p.add_argument("--display-name", help="override the model name written into the records")
+    p.add_argument("--data-dir", help="override the recipe's data_dir (folder with sst2/ mrpc/ rte/ cola/)")
+    p.add_argument("--deadline-s", type=float, help="seconds from now after which no unit that does not fit starts")
+    p.add_argument("--report", help="render an existing record list (markdown to stdout) instead of running")
+    p.add_argument("--plot", help="with --report (or after a run): write the plot here")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    try:
+        if a.report:
+            recs = json.loads(Path(a.report).read_text())
+            print(render_markdown(recs))
+            if a.plot:
+                print(f"plot: {plot_records(recs, a.plot)}", file=sys.stderr)
+            return 0
+        if not a.recipe:
+            p.error("give a recipe (or --report RECORDS)")
+        from prunepath.training.config import load_recipe
+
+        recipe = load_recipe(a.recipe)
+        recipe.setdefault("source", a.recipe)
+        if a.device:
+            recipe["device"] = a.device
+        for key in ("out", "display_name", "data_dir"):
+            if getattr(a, key):
+                recipe[key] = getattr(a, key)
+        deadline = time.time() + a.deadline_s if a.deadline_s else None
+        res = run(recipe, progress=a.progress, deadline=deadline)
+        print(res["summary"])
+        if a.plot and res["records"]:
+            print(f"plot: {plot_records(res['records'], a.plot)}")
+    except PrunePathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The LM study driver (prunepath.pipeline.lm_study) end to end on a tiny random Llama: every job kind runs,
+records carry the documented fields, an interrupted run resumes without redoing finished work, shards partition
+the jobs."""
+
+import json
+
+import pytest
+import yaml
+
+from prunepath import PrunePathError
+from prunepath.pipeline import lm_study
+from test_eval_fixtures import random_text, tiny_llama, tiny_tokenizer
+
+REQUIRED = {"method", "s_ffn", "ppl", "tau", "eval_tokens", "train_tokens", "model", "seed"}
+METHODS = {"dense", "dense-finetuned", "prunepath-sweep", "prunepath", "lte", "moefication-topk", "d2dmoe",
+           "wanda", "static"}
+
+
+@pytest.fixture
+def study(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    valid = tmp_path / "valid.txt"
+    valid.write_text(random_text(700, seed=1))
+    train = tmp_path / "train.txt"
+    train.write_text("\n\n".join(random_text(200, seed=s) for s in range(2, 14)))
+    xsum = tmp_path / "xsum.jsonl"
+    xsum.write_text("".join(json.dumps({"id": str(i), "document": random_text(40, seed=20 + i),
+                                        "summary": random_text(6, seed=40 + i)}) + "\n" for i in range(3)))
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": random_text(8, seed=60 + i), "input": "",
+                                   "output": random_text(10, seed=80 + i)} for i in range(6)]))
+    recipe = {
+        "study": "lm", "name": "study-lm-tiny", "model": str(model_dir), "out": str(tmp_path / "out"),
+        "train_tokens": 4 * 2 * 32,
+        "train": {"data": str(train), "seq_len": 32, "batch_size": 2, "precision": "fp32", "neurons_per_expert": 8,
+                  "max_eval_tokens": 64, "save_every": 1, "calib_tokens": 64},
+        "variants": {"main": {"label": "warmstart+offset", "tau_min": 0.6, "gate_offset": 4.0,
+                              "warmstart_steps": 3},
+                     "paper": {"label": "paper-defaults", "recipe": "recipes/paper-defaults.yaml", "tau_min": 0.6}},
+        "tau_min_runs": [0.8],
+        "lte": {"method_params": {"eta": 0.5}},
+        "evaluation": {"data": str(valid), "max_tokens": 256, "window": 64, "batch_size": 4},
+        "sweep_taus": [1.05, 0.8, 0.5],
+        "baselines": {"calib": str(train), "calib_tokens": 128, "calib_seq_len": 32, "fit_steps": 3, "fit_batch": 32,
+                      "targets": [0.3, 0.6], "wanda": [0.5]},
+        "generation": {"xsum": str(xsum), "xsum_docs": 2, "max_new_tokens": 4, "alpaca": str(alpaca),
+                       "alpaca_examples": 4, "alpaca_generations": 1, "targets": [0.3, 0.6],
+                       "max_input_tokens": 48},
+        "topk": {"max_tokens": 64}, "density": {"targets": [0.5]}, "min_job_s": 0, "save_margin_s": 0,
+        "device": "cpu",
+    }
+    return tmp_path, recipe
+
+
+def test_shards_partition_the_jobs_and_keep_chains_together():
+    cfg = lm_study.load_study({"study": "lm", "variants": {"main": {}, "paper": {}}, "tau_min_runs": [0.8, 0.45]})
+    jobs = lm_study.build_jobs(cfg)
+    ids = [j.id for j in jobs]
+    assert len(ids) == len(set(ids))
+    for n in (1, 2, 3, 6, 10):
+        parts = [lm_study.shard_jobs(jobs, i, n) for i in range(n)]
+        got = sorted(j.id for p in parts for j in p)
+        assert got == sorted(ids)  # every job exactly once
+        for p in parts:
+            mine = {j.id for j in p}
+            for j in p:
+                assert set(j.deps) <= mine  # dependencies run in the same process, before
+                assert all(ids.index(d) < ids.index(j.id) for d in j.deps)
+    with pytest.raises(PrunePathError, match="shard"):
+        lm_study.parse_shard("2/2")
+
+
+def test_train_config_splits_the_budget(study):
+    _, recipe = study
+    cfg = lm_study.load_study(recipe)
+    for run in ("dense-ft", "main", "lte", "paper", "taumin-0.8"):
+        tc = lm_study.train_config(cfg, run, "cpu")
+        assert tc.total_steps * tc.tokens_per_step == 256, run
+    assert lm_study.train_config(cfg, "taumin-0.8", "cpu").tau_min == 0.8
+    paper = lm_study.train_config(cfg, "paper", "cpu")
+    assert paper.gate_offset == 0.0 and paper.warmstart_steps == 0 and paper.tau_min == 0.6
+    main = lm_study.train_config(cfg, "main", "cpu")
+    assert main.gate_offset == 4.0 and main.warmstart_steps == 3
+    with pytest.raises(PrunePathError, match="never trains on WikiText"):
+        lm_study.load_study({**recipe, "train": {"data": "wikitext-2/wiki.valid.raw"}})
+    with pytest.raises(PrunePathError, match="unknown key"):
+        lm_study.load_study({**recipe, "bogus": 1})
+
+
+def test_study_runs_every_job_resumes_and_merges(study, monkeypatch):
+    tmp, recipe = study
+    out = tmp / "out"
+    # 1) a deadline hit in the middle of the first training: checkpointed, nothing else started
+    real_left = lm_study.Context.left
+    log_file = out / "ckpt" / "dense-ft" / "train_log.jsonl"
+
+    def left(self):  # the deadline passes after the second training step of dense-ft
+        return -1.0 if log_file.exists() and len(log_file.read_text().splitlines()) >= 2 else 1e9
+
+    monkeypatch.setattr(lm_study.Context, "left", left)
+    first = lm_study.run(recipe, progress=False, shard="0/2")
+    assert first["stopped"] and "dense" in first["ran"]
+    assert any("train-dense-ft" in x for x in first["left"])
+    assert list((out / "ckpt" / "dense-ft" / "checkpoints").iterdir())  # stopped with a checkpoint
+    assert not (out / "jobs" / "train-dense-ft.json").exists()
+    monkeypatch.setattr(lm_study.Context, "left", real_left)
+    # resuming with another budget is refused by name (the schedule would not match the checkpoint)
+    other = lm_study.load_study({**recipe, "train_tokens": 512})
+    job = next(j for j in lm_study.build_jobs(other) if j.id == "train-dense-ft")
+    with pytest.raises(PrunePathError, match="same --train-tokens"):
+        lm_study.job_train(lm_study.Context(other, out, "cpu", None, False), job)
+
+    # 2) the same command again finishes shard 0 without repeating the dense evaluation
+    import prunepath.evaluation.perplexity as ppl_mod
+
+    real_eval = ppl_mod.evaluate_perplexity
+    dense_before = json.loads((out / "jobs" / "dense.json").read_text())
+    second = lm_study.run(recipe, progress=False, shard="0/2")
+    assert "dense" not in second["ran"] and "train-dense-ft" in second["ran"] and not second["stopped"]
+    assert json.loads((out / "jobs" / "dense.json").read_text()) == dense_before
+    log = [json.loads(x) for x in (out / "ckpt" / "dense-ft" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 5))  # resumed, no step twice
+    # 3) shard 1, then a merge-only call
+    lm_study.run(recipe, progress=False, shard="1/2", do_merge=False)
+    merged = lm_study.run(recipe, progress=False, merge_only=True)["merged"]
+    assert merged["left"] == []
+    res = out / "results"
+    rows = json.loads((res / "lm-tiny.json").read_text())
+    assert {r["method"] for r in rows} == METHODS
+    for r in rows:
+        assert REQUIRED <= set(r), r["method"]
+        assert r["ppl"] > 1 and 0 <= r["s_ffn"] < 1
+        assert not any(k.startswith("_") for k in r)
+        if r["method"] not in ("dense",):
+            assert r["train_tokens"] == 256, r["method"]
+    sweep = [r for r in rows if r["method"] == "prunepath-sweep" and r["variant"] == "warmstart+offset"]
+    assert {r["tau"] for r in sweep} >= {1.05, 0.8, 0.5}
+    assert any(r["method"] == "prunepath-sweep" and r["variant"] == "paper-defaults" for r in rows)
+    assert {r["tau_min"] for r in rows if r["method"] == "prunepath"} == {0.6, 0.8}
+    assert [r["s_ffn"] for r in sorted(sweep, key=lambda r: -r["tau"])][0] == 0.0
+    topk = json.loads((res / "topk-tiny.json").read_text())
+    assert {t["router"] for t in topk} == {"prunepath", "lte", "moefication"}
+    assert all("error" not in t for t in topk)
+    dens = json.loads((res / "density-profile-tiny.json").read_text())
+    assert dens["num_experts"] == 8 and len(dens["layers"]) == 2
+    assert sum(dens["layers"][0]["counts"].values()) == dens["tokens"]
+    preds = [json.loads(x) for x in (res / "gen-tiny-predictions.jsonl").read_text().splitlines()]
+    assert {p["system"] for p in preds} >= {"dense"} and len({p["system"] for p in preds}) >= 2
+    gen = json.loads((res / "gen-tiny-raw.json").read_text())
+    assert gen["alpaca"]["systems"][0]["system"] == "dense" and gen["alpaca"]["systems"][0]["generations"]
+    # 4) a sweep cut short (2 points done, the 3rd half-written) redoes only the missing points
+    part = out / "partial" / "eval-main.jsonl"
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])
+    (out / "jobs" / "eval-main.json").unlink()
+    calls = []
+    monkeypatch.setattr(ppl_mod, "evaluate_perplexity", lambda *a, **k: calls.append(1) or real_eval(*a, **k))
+    redo = lm_study.run(recipe, progress=False)
+    assert redo["ran"] == ["eval-main"] and len(calls) == len(lines) - 2
+    assert len((out / "partial" / "eval-main.jsonl").read_text().splitlines()) == len(lines)
+    # 5) nothing is redone on a further run
+    monkeypatch.setattr(ppl_mod, "evaluate_perplexity", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    again = lm_study.run(recipe, progress=False)
+    assert again["ran"] == [] and again["left"] == []
+    monkeypatch.setattr(ppl_mod, "evaluate_perplexity", real_eval)
+
+
+def test_cli_dispatches_study_recipes(study, monkeypatch, tmp_path):
+    from prunepath.cli.main import main
+
+    _, recipe = study
+    seen = {}
+
+    def fake(raw, **kw):
+        seen.update(raw=raw, **kw)
+        return {"summary": "ok"}
+
+    monkeypatch.setattr(lm_study, "run", fake)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--device", "cpu", "--shard", "1/2", "--train-tokens", "99",
+                 "--deadline-s", "60", "--no-merge"]) == 0
+    assert seen["shard"] == "1/2" and seen["train_tokens"] == 99 and seen["device"] == "cpu"
+    assert seen["do_merge"] is False and seen["deadline"] > 0
+    import sys
+    import types
+
+    nlu = types.ModuleType("prunepath.pipeline.nlu_study")
+    nlu.run = lambda raw, *, progress=True, deadline=None: {"summary": f"nlu {raw['name']}"}
+    monkeypatch.setitem(sys.modules, "prunepath.pipeline.nlu_study", nlu)
+    import prunepath.pipeline as pp
+
+    monkeypatch.setattr(pp, "nlu_study", nlu, raising=False)
+    p2 = tmp_path / "n.yaml"
+    p2.write_text(yaml.safe_dump({"study": "nlu", "name": "nlu-x"}))
+    assert main(["run", str(p2)]) == 0
+
+
+def test_a_failing_job_does_not_stop_independent_ones(tmp_path):
+    cfg = lm_study.load_study({"study": "lm", "min_job_s": 0})
+
+    def boom(ctx, job):
+        raise ValueError("broken")
+
+    def ok(ctx, job):
+        return {"records": [{"method": "dense", "ppl": 2.0}]}
+
+    jobs = [lm_study.Job("a", "A", boom), lm_study.Job("b", "A", ok), lm_study.Job("c", "A", ok, ["a"])]
+    ctx = lm_study.Context(cfg, tmp_path, "cpu", None, False)
+    res = lm_study.run_jobs(ctx, jobs)
+    assert res["ran"] == ["b"] and res["failed"] == ["a"] and res["stopped"] is None
+    assert any(x.startswith("c (waits for a)") for x in res["left"])
+    assert "broken" in (tmp_path / "failed" / "a.txt").read_text()
+    assert ctx.done("b") and not ctx.done("a")

@@ -1,0 +1,57 @@
+"""The study report builder: interpolation against a direct reference, and the files it writes."""
+
+import json
+import math
+import random
+
+import pytest
+
+from prunepath.pipeline import study_report
+
+
+def test_ppl_at_matches_log_linear_interpolation():
+    rng = random.Random(0)
+    for _ in range(20):
+        s = sorted(rng.uniform(0, 0.9) for _ in range(5))
+        ppl = sorted((rng.uniform(10, 100) for _ in range(5)))
+        pts = [{"s_ffn": a, "ppl": b} for a, b in zip(s, ppl)]
+        x = rng.uniform(s[0], s[-1])
+        i = max(j for j in range(4) if s[j] <= x)
+        w = (x - s[i]) / (s[i + 1] - s[i])
+        ref = math.exp(math.log(ppl[i]) * (1 - w) + math.log(ppl[i + 1]) * w)
+        assert study_report.ppl_at(pts, x) == pytest.approx(ref)
+        assert study_report.ppl_at(pts, s[-1] + 0.01) is None
+        assert study_report.ppl_at(pts, s[2]) == pytest.approx(ppl[2])
+
+
+def _rows():
+    base = {"model": "M (Q4_1, dequantised)", "eval_tokens": 1000, "train_tokens": 500, "seed": 0, "window": 512}
+    rows = [{**base, "method": "dense", "s_ffn": 0.0, "ppl": 20.0, "tau": None, "train_tokens": 0},
+            {**base, "method": "dense-finetuned", "s_ffn": 0.0, "ppl": 18.0, "tau": None}]
+    for tau, s, p in ((1.05, 0.0, 18.5), (0.8, 0.35, 20.0), (0.6, 0.5, 22.0), (0.4, 0.7, 30.0)):
+        rows.append({**base, "method": "prunepath-sweep", "variant": "warmstart+offset", "s_ffn": s, "ppl": p,
+                     "tau": tau})
+    rows.append({**base, "method": "prunepath", "variant": "warmstart+offset", "s_ffn": 0.5, "ppl": 22.0, "tau": 0.6,
+                 "tau_min": 0.6})
+    for k, s, p in ((24, 0.5, 40.0), (12, 0.75, 90.0)):
+        rows.append({**base, "method": "moefication-topk", "s_ffn": s, "ppl": p, "tau": None, "k": k, "knob": {"k": k}})
+    return rows
+
+
+def test_build_writes_tables_plot_and_rouge(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "lm-x.json").write_text(json.dumps(_rows()))
+    (res / "topk-x.json").write_text(json.dumps([{"router": "prunepath", "k": k, "rel_mse": 1 / k} for k in (1, 2)]))
+    preds = [{"system": "dense", "tau": None, "prediction": "the cat sat", "reference": "the cat sat"},
+             {"system": "prunepath@0.6", "tau": 0.6, "prediction": "a dog", "reference": "the cat sat"}]
+    (res / "gen-x-predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    out = study_report.build(res, "x", tmp_path / "docs", tmp_path / "docs" / "img")
+    md = (tmp_path / "docs" / "results" / "study-lm-x.md").read_text()
+    assert (tmp_path / "docs" / "img" / "study-lm-x.png").stat().st_size > 1000
+    assert "1.22×" in md  # 22 / 18 at s = 0.5
+    assert "s_FFN 0.5: PrunePath PPL 22.00 = 1.22× dense fine-tuned (18.00); target ≤ 1.3× — met" in md
+    gen = json.loads((tmp_path / "docs" / "results" / "gen-x.json").read_text())
+    by = {s["system"]: s for s in gen["xsum"]["systems"]}
+    assert by["dense"]["rougeL"] == pytest.approx(1.0) and by["prunepath@0.6"]["rougeL"] == 0.0
+    assert set(out) >= {"lm", "plot", "markdown", "topk", "gen"}
