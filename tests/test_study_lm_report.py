@@ -55,3 +55,12 @@ def test_build_writes_tables_plot_and_rouge(tmp_path):
     by = {s["system"]: s for s in gen["xsum"]["systems"]}
     assert by["dense"]["rougeL"] == pytest.approx(1.0) and by["prunepath@0.6"]["rougeL"] == 0.0
     assert set(out) >= {"lm", "plot", "markdown", "topk", "gen"}
+
+
+def test_topk_table_names_failed_routers():
+    ok = [{"router": "prunepath", "k": k, "rel_mse": 1 / k} for k in (1, 2)]
+    bad = [{"router": "moefication", "error": "RuntimeError('devices')"}]
+    only_bad = study_report.topk_table(bad)
+    assert "(no top-k reconstruction results)" in only_bad and "moefication: failed" in only_bad
+    mixed = study_report.topk_table(ok + bad)
+    assert "| prunepath | 1.000 | 0.500 |" in mixed and "moefication: failed, `RuntimeError('devices')`" in mixed

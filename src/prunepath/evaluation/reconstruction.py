@@ -25,33 +25,41 @@ def default_ks(num_experts: int) -> list[int]:
     return ks + [num_experts]
 
 
-def _all_expert_weights(ffn, scores: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The method's per-expert weights with every expert active; unit weights if the method cannot say."""
+def _all_expert_weights(ffn, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's per-expert weights with every expert active, or unit weights where the method cannot say
+    (it raises, or does not keep every expert). Returns (weights, used_method) with ``used_method`` a bool
+    tensor on ``scores.device``: no host sync here, so the caller decides when to read it."""
     r = ffn.routing
     dense = replace(r, tau=1.05, rule="all", k=None, layer_tau={})
+    unit = torch.ones_like(scores, dtype=torch.float32)
     try:
         w, mask = get_method(r.method)(scores, dense, ffn.layer_index, ffn.always_on)
     except PrunePathError:
         w, mask = None, None
-    if w is None or not bool(mask.all()):
-        return torch.ones_like(scores, dtype=torch.float32), "unit"
-    return w.float(), "method"
+    if w is None:
+        return unit, torch.zeros((), dtype=torch.bool, device=scores.device)
+    ok = mask.all()
+    return torch.where(ok, w.float(), unit), ok
 
 
 @torch.inference_mode()
-def _layer_errors(ffn, x: torch.Tensor, ks: list[int], chunk: int = 256) -> tuple[torch.Tensor, float, str]:
-    """Sum of squared errors per k (float64) over the rows of x [T, d], and Σ‖y_all‖²."""
+def _layer_errors(ffn, x: torch.Tensor, ks: list[int], chunk: int = 256
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of squared errors per k (float64, [K]) over the rows of x [T, d], Σ‖y_all‖² (float64 scalar) and
+    whether the method's own weights were used in every chunk (bool scalar). Every tensor lives on ``x.device``
+    (the model's device): no cuda/cpu mix and no host sync."""
     e, n = ffn.num_experts, ffn.neurons_per_expert
-    sse = torch.zeros(len(ks), dtype=torch.float64)
-    ref = 0.0
-    how = "method"
+    sse = torch.zeros(len(ks), dtype=torch.float64, device=x.device)
+    ref = torch.zeros((), dtype=torch.float64, device=x.device)
+    used = torch.ones((), dtype=torch.bool, device=x.device)
     dt = torch.promote_types(x.dtype, torch.float32)  # at least fp32 for the error sums
     w_down = ffn.down_proj.weight.to(dt).t().reshape(e, n, -1)  # [E, n, d]
-    k_idx = torch.tensor([k - 1 for k in ks])
+    k_idx = torch.tensor([k - 1 for k in ks], device=x.device)
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
         scores = ffn.router(xs).to(dt)
-        w, how = _all_expert_weights(ffn, scores)
+        w, ok = _all_expert_weights(ffn, scores)
+        used &= ok
         w = w.to(dt)
         h = ffn.intermediate(xs).to(dt).view(-1, e, n)
         contrib = torch.einsum("ten,end->ted", h, w_down) * w.unsqueeze(-1)  # [t, E, d]
@@ -61,8 +69,8 @@ def _layer_errors(ffn, x: torch.Tensor, ks: list[int], chunk: int = 256) -> tupl
         full = partial[:, -1:]
         err = (partial[:, k_idx] - full).double().pow(2).sum(dim=(0, 2))
         sse += err
-        ref += float(full.double().pow(2).sum())
-    return sse, ref, how
+        ref += full.double().pow(2).sum()
+    return sse, ref, used
 
 
 def topk_reconstruction(
@@ -103,16 +111,17 @@ def topk_reconstruction(
     sse = torch.zeros(len(ffns), len(ks), dtype=torch.float64)
     ref = torch.zeros(len(ffns), dtype=torch.float64)
     count = 0
-    how = "method"
+    used = True
     try:
         for s in tqdm(range(0, ids.numel(), window), desc="top-k reconstruction", disable=not progress,
                       leave=False):
             x = ids[s:s + window].unsqueeze(0).to(dev)
             model(input_ids=x, use_cache=False)
             for i, f in enumerate(ffns):
-                err, r, how = _layer_errors(f, captured[i].pop(), ks)
-                sse[i] += err
-                ref[i] += r
+                err, r, ok = _layer_errors(f, captured[i].pop(), ks)
+                sse[i] += err.cpu()  # the accumulators stay on the host, whatever the model's device
+                ref[i] += r.cpu()
+                used = used and bool(ok.cpu())
             count += x.numel()
     finally:
         for h in handles:
@@ -120,6 +129,7 @@ def topk_reconstruction(
     d = ffns[0].hidden_size
     per_layer = sse / (count * d)  # [L, K]
     ref_ms = float(ref.sum() / (count * d * len(ffns)))
+    how = "method" if used else "unit"
     rows = []
     for j, k in enumerate(ks):
         mse = float(per_layer[:, j].mean())

@@ -210,15 +210,16 @@ def gen_tables(gen: dict) -> str:
 
 def topk_table(topk: list[dict]) -> str:
     rows = [t for t in topk if "error" not in t]
+    failed = [f"- {t.get('router', '?')}: failed, `{t['error']}`" for t in topk if "error" in t]
     if not rows:
-        return "(no top-k reconstruction results)"
+        return "\n".join(["(no top-k reconstruction results)", *failed])
     ks = sorted({t["k"] for t in rows})
     routers = list(dict.fromkeys(t["router"] for t in rows))
     lines = ["| router | " + " | ".join(f"k={k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 1)]
     for r in routers:
         by_k = {t["k"]: t for t in rows if t["router"] == r}
         lines.append(f"| {r} | " + " | ".join(f"{by_k[k]['rel_mse']:.3f}" if k in by_k else "–" for k in ks) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + failed if failed else []))
 
 
 def build(results: Path, tag: str, docs: Path, img: Path) -> dict:

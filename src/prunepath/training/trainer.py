@@ -323,6 +323,12 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
             prunepath.moefy(model, neurons_per_expert=npe, num_experts=cfg.num_experts, seed=cfg.seed,
                             clustering="random", progress=False)  # structure only; weights come from the state
             model.prunepath_config.clustering = cfg.clustering
+        if cfg.method not in ("prunepath", "dense"):
+            # A baseline's own router (e.g. LTE's Linear with bias) must exist before the state is loaded,
+            # exactly as prepare_model installs it on a fresh start; its weights then come from the state.
+            from prunepath.baselines import prepare_for_training
+
+            prepare_for_training(model, cfg)
     else:
         calib_info = prepare_model(model, cfg, train_data, progress=cfg.progress and is_main)
 
