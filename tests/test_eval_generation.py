@@ -74,3 +74,28 @@ def test_bad_input(tmp_path):
         evaluate_rouge(model, tok, p, progress=False)
     with pytest.raises(PrunePathError, match=">= 1"):
         evaluate_rouge(model, tok, [{"prompt": "w1", "response": "w2"}], max_new_tokens=0, progress=False)
+
+
+CHAT = "{% for m in messages %}<u> {{ m['content'] }} </u>{% endfor %}{% if add_generation_prompt %} <a>{% endif %}"
+
+
+def test_chat_template_wraps_prompts_and_keeps_the_budget(tmp_path):
+    """An instruct tokenizer's chat template wraps every prompt (auto), and long articles are still cut to fit."""
+    from prunepath.evaluation.generation import _prompt_ids
+
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<u>", "</u>", "<a>"], special_tokens=True)
+    tok.chat_template = CHAT
+    ex = {"prompt": "w1 w2 w3", "response": "w4"}
+    want = tok("<u> w1 w2 w3 </u> <a>", add_special_tokens=False)["input_ids"]
+    assert _prompt_ids(tok, ex, 64, bos=1, chat=True) == want  # no BOS: the template brings its own tokens
+    assert _prompt_ids(tok, ex, 64, bos=None, chat=False) == tok("w1 w2 w3", add_special_tokens=False)["input_ids"]
+
+    model = tiny_converted(seed=3)
+    model.resize_token_embeddings(len(tok))
+    res = evaluate_rouge(model, tok, [ex], max_new_tokens=3, progress=False)
+    assert res["chat_template"] is True
+    assert evaluate_rouge(model, tok, [ex], max_new_tokens=3, progress=False, chat_template=False)["chat_template"] is False
+    tok.chat_template = None
+    with pytest.raises(PrunePathError, match="no chat template"):
+        evaluate_rouge(model, tok, [ex], max_new_tokens=3, progress=False, chat_template=True)

@@ -31,14 +31,33 @@ def rouge_scores(predictions: list[str], references: list[str]) -> dict:
     return {k: v / n for k, v in totals.items()}
 
 
-def _prompt_ids(tokenizer, ex: dict, max_input_tokens: int, bos: int | None) -> list[int]:
+def uses_chat_template(tokenizer) -> bool:
+    """Whether prompts should go through the tokenizer's chat template (instruct models ship one)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    if not chat:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    if not isinstance(ids, list):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def _prompt_ids(tokenizer, ex: dict, max_input_tokens: int, bos: int | None, chat: bool = False) -> list[int]:
+    """Token ids of ``ex``'s prompt, at most ``max_input_tokens``: the article is shortened, not the instruction.
+    With ``chat`` the prompt is the user turn of the tokenizer's chat template: an instruct model given the bare
+    prompt may answer with end-of-turn at once (SmolLM2-135M-Instruct does on XSum), and the template brings its
+    own special tokens, so no BOS is added then."""
+    bos = None if chat else bos
     budget = max_input_tokens - (1 if bos is not None else 0)
-    ids = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+    ids = _encode(tokenizer, ex["prompt"], chat)
     if len(ids) > budget and "document" in ex:
-        # Shorten the article, not the instruction around it.
-        overhead = len(tokenizer(xsum_prompt(""), add_special_tokens=False)["input_ids"])
+        overhead = len(_encode(tokenizer, xsum_prompt(""), chat))
         doc = tokenizer(ex["document"], add_special_tokens=False)["input_ids"][: max(budget - overhead - 2, 1)]
-        ids = tokenizer(xsum_prompt(tokenizer.decode(doc)), add_special_tokens=False)["input_ids"]
+        ids = _encode(tokenizer, xsum_prompt(tokenizer.decode(doc)), chat)
     ids = ids[-budget:]
     return ([bos] if bos is not None else []) + ids
 
@@ -55,10 +74,12 @@ def evaluate_rouge(
     max_input_tokens: int = 1024,
     device: str | torch.device | None = None,
     progress: bool = True,
+    chat_template: bool | None = None,
 ) -> dict:
     """Generate a response for each example (batch 1; stop at EOS or a blank line) and score ROUGE against the
     reference. Returns rouge1/rouge2/rougeL, ``examples``, ``generated_tokens``, s_FFN of the decode steps
-    (``s_ffn``) and of the prompts (``prefill_s_ffn``), plus the first few predictions."""
+    (``s_ffn``) and of the prompts (``prefill_s_ffn``), plus the first few predictions. ``chat_template``: wrap
+    each prompt in the tokenizer's chat template (default: when the tokenizer has one)."""
     require_causal_lm(model, "rouge")
     check_tokenizer(model, tokenizer)
     if max_new_tokens < 1 or num_beams < 1:
@@ -68,10 +89,13 @@ def evaluate_rouge(
     dev = prepare_model(model, device)
     bos = int(tokenizer.bos_token_id) if needs_bos(model, tokenizer) else None
     eos = getattr(tokenizer, "eos_token_id", None)
+    chat = uses_chat_template(tokenizer) if chat_template is None else bool(chat_template)
+    if chat and not uses_chat_template(tokenizer):
+        raise PrunePathError("chat_template=True but the tokenizer has no chat template; pass chat_template=False")
     decode_meter, prefill_meter = ActiveMeter(model), ActiveMeter(model)
     preds, refs, gen_tokens = [], [], 0
     for ex in tqdm(examples, desc="generating", disable=not progress, leave=False):
-        ids = torch.tensor([_prompt_ids(tokenizer, ex, max_input_tokens, bos)], device=dev)
+        ids = torch.tensor([_prompt_ids(tokenizer, ex, max_input_tokens, bos, chat)], device=dev)
         with track_active(model, decode_meter, skip_first=True):
             if num_beams == 1:
                 # Prefill statistics come from the first forward (the whole prompt).
@@ -87,6 +111,7 @@ def evaluate_rouge(
         refs.append(ex.get("summary", ex["response"]).strip())
     out = {"task": "rouge", **model_meta(model), **rouge_scores(preds, refs), "examples": len(preds),
            "generated_tokens": gen_tokens, "max_new_tokens": max_new_tokens, "num_beams": num_beams,
+           "chat_template": chat,
            "samples": [{"prediction": p, "reference": r} for p, r in zip(preds[:5], refs[:5])]}
     res = decode_meter.result()
     res["tokens"] = res.pop("stat_tokens")

@@ -661,7 +661,7 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
 
     from prunepath.data.instruct import load_examples
     from prunepath.evaluation.common import ActiveMeter, needs_bos, track_active
-    from prunepath.evaluation.generation import _greedy, _prompt_ids
+    from prunepath.evaluation.generation import _greedy, _prompt_ids, uses_chat_template
 
     g = ctx.cfg["generation"]
     examples = load_examples(g["xsum"])[: int(g["xsum_docs"])]
@@ -678,7 +678,8 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
         ctxm = prunepath.routing(model, tau=tau) if tau is not None else _null()
         with ctxm, torch.inference_mode():
             for i, ex in enumerate(examples):
-                ids = torch.tensor([_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos)], device=ctx.torch_device())
+                ids = torch.tensor([_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))],
+                                   device=ctx.torch_device())
                 with track_active(model, meter, skip_first=True):
                     out = _greedy(model, ids, int(g["max_new_tokens"]), tok.eos_token_id, pre)
                 text = tok.decode(out, skip_special_tokens=True).strip().split("\n\n")[0].strip()
