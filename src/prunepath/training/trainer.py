@@ -103,6 +103,17 @@ class BatchStream:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
+def _s_ffn_on_device(ffns, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """s_FFN of the last forward over the unmasked tokens, as a device scalar (``stats.sparsity`` without the
+    per-layer host reads): 1 − mean over layers of the mean active-expert count / E."""
+    per_layer = []
+    for f in ffns:
+        a = f.last_active
+        m = mask.to(device=a.device, dtype=torch.bool)
+        per_layer.append(a.reshape(m.shape)[m].float().mean())
+    return 1.0 - torch.stack(per_layer).mean() / num_experts
+
+
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     router, head, backbone = [], [], []
     for name, p in model.named_parameters():
@@ -388,8 +399,12 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
             if hook is not None:
                 hook(raw, stage, s_step, s_total, cfg)
             tau = raw.prunepath_config.routing.tau if converted else None
-            acc = {"loss": 0.0, "task": 0.0, "H": 0.0, "s_ffn": 0.0}
-            terms_acc: dict[str, float] = {}
+            # Step statistics stay on the device and are read back once per step: a float() per term, layer
+            # and micro-batch would stall the GPU dozens of times a step.
+            sums: dict[str, torch.Tensor] = {}
+
+            def add(key: str, value: torch.Tensor) -> None:
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / ga
             for micro in range(ga):
                 batch = stream.batch(mb)
                 mb += 1
@@ -409,16 +424,16 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                     accelerator.backward(loss / ga)
                 if aux_fn is not None:
                     with torch.no_grad():
-                        acc["H"] += float(torch.stack([routing_terms(f.last_router_logits.detach(), mask,
-                                                                     f.always_on)["ent"] for f in ffns]).mean()) / ga
+                        add("H", torch.stack([routing_terms(f.last_router_logits.detach(), mask,
+                                                            f.always_on)["ent"] for f in ffns]).mean())
                     for f in ffns:
                         f.last_router_logits = None  # release the graph
-                acc["loss"] += float(loss.detach()) / ga
-                acc["task"] += float(task_loss.detach()) / ga
+                add("loss", loss)
+                add("task", task_loss)
                 for k, v in terms.items():
-                    terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / ga
+                    add(f"term:{k}", v)
                 if converted:
-                    acc["s_ffn"] += prunepath.sparsity(raw, mask).s_ffn / ga
+                    add("s_ffn", _s_ffn_on_device(ffns, mask, raw.prunepath_config.num_experts))
                 tokens_seen += int(mask.sum()) * accelerator.num_processes
             grad_norm = None
             if cfg.max_grad_norm:
@@ -428,15 +443,15 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            keys = list(sums)
+            vals = torch.stack([torch.as_tensor(sums[k], device=accelerator.device).float() for k in keys])
             if accelerator.num_processes > 1:
                 # Each process saw its own shard of the batch: log the global mean, so a multi-GPU log reads
                 # like a one-GPU log of the same global batch.
-                keys = list(acc) + list(terms_acc)
-                vals = torch.tensor([acc[k] for k in acc] + [terms_acc[k] for k in terms_acc],
-                                    device=accelerator.device, dtype=torch.float64)
-                vals = accelerator.reduce(vals, reduction="mean").tolist()
-                for k, v in zip(keys, vals):
-                    (acc if k in acc else terms_acc)[k] = v
+                vals = accelerator.reduce(vals, reduction="mean")
+            read = dict(zip(keys, vals.tolist()))
+            acc = {k: read.get(k, 0.0) for k in ("loss", "task", "H", "s_ffn")}
+            terms_acc = {k[len("term:"):]: v for k, v in read.items() if k.startswith("term:")}
 
             rec = {"step": step, "stage": stage, "tau": tau, **acc, **terms_acc, "grad_norm": grad_norm,
                    "lr": {n: pg["lr"] for n, pg in zip(group_names, optimizer.param_groups)},

@@ -1,0 +1,32 @@
+"""The trainer's per-step s_FFN, read on the device, equals prunepath.sparsity() on fresh inputs with padding."""
+
+from __future__ import annotations
+
+import torch
+
+import prunepath
+from prunepath.training.trainer import _s_ffn_on_device
+
+
+def test_device_s_ffn_matches_sparsity_with_padding(tiny_model):
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(2), "little"))
+    model = tiny_model("llama")
+    prunepath.moefy(model, neurons_per_expert=16, seed=0, progress=False)
+    ffns = prunepath.prunepath_modules(model)
+    for f in ffns:  # a non-trivial router, so the active counts differ per token and layer
+        torch.nn.init.normal_(f.router.weight, std=2.0)
+    prunepath.configure(model, tau=0.6)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 7:] = False
+    mask[2, 2:] = False
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask.long())
+    want = prunepath.sparsity(model, mask).s_ffn
+    got = float(_s_ffn_on_device(ffns, mask, model.prunepath_config.num_experts))
+    assert 0 < want < 1
+    assert abs(got - want) < 1e-6
+    # the padding matters: all tokens counted gives another value unless the padded tokens happen to match
+    all_tokens = prunepath.sparsity(model, None).s_ffn
+    assert abs(float(_s_ffn_on_device(ffns, torch.ones_like(mask), model.prunepath_config.num_experts))
+               - all_tokens) < 1e-6
