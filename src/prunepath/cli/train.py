@@ -99,6 +99,9 @@ def register(sub) -> None:
     g.add_argument("--auto-dense-layers", type=int, help="keep the k most τ-sensitive layers dense")
     g.add_argument("--layer-tau", type=_kv_list, help="per-layer τ_min, e.g. 0:0.95,29:0.9")
     g.add_argument("--always-on", type=int, help="always-on experts per layer (largest output norm)")
+    g.add_argument("--distill", type=float, help="weight in [0, 1] of the KL to the frozen dense model's "
+                   "next-token distribution (the task loss gets 1 − weight; 0: off)")
+    g.add_argument("--distill-temperature", type=float, help="softmax temperature of --distill (default 1)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only the final model)")
     g.add_argument("--keep-checkpoints", type=int)

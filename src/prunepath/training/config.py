@@ -78,6 +78,8 @@ class TrainConfig:
     auto_dense_layers: int = 0  # keep the k most τ-sensitive layers dense (measured on calibration data)
     layer_tau: dict = field(default_factory=dict)  # per-layer τ_min {layer: tau}
     always_on: int = 0  # experts per layer that always run (largest max output norm on calibration data)
+    distill: float = 0.0  # weight α of the KL to the frozen dense model's next-token distribution (0: off)
+    distill_temperature: float = 1.0
     # bookkeeping
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2
@@ -120,6 +122,14 @@ class TrainConfig:
         for name in ("lr_backbone", "lr_router", "eta", "lam", "gamma", "wd_backbone", "wd_router"):
             if getattr(self, name) < 0:
                 raise PrunePathError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.distill <= 1:
+            raise PrunePathError(f"--distill is the weight of the distillation loss, in [0, 1] (got {self.distill}); "
+                                 "the task loss gets 1 − distill")
+        if self.distill_temperature <= 0:
+            raise PrunePathError(f"--distill-temperature must be > 0 (got {self.distill_temperature})")
+        if self.distill and self.task == "classify":
+            raise PrunePathError("--distill needs a causal LM task (lm or instruct): a new classification head has "
+                                 "no trained teacher to distil from")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise PrunePathError(f"--device must be auto, cpu or cuda (got {self.device!r})")
         self.layer_tau = {int(k): float(v) for k, v in (self.layer_tau or {}).items()}

@@ -91,3 +91,18 @@ def prunepath_aux_loss(scores: list[torch.Tensor], token_mask: torch.Tensor | No
 
 
 register_aux_loss("prunepath", prunepath_aux_loss)
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions, mean over the positions whose next label is scored
+    (``labels[:, 1:] != -100``, the causal-LM shift), times T² so its gradient scale does not depend on T."""
+    s = student_logits[:, :-1].float() / temperature
+    t = teacher_logits[:, :-1].float() / temperature
+    keep = labels[:, 1:].to(s.device) != -100
+    if not bool(keep.any()):
+        return s.sum() * 0.0
+    s, t = s[keep], t[keep]
+    log_t = torch.log_softmax(t, -1)
+    kl = (log_t.exp() * (log_t - torch.log_softmax(s, -1))).sum(-1)
+    return kl.mean() * temperature ** 2

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
 from prunepath.training.config import TrainConfig
-from prunepath.training.losses import call_aux_loss, get_aux_loss, routing_terms
+from prunepath.training.losses import call_aux_loss, distill_kl, get_aux_loss, routing_terms
 from prunepath.training.schedule import get_stage_hook, resolve_layers
 
 STATE_NAME = "trainer_state.json"
@@ -103,6 +103,23 @@ class BatchStream:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
+def _distill_teacher(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
+    """A frozen copy of the model as given, for ``cfg.distill``: a plain model is the dense teacher; a PrunePath
+    checkpoint runs every expert with gates off (exactly the dense FFN for a freshly converted model)."""
+    if not cfg.distill:
+        return None
+    import copy
+
+    import prunepath
+
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if prunepath.is_converted(teacher):
+        prunepath.configure(teacher, rule="all", gates=False)
+    return teacher
+
+
 def _s_ffn_on_device(ffns, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
     """s_FFN of the last forward over the unmasked tokens, as a device scalar (``stats.sparsity`` without the
     per-layer host reads): 1 − mean over layers of the mean active-expert count / E."""
@@ -323,6 +340,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
     accelerator.wait_for_everyone()  # every process has checked ``out`` before the main one writes into it
 
     set_seed(cfg.seed)
+    teacher = _distill_teacher(model, cfg)  # the model as given, before conversion or a resumed state
     state: dict = {}
     if resume_dir is not None:
         state = json.loads((resume_dir / STATE_NAME).read_text())
@@ -357,6 +375,8 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
 
     model.to(accelerator.device)
     model.train()
+    if teacher is not None:
+        teacher.to(accelerator.device)
     groups = _param_groups(model, cfg)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
     group_names = [g["name"] for g in groups]
@@ -420,7 +440,15 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                             scores = [f.last_router_logits for f in ffns]
                             terms = call_aux_loss(aux_fn, scores, mask, cfg,
                                                   always_on=[f.always_on for f in ffns])
-                        loss = task_loss + sum(terms.values()) if terms else task_loss
+                        main = task_loss
+                        if teacher is not None:
+                            with torch.no_grad():
+                                t_logits = teacher(**_inputs(batch, accelerator.device)).logits
+                            kl = distill_kl(outputs.logits, t_logits, batch["labels"], cfg.distill_temperature)
+                            main = (1 - cfg.distill) * task_loss + cfg.distill * kl
+                        loss = main + sum(terms.values()) if terms else main
+                        if teacher is not None:
+                            terms["distill"] = kl  # logged with the other terms; already inside ``main``
                     accelerator.backward(loss / ga)
                 if aux_fn is not None:
                     with torch.no_grad():
