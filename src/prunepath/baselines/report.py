@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections import defaultdict
@@ -48,12 +47,9 @@ def plot(panels: list[tuple[str, list[dict]]], png: Path, ymax: float = 1e5) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}{png.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    from prunepath.evaluation.plots import save_figure
+
+    return save_figure(fig, png)
 
 
 def table(rows: list[dict], targets=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> str:

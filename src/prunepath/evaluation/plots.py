@@ -28,6 +28,25 @@ def _load(item: Any) -> tuple[str, list[dict], dict | None]:
     return str(label or "run"), rows, dense
 
 
+def save_figure(fig, out_png: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Write a matplotlib figure atomically (temporary file in the same folder, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix or ".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
 def plot_frontier(result_files_or_rows: Sequence[Any] | Any, out_png: str | os.PathLike, metric: str | None = None,
                   *, title: str | None = None, logy: bool | None = None, labels: Sequence[str] | None = None) -> Path:
     """Plot ``metric`` against s_FFN for each run (a sweep JSON path, a sweep dict, or a list of rows), with each
@@ -75,16 +94,4 @@ def plot_frontier(result_files_or_rows: Sequence[Any] | Any, out_png: str | os.P
     ax.set_title(title or f"{metric} vs FFN sparsity", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix or ".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return save_figure(fig, out_png)

@@ -633,13 +633,9 @@ def plot_records(records: list[dict], out_png: str | os.PathLike) -> Path:
         ax.axis("off")
     fig.suptitle(records[0].get("model", ""), fontsize=9)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    from prunepath.evaluation.plots import save_figure
+
+    return save_figure(fig, out_png, dpi=110)
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------

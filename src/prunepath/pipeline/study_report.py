@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from prunepath.evaluation.reports import atomic_write_text, write_json
@@ -153,17 +152,9 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6.5, loc="upper left")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, out_png)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_png
+    from prunepath.evaluation.plots import save_figure
+
+    return save_figure(fig, out_png)
 
 
 def rouge_summary(preds: list[dict], raw: dict | None) -> dict:
