@@ -14,18 +14,14 @@ import prunepath
 from prunepath.errors import PrunePathError
 from prunepath.pipeline import nlu_study as N
 from conftest import word_tokenizer
+from test_eval_fixtures import one_thread  # noqa: F401
 
 WORDS = [f"w{i}" for i in range(40)]
 REQUIRED = ("task", "method", "variant", "s_ffn", "metric", "value", "tau", "eval_examples", "train_examples",
             "train_steps", "seed", "model")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sent(g, n):
@@ -140,7 +136,7 @@ def test_pretrained_clustering_uses_the_pretrained_permutation(setup):
     perms = N.cluster_permutations(pre, 8)
     ids = torch.randint(0, 20, (3, 7))
     ref = ft(input_ids=ids).logits
-    N.moefy_with_permutations(ft, perms, 8)
+    prunepath.moefy(ft, neurons_per_expert=8, clustering="kmeans-pretrained", permutations=perms, progress=False)
     prunepath.configure(ft, tau=1.05, gates=False)
     assert torch.allclose(ft(input_ids=ids).logits, ref, atol=1e-5)  # all experts, no gates: the dense model
     for f, p in zip(prunepath.prunepath_modules(ft), perms):
@@ -148,7 +144,12 @@ def test_pretrained_clustering_uses_the_pretrained_permutation(setup):
     p2 = N.cluster_permutations(ft.__class__(cfg), 8)  # fresh weights cluster differently
     assert any(not torch.equal(a, b) for a, b in zip(perms, p2))
     with pytest.raises(PrunePathError, match="already converted"):
-        N.moefy_with_permutations(ft, perms, 8)
+        prunepath.moefy(ft, neurons_per_expert=8, permutations=perms, progress=False)
+    with pytest.raises(PrunePathError, match="2 FFN layers"):
+        prunepath.moefy(ft.__class__(cfg), neurons_per_expert=8, permutations=perms[:1], progress=False)
+    with pytest.raises(PrunePathError, match="not a permutation"):
+        prunepath.moefy(ft.__class__(cfg), neurons_per_expert=8, permutations=[p.flip(0) % 31 for p in perms],
+                        progress=False)
 
 
 def test_deadline_stops_cleanly_with_valid_json(setup):

@@ -96,12 +96,15 @@ def moefy(
     routing: RoutingConfig | None = None,
     progress: bool = True,
     calibration_activations: list[torch.Tensor] | None = None,
+    permutations: list[torch.Tensor] | None = None,
 ) -> nn.Module:
     """Convert every FFN of ``model`` (in place) into PrunePath experts and return the model.
 
     Experts come from balanced k-means of the L2-normalised W_gate (gated) / W_1 (plain) rows, ``seed`` makes
     it deterministic. The router is zero-initialised; routing starts at τ = 1.05 (all experts, sigmoid gates).
     ``clustering="coactivation"`` needs ``calibration_activations`` (one [tokens, d_ff] tensor per layer).
+    ``permutations`` (one neuron order per layer, e.g. clustered from *another* model's weights) replaces the
+    clustering; ``clustering`` is then only the label stored in the config.
     """
     if is_converted(model):
         raise PrunePathError("this model is already converted; load the original model to convert it again")
@@ -109,16 +112,24 @@ def moefy(
     sites = adapter.sites(model)
     if not sites:
         raise PrunePathError(f"no FFN found in this {adapter.name} model; is it a supported architecture?")
+    if permutations is not None and len(permutations) != len(sites):
+        raise PrunePathError(f"{len(permutations)} permutations for {len(sites)} FFN layers")
     routing = routing if routing is not None else RoutingConfig()
     first = adapter.extract(sites[0])
     num_experts, neurons_per_expert = resolve_expert_count(first.intermediate_size, neurons_per_expert, num_experts)
-    for site in tqdm(sites, desc="converting FFNs", disable=not progress, unit="layer"):
+    for i, site in enumerate(tqdm(sites, desc="converting FFNs", disable=not progress, unit="layer")):
         dense = adapter.extract(site)
         e, n = resolve_expert_count(dense.intermediate_size, None, num_experts)
         if n != neurons_per_expert:
             raise PrunePathError("FFN widths differ across layers; pass num_experts that divides every width")
-        acts = calibration_activations[site.layer_index] if calibration_activations is not None else None
-        perm = cluster_neurons(dense.cluster_rows, e, method=clustering, seed=seed, activations=acts)
+        if permutations is not None:
+            perm = permutations[i]
+            if sorted(perm.tolist()) != list(range(dense.intermediate_size)):
+                raise PrunePathError(f"layer {site.layer_index}: not a permutation of {dense.intermediate_size} "
+                                     "neurons")
+        else:
+            acts = calibration_activations[site.layer_index] if calibration_activations is not None else None
+            perm = cluster_neurons(dense.cluster_rows, e, method=clustering, seed=seed, activations=acts)
         adapter.install(site, build_ffn(dense, e, n, perm, site.layer_index, routing))
     model.prunepath_config = PrunePathConfig(
         adapter=adapter.name, num_experts=num_experts, neurons_per_expert=neurons_per_expert,

@@ -203,35 +203,6 @@ def _unwrap_autocast(model) -> None:
         model.forward = model._original_forward
 
 
-def moefy_with_permutations(model, permutations: list[torch.Tensor], neurons_per_expert: int, *, seed: int = 0,
-                            clustering: str = "kmeans-pretrained"):
-    """Convert ``model`` with given per-layer neuron permutations (e.g. from clustering *another* model's FFN
-    weights — the pretrained one in the clustering ablation). Same structure as :func:`prunepath.moefy`."""
-    from prunepath.conversion.clustering import resolve_expert_count
-    from prunepath.conversion.moefy import PrunePathConfig, build_ffn, is_converted
-    from prunepath.models.adapters import adapter_for
-    from prunepath.routing.config import RoutingConfig
-
-    if is_converted(model):
-        raise PrunePathError("this model is already converted; pass the dense model")
-    adapter = adapter_for(model)
-    sites = adapter.sites(model)
-    if len(sites) != len(permutations):
-        raise PrunePathError(f"{len(permutations)} permutations for {len(sites)} FFN layers")
-    routing = RoutingConfig()
-    e = n = 0
-    for site, perm in zip(sites, permutations):
-        dense = adapter.extract(site)
-        e, n = resolve_expert_count(dense.intermediate_size, neurons_per_expert, None)
-        if sorted(perm.tolist()) != list(range(dense.intermediate_size)):
-            raise PrunePathError(f"layer {site.layer_index}: not a permutation of {dense.intermediate_size} neurons")
-        adapter.install(site, build_ffn(dense, e, n, perm, site.layer_index, routing))
-    model.prunepath_config = PrunePathConfig(
-        adapter=adapter.name, num_experts=e, neurons_per_expert=n, num_layers=len(sites), clustering=clustering,
-        seed=seed, routing=routing, source_model=getattr(getattr(model, "config", None), "_name_or_path", None))
-    return model
-
-
 def cluster_permutations(model, neurons_per_expert: int, seed: int = 0) -> list[torch.Tensor]:
     """Balanced k-means permutations of every FFN of a dense ``model`` (what moefy would use)."""
     from prunepath.conversion.clustering import cluster_neurons, resolve_expert_count
@@ -451,7 +422,8 @@ class Study:
             if self.pretrained_perms is None:
                 self.pretrained_perms = cluster_permutations(self.fresh(), self.r["neurons_per_expert"],
                                                              self.r["seed"])
-            moefy_with_permutations(m, self.pretrained_perms, self.r["neurons_per_expert"], seed=self.r["seed"])
+            prunepath.moefy(m, neurons_per_expert=self.r["neurons_per_expert"], seed=self.r["seed"],
+                            clustering="kmeans-pretrained", permutations=self.pretrained_perms, progress=False)
         kw = {k: p[k] for k in p if k not in ("stage1_steps", "stage2_steps")}
         tr, dt = self._train(m, task, "prunepath", int(p["stage1_steps"]), int(p["stage2_steps"]), **kw)
         info = {"train_s": round(dt, 1), "tau_min": float(p["tau_min"]), "clustering": variant,
