@@ -1,11 +1,12 @@
-"""The trainer's per-step s_FFN, read on the device, equals prunepath.sparsity() on fresh inputs with padding."""
+"""stats.s_ffn_tensor (the trainer's per-step s_FFN, kept on the device) equals prunepath.sparsity() on fresh inputs
+with padding."""
 
 from __future__ import annotations
 
 import torch
 
 import prunepath
-from prunepath.training.trainer import _s_ffn_on_device
+from prunepath.stats import s_ffn_tensor
 
 
 def test_device_s_ffn_matches_sparsity_with_padding(tiny_model):
@@ -23,10 +24,9 @@ def test_device_s_ffn_matches_sparsity_with_padding(tiny_model):
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask.long())
     want = prunepath.sparsity(model, mask).s_ffn
-    got = float(_s_ffn_on_device(ffns, mask, model.prunepath_config.num_experts))
+    got = float(s_ffn_tensor(model, mask))
     assert 0 < want < 1
     assert abs(got - want) < 1e-6
     # the padding matters: all tokens counted gives another value unless the padded tokens happen to match
     all_tokens = prunepath.sparsity(model, None).s_ffn
-    assert abs(float(_s_ffn_on_device(ffns, torch.ones_like(mask), model.prunepath_config.num_experts))
-               - all_tokens) < 1e-6
+    assert abs(float(s_ffn_tensor(model, None)) - all_tokens) < 1e-6

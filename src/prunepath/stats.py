@@ -25,8 +25,10 @@ class SparsityStats:
                     per_layer_s_ffn=self.per_layer_s_ffn)
 
 
-def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Active-expert count per (kept) token, one 1-D tensor per layer, from the last forward."""
+def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None, *,
+                  keep_device: bool = False) -> list[torch.Tensor]:
+    """Active-expert count per (kept) token, one 1-D tensor per layer, from the last forward (moved to the CPU
+    unless ``keep_device``)."""
     from prunepath.conversion.moefy import prunepath_modules
 
     out = []
@@ -36,8 +38,15 @@ def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None) -> l
         a = m.last_active
         if token_mask is not None:
             a = a.reshape(token_mask.shape)[token_mask.to(torch.bool).to(a.device)]
-        out.append(a.reshape(-1).float().cpu())
+        a = a.reshape(-1).float()
+        out.append(a if keep_device else a.cpu())
     return out
+
+
+def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``sparsity(model, token_mask).s_ffn`` as a 0-d tensor on the model's device: no host read, for hot loops."""
+    counts = active_counts(model, token_mask, keep_device=True)
+    return 1.0 - torch.stack([c.mean() for c in counts]).mean() / model.prunepath_config.num_experts
 
 
 def sparsity(model: nn.Module, token_mask: torch.Tensor | None = None) -> SparsityStats:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
+from prunepath.stats import s_ffn_tensor
 from prunepath.training.config import TrainConfig
 from prunepath.training.losses import call_aux_loss, distill_kl, get_aux_loss, routing_terms
 from prunepath.training.schedule import get_stage_hook, resolve_layers
@@ -118,17 +119,6 @@ def _distill_teacher(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
     if prunepath.is_converted(teacher):
         prunepath.configure(teacher, rule="all", gates=False)
     return teacher
-
-
-def _s_ffn_on_device(ffns, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """s_FFN of the last forward over the unmasked tokens, as a device scalar (``stats.sparsity`` without the
-    per-layer host reads): 1 − mean over layers of the mean active-expert count / E."""
-    per_layer = []
-    for f in ffns:
-        a = f.last_active
-        m = mask.to(device=a.device, dtype=torch.bool)
-        per_layer.append(a.reshape(m.shape)[m].float().mean())
-    return 1.0 - torch.stack(per_layer).mean() / num_experts
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -431,9 +421,9 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                 mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
                 ctx = accelerator.no_sync(model) if micro < ga - 1 else nullcontext()
                 with ctx:
+                    inputs = _inputs(batch, accelerator.device)
                     with accelerator.autocast():
-                        outputs = model(**_inputs(batch, accelerator.device),
-                                        labels=batch["labels"].to(accelerator.device))
+                        outputs = model(**inputs, labels=batch["labels"].to(accelerator.device))
                         task_loss = outputs.loss
                         terms: dict[str, torch.Tensor] = {}
                         if aux_fn is not None:
@@ -443,7 +433,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                         main = task_loss
                         if teacher is not None:
                             with torch.no_grad():
-                                t_logits = teacher(**_inputs(batch, accelerator.device)).logits
+                                t_logits = teacher(**inputs).logits
                             kl = distill_kl(outputs.logits, t_logits, batch["labels"], cfg.distill_temperature)
                             main = (1 - cfg.distill) * task_loss + cfg.distill * kl
                         loss = main + sum(terms.values()) if terms else main
@@ -461,7 +451,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                 for k, v in terms.items():
                     add(f"term:{k}", v)
                 if converted:
-                    add("s_ffn", _s_ffn_on_device(ffns, mask, raw.prunepath_config.num_experts))
+                    add("s_ffn", s_ffn_tensor(raw, mask.to(accelerator.device)))
                 tokens_seen += int(mask.sum()) * accelerator.num_processes
             grad_norm = None
             if cfg.max_grad_norm:
