@@ -87,44 +87,36 @@ def main() -> int:
         subprocess.run(["rm", "-rf", str(args.work / d)])
     py = [sys.executable]
     one = run("1 GPU", [*py], model, args.data, 2 * args.batch, args.seq_len, args.steps, args.work / "one", [], "0")
-    if args.one_gpu_only:
-        summary = {"model": "random init, SmolLM2-135M shape (config of SmolLM2-135M-Instruct)",
-                   "global_batch_tokens": 2 * args.batch * args.seq_len, "steps": args.steps,
-                   "date": time.strftime("%Y-%m-%d"), **machine(), "gpus": torch.cuda.device_count(),
-                   "note": "1-GPU half only: no second GPU was lent"}
-        print(f"\n| run | tokens/s | median step (s) | final loss | wall (s) |\n|---|---|---|---|---|\n"
-              f"| {one['label']} | {one['tokens_per_s']:,} | {one['median_step_s']} | {one['final_loss']:.4f} | "
-              f"{one['wall_s']} |")
-        path = write_json(args.out_name, {"summary": summary, "runs": [one]})
-        if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / args.out_name).write_text(path.read_text())
-        return 0
-    if args.wait_file is not None:
-        t = time.time()
-        while not args.wait_file.exists() and time.time() - t < 360:
-            time.sleep(2)
-        print(f"waited {time.time() - t:.0f} s for {args.wait_file}", flush=True)
-    two = run("2 GPUs (accelerate launch, DDP)",
-              [*py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--mixed_precision", "bf16"],
-              model, args.data, args.batch, args.seq_len, args.steps, args.work / "two", [], "0,1")
-    diffs = [abs(a - b) for a, b in zip(one["losses"], two["losses"])]
-    half = len(diffs) // 2
+    runs = [one]
     summary = {"model": "random init, SmolLM2-135M shape (config of SmolLM2-135M-Instruct)",
                "global_batch_tokens": 2 * args.batch * args.seq_len, "steps": args.steps,
-               "max_abs_loss_diff_stage1": max(diffs[:half]), "max_abs_loss_diff_stage2": max(diffs[half:]),
-               "mean_abs_loss_diff": sum(diffs) / len(diffs),
-               "speedup_2gpu": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
                "date": time.strftime("%Y-%m-%d"), **machine(), "gpus": torch.cuda.device_count()}
-    print(f"\n| run | tokens/s | median step (s) | final loss | wall (s) |\n|---|---|---|---|---|")
-    for r in (one, two):
+    if args.one_gpu_only:
+        summary["note"] = "1-GPU half only: no second GPU was lent"
+    else:
+        if args.wait_file is not None:
+            t = time.time()
+            while not args.wait_file.exists() and time.time() - t < 360:
+                time.sleep(2)
+            print(f"waited {time.time() - t:.0f} s for {args.wait_file}", flush=True)
+        two = run("2 GPUs (accelerate launch, DDP)",
+                  [*py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--mixed_precision", "bf16"],
+                  model, args.data, args.batch, args.seq_len, args.steps, args.work / "two", [], "0,1")
+        runs.append(two)
+        diffs = [abs(a - b) for a, b in zip(one["losses"], two["losses"])]
+        half = len(diffs) // 2
+        summary.update(max_abs_loss_diff_stage1=max(diffs[:half]), max_abs_loss_diff_stage2=max(diffs[half:]),
+                       mean_abs_loss_diff=sum(diffs) / len(diffs),
+                       speedup_2gpu=round(two["tokens_per_s"] / one["tokens_per_s"], 3))
+    print("\n| run | tokens/s | median step (s) | final loss | wall (s) |\n|---|---|---|---|---|")
+    for r in runs:
         print(f"| {r['label']} | {r['tokens_per_s']:,} | {r['median_step_s']} | {r['final_loss']:.4f} | {r['wall_s']} |")
-    print(json.dumps({k: v for k, v in summary.items()}, indent=1))
-    path = write_json(args.out_name, {"summary": summary, "runs": [one, two]})
+    print(json.dumps(summary, indent=1))
+    path = write_json(args.out_name, {"summary": summary, "runs": runs})
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / args.out_name).write_text(path.read_text())
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
