@@ -18,6 +18,7 @@ sweep stops between two points, no job starts that cannot finish a first step; w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -675,7 +676,7 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
         bos = int(tok.bos_token_id) if needs_bos(model, tok) else None
         meter, pre = ActiveMeter(model), ActiveMeter(model)
         preds = []
-        ctxm = prunepath.routing(model, tau=tau) if tau is not None else _null()
+        ctxm = prunepath.routing(model, tau=tau) if tau is not None else contextlib.nullcontext()
         with ctxm, torch.inference_mode():
             for i, ex in enumerate(examples):
                 ids = torch.tensor([_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))],
@@ -696,14 +697,6 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
                                         "max_new_tokens": g["max_new_tokens"], "decoding": "greedy",
                                         "systems": summary},
             "gen_predictions": [p for r in rows for p in r["predictions"]]}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def job_gen_alpaca(ctx: Context, job: Job) -> dict:
@@ -731,7 +724,7 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
             tok.pad_token = tok.eos_token
         ds = build_instruct_dataset(loss_ex, tok, 512)
         bos = int(tok.bos_token_id) if needs_bos(model, tok) else None
-        ctxm = prunepath.routing(model, tau=tau) if tau is not None else _null()
+        ctxm = prunepath.routing(model, tau=tau) if tau is not None else contextlib.nullcontext()
         with ctxm, torch.inference_mode():
             ev = evaluate(model, ds, "instruct", batch_size=8, device=ctx.torch_device())
             gens = []
