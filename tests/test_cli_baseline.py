@@ -5,14 +5,12 @@ import json
 import pytest
 
 from prunepath.cli.main import main
-from test_eval_fixtures import one_thread, random_text, tiny_llama, tiny_tokenizer  # noqa: F401
+from test_eval_fixtures import one_thread, random_text, save_tiny_llama  # noqa: F401
 
 
 @pytest.fixture
 def env(tmp_path, one_thread):  # noqa: F811
-    model_dir = tmp_path / "tiny"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(tmp_path / "tiny")
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(random_text(200, seed=s) for s in range(10, 20)))
     data = tmp_path / "valid.txt"

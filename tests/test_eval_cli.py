@@ -9,7 +9,7 @@ import pytest
 
 import prunepath
 from prunepath.cli.main import main
-from test_eval_fixtures import one_thread, random_text, tiny_converted, tiny_llama, tiny_tokenizer  # noqa: F401
+from test_eval_fixtures import one_thread, random_text, save_tiny_llama, tiny_converted, tiny_llama, tiny_tokenizer  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,10 +20,7 @@ def files(tmp_path_factory):
     tok = tiny_tokenizer()
     ckpt = root / "ckpt"
     prunepath.save(tiny_converted(seed=21), ckpt, tokenizer=tok)
-    dense = root / "dense"
-    m = tiny_llama(seed=21)
-    m.save_pretrained(dense)
-    tok.save_pretrained(dense)
+    dense = save_tiny_llama(root / "dense", seed=21)
     text = root / "text.txt"
     text.write_text(random_text(700, seed=3))
     return {"root": root, "ckpt": str(ckpt), "dense": str(dense), "text": str(text)}

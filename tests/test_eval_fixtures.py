@@ -39,6 +39,13 @@ def tiny_converted(seed: int = 0, dtype=torch.float32, router_std: float = 1.0, 
     return m
 
 
+def save_tiny_llama(path, seed: int = 0):
+    """A tiny Llama and its tokenizer saved as a model directory (what the CLI and recipes load)."""
+    tiny_llama(seed=seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def random_text(n_words: int, seed: int = 0, per_line: int = 12) -> str:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, N_WORDS, (n_words,), generator=g).tolist()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import prunepath
 from prunepath.cli.main import main
 from prunepath.evaluation.perplexity import evaluate_perplexity, head_nll_sum, score_tokens, split_lm_head
-from test_eval_fixtures import one_thread, random_text, tiny_converted, tiny_llama, tiny_tokenizer  # noqa: F401
+from test_eval_fixtures import one_thread, random_text, save_tiny_llama, tiny_converted, tiny_llama  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,11 +103,7 @@ def test_converted_model_same_ppl_and_sparsity_on_both_paths_and_in_bf16():
 
 
 def test_cli_dtype_bf16_loads_and_reports_bfloat16(tmp_path):
-    tok = tiny_tokenizer()
-    dense = tmp_path / "dense"
-    m = tiny_llama(seed=4)
-    m.save_pretrained(dense)
-    tok.save_pretrained(dense)
+    dense = save_tiny_llama(tmp_path / "dense", seed=4)
     text = tmp_path / "t.txt"
     text.write_text(random_text(300, seed=2))
     a, b = tmp_path / "a.json", tmp_path / "b.json"

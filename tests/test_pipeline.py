@@ -9,14 +9,12 @@ import prunepath
 from prunepath import PrunePathError
 from prunepath.cli.main import main
 from prunepath.pipeline import load_run_recipe, run_recipe
-from test_eval_fixtures import random_text, tiny_llama, tiny_tokenizer
+from test_eval_fixtures import random_text, save_tiny_llama
 
 
 @pytest.fixture
 def setup(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(tmp_path / "tiny")
     data = tmp_path / "valid.txt"
     data.write_text(random_text(900, seed=1))
     train_text = tmp_path / "train.txt"

@@ -9,7 +9,7 @@ import yaml
 
 from prunepath import PrunePathError
 from prunepath.pipeline import lm_study
-from test_eval_fixtures import random_text, tiny_llama, tiny_tokenizer
+from test_eval_fixtures import random_text, save_tiny_llama
 
 REQUIRED = {"method", "s_ffn", "ppl", "tau", "eval_tokens", "train_tokens", "model", "seed"}
 METHODS = {"dense", "dense-finetuned", "prunepath-sweep", "prunepath", "lte", "moefication-topk", "d2dmoe",
@@ -18,9 +18,7 @@ METHODS = {"dense", "dense-finetuned", "prunepath-sweep", "prunepath", "lte", "m
 
 @pytest.fixture
 def study(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(tmp_path / "tiny")
     valid = tmp_path / "valid.txt"
     valid.write_text(random_text(700, seed=1))
     train = tmp_path / "train.txt"
