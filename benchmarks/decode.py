@@ -107,11 +107,21 @@ def time_prefill(eng, ids, dev, reps: int = 3) -> float:
     return sorted(pre)[len(pre) // 2] * 1e3
 
 
+def allocated_mb(dev) -> float:
+    return torch.cuda.memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
+
+
+LAST_START_MB = {"mb": float("nan")}  # memory held when the timed generation started (see time_engine)
+
+
 def time_engine(eng, ids, new, dev):
-    """Decode loop of the engine: ms/token excluding prefill, peak memory of prefill + decode, prefill ms."""
+    """Decode loop of the engine: ms/token excluding prefill, peak memory of prefill + decode, prefill ms.
+    The memory held just before the timed generation (engine tensors, captured graphs) goes to LAST_START_MB,
+    so the peak can be split into what the engine holds and what prefill + decode add on top."""
     eng.generate(ids, 3)  # compile + capture
     pre_ms = time_prefill(eng, ids, dev)
     peak_reset(dev)
+    LAST_START_MB["mb"] = allocated_mb(dev)
     sync(dev)
     t0 = time.perf_counter()
     eng.generate(ids, new)
@@ -184,7 +194,7 @@ def _free(dev):
 
 
 def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False, log=print, budget=None,
-              hf_new=8, emit=None, profile=None, grouped_densities=(0.3,), legacy=True):
+              hf_new=8, emit=None, profile=None, grouped_densities=(0.3,), legacy=True, auto_only=False):
     """Every engine for one shape; ``emit(record)`` is called as each record is made (partial results)."""
     import prunepath
     from prunepath.decoding.engine import DecodeEngine
@@ -223,7 +233,7 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
         fms, _ = engine_ffn_ms(eng, dev)
         floor = ffn_bytes(eng, 1.0) / bw * 1e3
         add(dict(base, batch=b, density=1.0, engine="dense-graph", ms_per_token=ms, tokens_per_s=1e3 * b / ms,
-                 peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
+                 peak_mem_mb=pk, start_mem_mb=LAST_START_MB["mb"], prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
                  ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None))
         log(f"{name} b{b} dense-graph {ms:.3f} ms/token ffn {fms:.3f} (floor {floor:.3f}) peak {pk:.0f} MB "
             f"prefill {pre:.1f} ms")
@@ -258,7 +268,11 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
                 break
             k = max(1, round(dens * e))
             tau = (k + 0.5) / e if k < e else 1.05
-            modes = ["sparse", "dense"] + (["dense_legacy"] if legacy and dens >= 1.0 and b == 1 else [])
+            if auto_only:  # what ffn="auto" runs, plus the sparse kernels at d = 1.0 (their full-density cost)
+                eng.routing.tau = tau
+                modes = [eng.resolve_mode("auto")] + (["sparse"] if dens >= 1.0 and b < eng.crossover else [])
+            else:
+                modes = ["sparse", "dense"] + (["dense_legacy"] if legacy and dens >= 1.0 and b == 1 else [])
             got = {}
             for mode in modes:
                 if budget.late():
@@ -270,15 +284,17 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
                 floor = ffn_bytes(eng, k if mode == "sparse" else e) / bw * 1e3
                 rec = dict(base, batch=b, density=dens, engine=f"prunepath-{mode.replace('_', '-')}",
                            tau=tau, measured_density=active / e, ms_per_token=ms, tokens_per_s=1e3 * b / ms,
-                           peak_mem_mb=pk, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
-                           ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None,
+                           peak_mem_mb=pk, start_mem_mb=LAST_START_MB["mb"], prefill_ms=pre, ffn_ms=fms,
+                           ffn_floor_ms=floor, ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None,
                            speedup_vs_dense_graph=dense_ms[b] / ms)
                 got[mode] = rec
                 add(rec)
                 log(f"{name} b{b} d{dens:.2f} {rec['engine']} {ms:.3f} ms/token ({dense_ms[b] / ms:.2f}x dense-graph) "
                     f"ffn {fms:.3f} (floor {floor:.3f}) active {active / e:.2f} peak {pk:.0f} MB prefill {pre:.1f} ms")
             cand = {m: r for m, r in got.items() if m in ("sparse", "dense")}
-            if cand:  # what the measured-crossover dispatch runs: the faster of the two paths
+            if auto_only and modes[0] in got:  # the auto row is the mode auto resolved to, not the faster one
+                add(dict(got[modes[0]], engine="prunepath", picked_mode=modes[0], picked_by="auto"))
+            elif cand:  # what the measured-crossover dispatch runs: the faster of the two paths
                 m, r = min(cand.items(), key=lambda kv: kv[1]["ms_per_token"])
                 add(dict(r, engine="prunepath", picked_mode=m))
             if dens in grouped_densities and b == 1 and not budget.late():
@@ -330,7 +346,8 @@ def _run_profile(eng, profile, ids, new, dev, e, b, base, dense_ms, bw, add, log
         active = float(kt.float().mean())
         floor = ffn_bytes(eng, active if mode == "sparse" else e) / bw * 1e3
         add(dict(base, batch=b, density=label, measured_density=active / e, engine=f"prunepath-{mode}",
-                 ms_per_token=ms, tokens_per_s=1e3 * b / ms, peak_mem_mb=pk, prefill_ms=pre, ffn_ms=None,
+                 ms_per_token=ms, tokens_per_s=1e3 * b / ms, peak_mem_mb=pk, start_mem_mb=LAST_START_MB["mb"],
+                 prefill_ms=pre, ffn_ms=None,
                  ffn_floor_ms=floor, speedup_vs_dense_graph=dense_ms[b] / ms, profile_model=profile.get("model"),
                  profile_s_ffn=profile.get("s_ffn"), profile_num_experts=profile.get("num_experts")))
         log(f"{name} b{b} {label} (density {active / e:.3f}) prunepath-{mode} {ms:.3f} ms/token "
@@ -347,6 +364,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-new", type=int, default=8, help="tokens for the HF eager timing (0 = skip it)")
     ap.add_argument("--grouped-densities", default="0.3", help="densities at which the grouped prefill is timed")
     ap.add_argument("--no-legacy", action="store_true", help="skip the dense_legacy rows")
+    ap.add_argument("--auto-only", action="store_true",
+                    help="per batch and density only the FFN path ffn='auto' picks (+ sparse at d = 1.0)")
     ap.add_argument("--density-profile", default="", help="JSON profile: realistic-density rows only")
     ap.add_argument("--deadline", type=float, default=0.0, help="epoch seconds: skip work that starts after it")
     ap.add_argument("--tag", default="h200")
@@ -379,7 +398,7 @@ def main(argv=None) -> int:
                       args.prompt, args.new, dev, gpu, bw, tiny=args.tiny, log=lambda s: print(s, flush=True),
                       budget=budget, hf_new=args.hf_new, emit=emit, profile=profile,
                       grouped_densities=tuple(float(x) for x in args.grouped_densities.split(",") if x),
-                      legacy=not args.no_legacy)
+                      legacy=not args.no_legacy, auto_only=args.auto_only)
         except torch.cuda.OutOfMemoryError as exc:
             print(f"{name}: out of memory: {exc}", flush=True)
             emit(dict(shape=name, engine="error", error=repr(exc)[:300]))

@@ -8,9 +8,16 @@ cp .stage/g1/corpora/*.jsonl "$PRUNEPATH_CACHE/corpora/"
 rm -f /tmp/kern.done
 mkdir -p "$OUT/kern"
 NGPU=$(nvidia-smi -L | wc -l)
-kernels() {
+kernels() {  # env KERN_PROFILES: density profiles (PATH#i, space-separated) timed after the main phase
     CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) timeout "${KERN_TIMEOUT:-290}" bash scripts/gpu/kernels.sh "$OUT/kern" main \
         > "$OUT/kern/kernels.log" 2>&1 || echo "kernels exit $?" >> "$OUT/kern/kernels.log"
+    local n=0
+    for prof in ${KERN_PROFILES:-}; do
+        n=$(( n + 1 ))
+        CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) KERN_PROFILE_TAG="-$n" timeout "${KERN_PROFILE_TIMEOUT:-150}" \
+            bash scripts/gpu/kernels.sh "$OUT/kern" profile "$prof" > "$OUT/kern/kernels-profile-$n.log" 2>&1 \
+            || echo "kernels profile exit $?" >> "$OUT/kern/kernels-profile-$n.log"
+    done
     touch /tmp/kern.done
 }
 if (( NGPU >= 2 )); then
@@ -19,6 +26,9 @@ if (( NGPU >= 2 )); then
 else
     log "one GPU: kernels first"; kernels; log "kernels done"
     MG=(--one-gpu-only --out-name train-throughput-h200.json)
+fi
+if [[ "${B1_TRAIN:-1}" != 1 ]]; then  # B1_TRAIN=0: kernels only (the 1-GPU throughput is already measured)
+    wait; log "b1 done (kernels only)"; tar -C "$OUT" -czf "$OUT/kern.tgz" kern && rm -rf "$OUT/kern"; ls -la "$OUT"; exit 0
 fi
 log "training throughput"
 python3 benchmarks/multi_gpu_train.py --config-dir .stage/g1/smol-config --data mix:moby-dick,austen \

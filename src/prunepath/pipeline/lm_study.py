@@ -707,7 +707,7 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
     from prunepath.data.instruct import load_examples
     from prunepath.data.lm import build_instruct_dataset
     from prunepath.evaluation.common import ActiveMeter, needs_bos
-    from prunepath.evaluation.generation import _greedy
+    from prunepath.evaluation.generation import _greedy, _prompt_ids, uses_chat_template
     from prunepath.training.trainer import evaluate
 
     g = ctx.cfg["generation"]
@@ -728,9 +728,9 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
         with ctxm, torch.inference_mode():
             ev = evaluate(model, ds, "instruct", batch_size=8, device=ctx.torch_device())
             gens = []
-            for ex in gen_ex:
-                ids = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([([bos] if bos is not None else []) + ids], device=ctx.torch_device())
+            for ex in gen_ex:  # through the chat template, as XSum: the bare prompt gets end-of-turn at once
+                ids = _prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
+                ids = torch.tensor([ids], device=ctx.torch_device())
                 out = _greedy(model, ids, int(g["max_new_tokens"]) * 2, tok.eos_token_id, ActiveMeter(model))
                 gens.append({"prompt": ex["prompt"], "response": tok.decode(out, skip_special_tokens=True).strip(),
                              "reference": ex["response"]})
