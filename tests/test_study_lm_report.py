@@ -50,7 +50,7 @@ def test_build_writes_tables_plot_and_rouge(tmp_path):
     md = (tmp_path / "docs" / "results" / "study-lm-x.md").read_text()
     assert (tmp_path / "docs" / "img" / "study-lm-x.png").stat().st_size > 1000
     assert "1.22×" in md  # 22 / 18 at s = 0.5
-    assert "s_FFN 0.5: PrunePath PPL 22.00 = 1.22× dense fine-tuned (18.00); target ≤ 1.3× — met" in md
+    assert "s_FFN 0.5: PrunePath (warmstart+offset) PPL 22.00 = 1.22× dense fine-tuned (18.00); target ≤ 1.3× — met" in md
     gen = json.loads((tmp_path / "docs" / "results" / "gen-x.json").read_text())
     by = {s["system"]: s for s in gen["xsum"]["systems"]}
     assert by["dense"]["rougeL"] == pytest.approx(1.0) and by["prunepath@0.6"]["rougeL"] == 0.0
@@ -64,3 +64,19 @@ def test_topk_table_names_failed_routers():
     assert "(no top-k reconstruction results)" in only_bad and "moefication: failed" in only_bad
     mixed = study_report.topk_table(ok + bad)
     assert "| prunepath | 1.000 | 0.500 |" in mixed and "moefication: failed, `RuntimeError('devices')`" in mixed
+
+
+def test_targets_check_takes_the_best_sweep_setting():
+    rows = _rows()
+    base = {k: rows[0][k] for k in ("model", "eval_tokens", "seed", "window")}
+    for tau, s, p in ((1.05, 0.0, 18.2), (0.7, 0.4, 19.0), (0.5, 0.6, 21.0)):  # better at 0.4 and 0.5
+        rows.append({**base, "method": "prunepath-sweep", "variant": "distill", "s_ffn": s, "ppl": p, "tau": tau,
+                     "train_tokens": 500})
+    text = study_report.targets_check(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("- s_FFN 0.5: PrunePath (distill) PPL")
+    want = math.exp(0.5 * math.log(19.0) + 0.5 * math.log(21.0))  # log-linear between s 0.4 and 0.6
+    assert f"PPL {want:.2f} = {want / 18.0:.2f}×" in lines[0] and "(other settings: warmstart+offset: 22.00)" in lines[0]
+    assert lines[1].startswith("- s_FFN 0.4: PrunePath (distill) PPL 19.00 = 1.06×") and lines[1].count("met") == 1
+    no_sweep = [r for r in rows if r["method"] != "prunepath-sweep"]
+    assert study_report.targets_check(no_sweep) == "(no dense-finetuned or PrunePath sweep yet)"
