@@ -212,7 +212,7 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
     vocab = cfg.vocab_size
     max_len = prompt + new + 8
     base = dict(shape=name, gpu=gpu, prompt=prompt, new_tokens=new, dtype=str(next(model.parameters()).dtype),
-                copy_gbps=bw / 1e9, date=_dt.date.today().isoformat(),
+                copy_gbps=bw / 1e9, date=_dt.date.today().isoformat(), command=" ".join(["python3"] + sys.argv),
                 peak_method="max_memory_allocated over prefill + decode, HF model moved to the host")
     dense_ms = {}
     ids_of = {b: torch.randint(0, vocab, (b, prompt), device=dev, generator=torch.Generator(device=dev).manual_seed(b))
