@@ -120,8 +120,17 @@ def test_study_runs_every_job_resumes_and_merges(study, monkeypatch):
     assert json.loads((out / "jobs" / "dense.json").read_text()) == dense_before
     log = [json.loads(x) for x in (out / "ckpt" / "dense-ft" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 5))  # resumed, no step twice
-    # 3) shard 1, then a merge-only call
+    # 3) shard 1, then a merge-only call; generation prompts (XSum and Alpaca) go through _prompt_ids, which
+    # applies the chat template when the tokenizer has one
+    import prunepath.evaluation.generation as gen_mod
+
+    prompted = []
+    real_prompt_ids = gen_mod._prompt_ids
+    monkeypatch.setattr(gen_mod, "_prompt_ids", lambda tok, ex, *a: prompted.append(ex) or real_prompt_ids(tok, ex, *a))
     lm_study.run(recipe, progress=False, shard="1/2", do_merge=False)
+    assert any("document" in ex for ex in prompted)  # XSum
+    assert any("document" not in ex and ex.get("response") for ex in prompted)  # Alpaca generations
+    monkeypatch.setattr(gen_mod, "_prompt_ids", real_prompt_ids)
     merged = lm_study.run(recipe, progress=False, merge_only=True)["merged"]
     assert merged["left"] == []
     res = out / "results"
@@ -212,3 +221,16 @@ def test_a_failing_job_does_not_stop_independent_ones(tmp_path):
     assert any(x.startswith("c (waits for a)") for x in res["left"])
     assert "broken" in (tmp_path / "failed" / "a.txt").read_text()
     assert ctx.done("b") and not ctx.done("a")
+
+
+def test_study_recipe_has_the_distillation_variant():
+    from pathlib import Path
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "study-lm-smollm2.yaml").read_text())
+    cfg = lm_study.load_study(recipe)
+    main, dist = lm_study.train_config(cfg, "main", "cpu"), lm_study.train_config(cfg, "distill", "cpu")
+    assert main.distill == 0.0 and dist.distill == 0.8
+    same = ("gate_offset", "warmstart_steps", "tau_min", "stage1_steps", "stage2_steps", "data", "batch_size")
+    assert all(getattr(main, k) == getattr(dist, k) for k in same)  # only the distillation differs
+    ids = [j.id for j in lm_study.build_jobs(cfg)]
+    assert ids.index("train-distill") < ids.index("eval-distill")
