@@ -52,9 +52,13 @@ def study(tmp_path):
     return tmp_path, recipe
 
 
-def test_shards_partition_the_jobs_and_keep_chains_together():
-    cfg = lm_study.load_study({"study": "lm", "variants": {"main": {}, "paper": {}}, "tau_min_runs": [0.8, 0.45]})
+@pytest.mark.parametrize("gen_run", ["main", "paper"])
+def test_shards_partition_the_jobs_and_keep_chains_together(gen_run):
+    cfg = lm_study.load_study({"study": "lm", "variants": {"main": {}, "paper": {}}, "tau_min_runs": [0.8, 0.45],
+                               "generation": {"run": gen_run}})
     jobs = lm_study.build_jobs(cfg)
+    gen = [j for j in jobs if j.id.startswith("gen-")]
+    assert all(j.deps == [f"eval-{gen_run}"] for j in gen) and len(gen) == 2  # generation follows its checkpoint
     ids = [j.id for j in jobs]
     assert len(ids) == len(set(ids))
     for n in (1, 2, 3, 6, 10):
@@ -68,6 +72,8 @@ def test_shards_partition_the_jobs_and_keep_chains_together():
                 assert all(ids.index(d) < ids.index(j.id) for d in j.deps)
     with pytest.raises(PrunePathError, match="shard"):
         lm_study.parse_shard("2/2")
+    with pytest.raises(PrunePathError, match="generation.run"):
+        lm_study.load_study({"study": "lm", "variants": {"main": {}}, "generation": {"run": "taumin-0.8"}})
 
 
 def test_train_config_splits_the_budget(study):
@@ -172,6 +178,15 @@ def test_study_runs_every_job_resumes_and_merges(study, monkeypatch):
     again = lm_study.run(recipe, progress=False)
     assert again["ran"] == [] and again["left"] == []
     monkeypatch.setattr(ppl_mod, "evaluate_perplexity", real_eval)
+    # 6) generation checks the deadline between documents: it stops inside a system instead of overrunning,
+    # leaves no job file, and the next run redoes it
+    (out / "jobs" / "gen-xsum.json").unlink()
+    (out / "partial" / "gen-xsum.jsonl").unlink()
+    monkeypatch.setattr(lm_study.Context, "left", lambda self: 1e-9)  # any time a document has taken is too much
+    cut = lm_study.run(recipe, progress=False, do_merge=False)
+    assert cut["stopped"] and cut["ran"] == [] and not (out / "jobs" / "gen-xsum.json").exists()
+    monkeypatch.setattr(lm_study.Context, "left", real_left)
+    assert lm_study.run(recipe, progress=False)["ran"] == ["gen-xsum"]
 
 
 def test_cli_dispatches_study_recipes(study, monkeypatch, tmp_path):

@@ -84,7 +84,10 @@ def load_study(recipe: dict, *, overrides: dict | None = None) -> dict:
     cfg["generation"] = {"xsum": "xsum-sample/xsum_sample.jsonl", "xsum_docs": 64, "max_new_tokens": 48,
                          "alpaca": "alpaca-sample/alpaca_data_1k.json", "alpaca_examples": 200,
                          "alpaca_generations": 3, "targets": [0.3, 0.5, 0.7], "max_input_tokens": 768,
-                         **(cfg.get("generation") or {})}
+                         "run": "main", **(cfg.get("generation") or {})}
+    if cfg["generation"]["run"] != "main" and cfg["generation"]["run"] not in cfg["variants"]:
+        raise PrunePathError(f"generation.run must be main or a swept variant ({', '.join(cfg['variants'])}); "
+                             f"got {cfg['generation']['run']!r}")
     cfg["topk"] = {"max_tokens": 4096, **(cfg.get("topk") or {})}
     cfg["density"] = {"targets": [0.5, 0.7], **(cfg.get("density") or {})}
     for t in cfg["sweep_taus"]:
@@ -162,10 +165,12 @@ def build_jobs(cfg: dict) -> list[Job]:
         c = next(chains)
         jobs += [Job(f"train-{run}", c, job_train, args={"run": run}),
                  Job(f"eval-{run}", c, job_eval_prunepath, [f"train-{run}"], {"run": run, "sweep": sweep})]
+    gen_eval = f"eval-{cfg['generation'].get('run', 'main')}"  # generation follows its checkpoint's chain
+    gen_chain = next(j.chain for j in jobs if j.id == gen_eval)
     jobs += [Job("d2dmoe", "A", job_router_baseline, ["train-dense-ft"], {"method": "d2dmoe"}),
              Job("static", "A", job_static, ["train-dense-ft"]),
-             Job("gen-xsum", "B", job_gen_xsum, ["eval-main"]),
-             Job("gen-alpaca", "B", job_gen_alpaca, ["eval-main"])]
+             Job("gen-xsum", gen_chain, job_gen_xsum, [gen_eval]),
+             Job("gen-alpaca", gen_chain, job_gen_alpaca, [gen_eval])]
     return jobs
 
 
@@ -636,8 +641,8 @@ def job_static(ctx: Context, job: Job) -> dict:
 
 
 def _gen_taus(ctx: Context) -> list[tuple[float, float]]:
-    """(τ, s_FFN) of the main checkpoint nearest each generation target s_FFN (from its sweep)."""
-    rows = json.loads(ctx.job_file("eval-main").read_text())["records"]
+    """(τ, s_FFN) of the generating checkpoint nearest each generation target s_FFN (from its sweep)."""
+    rows = json.loads(ctx.job_file(f"eval-{ctx.cfg['generation']['run']}").read_text())["records"]
     rows = [r for r in rows if r["method"] == "prunepath-sweep"]
     picked = []
     for t in ctx.cfg["generation"]["targets"]:
@@ -648,9 +653,10 @@ def _gen_taus(ctx: Context) -> list[tuple[float, float]]:
 
 
 def _systems(ctx: Context):
-    """(name, tau, model, tok) for dense and the main checkpoint at the generation τs (models loaded lazily)."""
+    """(name, tau, model, tok) for dense and the generating checkpoint (``generation.run``, default main) at the
+    generation τs (models loaded lazily)."""
     yield "dense", None, *ctx.load_base()
-    model, tok = ctx.load_ckpt("main")
+    model, tok = ctx.load_ckpt(ctx.cfg["generation"]["run"])
     for tau, _ in _gen_taus(ctx):
         yield f"prunepath@{tau:g}", tau, model, tok
 
@@ -679,6 +685,8 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
         ctxm = prunepath.routing(model, tau=tau) if tau is not None else contextlib.nullcontext()
         with ctxm, torch.inference_mode():
             for i, ex in enumerate(examples):
+                # a system takes minutes: stop before the deadline, not after it (the system is redone on resume)
+                ctx.check(3 * (time.time() - t) / i if i else 0.0)
                 ids = torch.tensor([_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))],
                                    device=ctx.torch_device())
                 with track_active(model, meter, skip_first=True):
