@@ -96,3 +96,37 @@ def test_wrong_format_errors(tmp_path, name, content, match):
 def test_missing_source_error():
     with pytest.raises(PrunePathError, match="no such data file"):
         load_texts("/nonexistent/corpus.txt")
+
+
+def test_blocks_can_start_with_bos():
+    blocks = pack_blocks(list(range(11)), 4, bos=99)
+    assert blocks.tolist() == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8]]  # seq_len − 1 ids per block
+    tok = tiny_tokenizer()
+    docs = [" ".join(["cat", "dog", "mat"] * 5) for _ in range(4)]
+    plain = build_lm_dataset(docs, tok, 8, shuffle_seed=None)
+    led = build_lm_dataset(docs, tok, 8, shuffle_seed=None, block_bos=True)
+    assert (led.columns["input_ids"][:, 0] == tok.bos_token_id).all()
+    assert not (plain.columns["input_ids"][:, 0] == tok.bos_token_id).all()
+    flat = plain.columns["input_ids"].flatten().tolist()
+    assert led.columns["input_ids"][:, 1:].flatten().tolist() == flat[: led.columns["input_ids"][:, 1:].numel()]
+    assert torch.equal(led.columns["labels"], led.columns["input_ids"])
+
+
+@pytest.mark.parametrize("arch,want_bos", [("gemma3", True), ("llama", False)])
+def test_training_blocks_start_with_bos_for_models_that_need_it(arch, want_bos, monkeypatch, tmp_path):
+    import prunepath.training.trainer as trainer_mod
+    from conftest import _tiny
+    from prunepath.training.config import TrainConfig
+    from test_train_helpers import synthetic_docs
+
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(synthetic_docs(30)))
+    seen = {}
+    monkeypatch.setattr(trainer_mod, "train", lambda model, tok, ds, cfg, **kw: seen.update(train=ds, eval=kw["eval_data"]))
+    cfg = TrainConfig.from_dict({"task": "lm", "method": "dense", "data": str(data), "seq_len": 16, "batch_size": 2,
+                                 "stage1_steps": 1, "stage2_steps": 1, "device": "cpu", "progress": False})
+    tok = tiny_tokenizer()
+    trainer_mod.train_from_config(_tiny(arch), tok, cfg)
+    for ds in (seen["train"], seen["eval"]):
+        first = ds.columns["input_ids"][:, 0]
+        assert bool((first == tok.bos_token_id).all()) is want_bos

@@ -127,3 +127,13 @@ def test_reports_and_plot(tmp_path):
     with pytest.raises(PrunePathError, match="not valid JSON"):
         (tmp_path / "bad.json").write_text("{")
         plot_frontier([tmp_path / "bad.json"], tmp_path / "g.png")
+
+
+def test_nearest_sparsity_picks_the_closest_row():
+    from prunepath.evaluation.sweep import nearest_sparsity
+
+    rows = [{"s_ffn": s, "tau": t} for s, t in ((0.0, 1.05), (0.31, 0.8), (0.52, 0.6), (0.7, 0.4))]
+    assert nearest_sparsity(rows, 0.5)["tau"] == 0.6
+    assert nearest_sparsity(rows, 0.33)["tau"] == 0.8
+    assert nearest_sparsity(rows, 0.9)["tau"] == 0.4
+    assert nearest_sparsity([], 0.5) is None

@@ -61,24 +61,32 @@ def tokenize_documents(texts: Sequence[str], tokenizer, *, max_tokens: int | Non
     return ids
 
 
-def pack_blocks(ids: Sequence[int], seq_len: int) -> torch.Tensor:
-    """[N, seq_len] blocks of consecutive ids (the ragged tail is dropped)."""
+def pack_blocks(ids: Sequence[int], seq_len: int, bos: int | None = None) -> torch.Tensor:
+    """[N, seq_len] blocks of consecutive ids (the ragged tail is dropped). With ``bos`` every block is that token
+    followed by seq_len − 1 ids: models such as Gemma go far off their distribution without BOS at the start, and
+    the evaluator puts it at every window start, so training sees the same."""
     if seq_len < 2:
         raise PrunePathError(f"--seq-len must be at least 2 (got {seq_len})")
-    n = len(ids) // seq_len
+    step = seq_len - (bos is not None)
+    n = len(ids) // step
     if n == 0:
         raise PrunePathError(f"the data has only {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; "
                              "pass more text or a smaller --seq-len")
-    return torch.tensor(list(ids[: n * seq_len]), dtype=torch.long).view(n, seq_len)
+    blocks = torch.tensor(list(ids[: n * step]), dtype=torch.long).view(n, step)
+    if bos is not None:
+        blocks = torch.cat([torch.full((n, 1), int(bos), dtype=torch.long), blocks], 1)
+    return blocks
 
 
 def build_lm_dataset(texts: Sequence[str], tokenizer, seq_len: int, *, max_tokens: int | None = None,
-                     shuffle_seed: int | None = 0, add_bos: bool = False) -> TensorDictDataset:
-    """Packed causal-LM blocks; every position counts in the loss (labels = input ids, shifted by the model)."""
+                     shuffle_seed: int | None = 0, add_bos: bool = False,
+                     block_bos: bool = False) -> TensorDictDataset:
+    """Packed causal-LM blocks; every position counts in the loss (labels = input ids, shifted by the model).
+    ``block_bos``: every block starts with the tokenizer's BOS (see :func:`pack_blocks`)."""
     if not texts:
         raise PrunePathError("no text to train on (the split is empty); check --data / --valid-fraction")
     ids = tokenize_documents(texts, tokenizer, max_tokens=max_tokens, shuffle_seed=shuffle_seed, add_bos=add_bos)
-    blocks = pack_blocks(ids, seq_len)
+    blocks = pack_blocks(ids, seq_len, tokenizer.bos_token_id if block_bos else None)
     return TensorDictDataset(input_ids=blocks, attention_mask=torch.ones_like(blocks), labels=blocks.clone())
 
 

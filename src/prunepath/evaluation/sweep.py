@@ -25,6 +25,11 @@ def validate_taus(taus: Sequence[float]) -> list[float]:
     return sorted(set(vals))
 
 
+def nearest_sparsity(rows: list[dict], target: float) -> dict | None:
+    """The row whose ``s_ffn`` is closest to ``target`` (None for no rows)."""
+    return min(rows, key=lambda r: abs(r["s_ffn"] - target)) if rows else None
+
+
 def sweep(
     model: nn.Module,
     tokenizer,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from prunepath.errors import PrunePathError
+from prunepath.evaluation.sweep import nearest_sparsity
 from prunepath.evaluation.reports import atomic_write_text
 
 STUDY_KEYS = {"study", "name", "description", "model", "out", "seed", "train_tokens", "train", "stage1_fraction",
@@ -461,15 +462,11 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
     return out
 
 
-def _nearest(rows: list[dict], target: float) -> dict:
-    return min(rows, key=lambda r: abs(r["s_ffn"] - target))
-
-
 def _density(ctx: Context, rows: list[dict]) -> list[dict]:
     """Per-layer histograms of active experts per token at the τ nearest each target s_FFN."""
     out = []
     for target in ctx.cfg["density"]["targets"]:
-        r = _nearest([r for r in rows if r.get("_active_hist")], float(target))
+        r = nearest_sparsity([r for r in rows if r.get("_active_hist")], float(target))
         out.append({"model": r["model"], "tau": r["tau"], "s_ffn": r["s_ffn"], "target_s_ffn": float(target),
                     "num_experts": r["_num_experts"], "tokens": r["eval_tokens"], "data": r["eval_data"],
                     "layers": [{"layer": i, "counts": {str(n): int(c) for n, c in enumerate(h) if c}}
@@ -646,7 +643,7 @@ def _gen_taus(ctx: Context) -> list[tuple[float, float]]:
     rows = [r for r in rows if r["method"] == "prunepath-sweep"]
     picked = []
     for t in ctx.cfg["generation"]["targets"]:
-        r = _nearest(rows, float(t))
+        r = nearest_sparsity(rows, float(t))
         if (r["tau"], r["s_ffn"]) not in picked:
             picked.append((r["tau"], r["s_ffn"]))
     return picked

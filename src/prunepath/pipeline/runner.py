@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from prunepath.errors import PrunePathError
+from prunepath.evaluation.sweep import nearest_sparsity
 from prunepath.pipeline.recipe import Recipe
 
 
@@ -76,10 +77,6 @@ def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
     _log(f"training: {cfg.stage1_steps} + {cfg.stage2_steps} steps x {cfg.tokens_per_step} tokens on {cfg.data}")
     result = train_from_config(model, tok, cfg, out_dir=ckpt)
     return model, tok, int(getattr(result, "tokens", 0) or 0)
-
-
-def _nearest(rows: list[dict], target: float) -> dict | None:
-    return min(rows, key=lambda r: abs(r["s_ffn"] - target)) if rows else None
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
@@ -149,7 +146,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
         lines.append(f"dense PPL: {dense_row['ppl']:.2f}")
     sparse_rows = [r for r in rows if r["s_ffn"] > 0]
     for target in recipe.sweep.get("summary_sparsities", [0.2, 0.35, 0.5]):
-        r = _nearest(sparse_rows, float(target))
+        r = nearest_sparsity(sparse_rows, float(target))
         if r is not None:
             ratio = f" ({r['ppl'] / dense_row['ppl']:.2f}x dense)" if dense_row else ""
             lines.append(f"PrunePath PPL at s_FFN {r['s_ffn']:.2f} (τ={r['tau']:g}): {r['ppl']:.2f}{ratio}")

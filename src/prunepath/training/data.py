@@ -64,8 +64,9 @@ def _default_eval_path(path: str) -> str | None:
     return None
 
 
-def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None):
-    """(train dataset, eval dataset or None, info) for ``cfg.task`` / ``cfg.data`` / ``cfg.eval_data``."""
+def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None, block_bos: bool = False):
+    """(train dataset, eval dataset or None, info) for ``cfg.task`` / ``cfg.data`` / ``cfg.eval_data``;
+    ``block_bos``: LM blocks start with BOS (models that need it, as the evaluator's windows do)."""
     from prunepath.data.text import load_texts
 
     if not cfg.data:
@@ -76,15 +77,16 @@ def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None):
         texts = load_texts(cfg.data, "train", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
                            text_field=cfg.text_field)
         cap = cfg.max_train_tokens or max_train_tokens
-        train = build_lm_dataset(texts, tokenizer, cfg.seq_len, max_tokens=cap, shuffle_seed=cfg.seed)
+        train = build_lm_dataset(texts, tokenizer, cfg.seq_len, max_tokens=cap, shuffle_seed=cfg.seed,
+                                 block_bos=block_bos)
         if cfg.eval_data:
             ev_texts = load_texts(cfg.eval_data, "all", text_field=cfg.text_field)
         else:
             ev_texts = load_texts(cfg.data, "validation", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
                                   text_field=cfg.text_field)
         ev = build_lm_dataset(ev_texts, tokenizer, cfg.seq_len, max_tokens=cfg.max_eval_tokens,
-                              shuffle_seed=None) if ev_texts else None
-        info.update(train_docs=len(texts), eval_docs=len(ev_texts))
+                              shuffle_seed=None, block_bos=block_bos) if ev_texts else None
+        info.update(train_docs=len(texts), eval_docs=len(ev_texts), block_bos=block_bos)
     elif cfg.task == "instruct":
         ex = _examples(cfg.data)
         ev_ex = _examples(cfg.eval_data) if cfg.eval_data else None

@@ -580,6 +580,7 @@ def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
                       out_dir: str | os.PathLike | None = None, should_stop=None) -> TrainResult:
     """Build ``cfg``'s task data (exactly the tokens the steps need, per process) and :func:`train` on it —
     what ``prunepath train`` and ``prunepath run`` both do."""
+    from prunepath.evaluation.common import needs_bos
     from prunepath.training.data import build_task_data
 
     check_task(model, cfg.task)
@@ -587,7 +588,8 @@ def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
         tokenizer.pad_token = tokenizer.eos_token
     world = int(os.environ.get("WORLD_SIZE", "1"))
     need = cfg.total_steps * cfg.tokens_per_step * world + cfg.seq_len
-    train_ds, eval_ds, info = build_task_data(cfg, tokenizer, max_train_tokens=need)
+    bos = tokenizer is not None and cfg.task == "lm" and needs_bos(model, tokenizer)
+    train_ds, eval_ds, info = build_task_data(cfg, tokenizer, max_train_tokens=need, block_bos=bos)
     print(f"[prunepath] data: {json.dumps(info)}; {len(train_ds)} training rows of {cfg.seq_len} tokens; "
           f"{cfg.total_steps} steps × {cfg.tokens_per_step} tokens/step/process", flush=True)
     return train(model, tokenizer, train_ds, cfg, eval_data=eval_ds, out_dir=out_dir or cfg.out,
