@@ -130,3 +130,17 @@ def test_training_blocks_start_with_bos_for_models_that_need_it(arch, want_bos, 
     for ds in (seen["train"], seen["eval"]):
         first = ds.columns["input_ids"][:, 0]
         assert bool((first == tok.bos_token_id).all()) is want_bos
+
+
+def test_needs_bos_by_model_type_and_tokenizer():
+    from conftest import _tiny, word_tokenizer
+    from prunepath.models.adapters import needs_bos
+
+    tok = tiny_tokenizer()
+    assert needs_bos(_tiny("gemma3"), tok) is True
+    assert needs_bos(_tiny("llama"), tok) is False
+    tok.add_bos_token = True  # a tokenizer that adds BOS itself asks for it on any model
+    assert needs_bos(_tiny("llama"), tok) is True
+    no_bos = word_tokenizer(["<pad>", "<eos>", "cat"], pad_token="<pad>", eos_token="<eos>")
+    with pytest.raises(PrunePathError, match="needs a BOS token"):
+        needs_bos(_tiny("gemma3"), no_bos)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.models.adapters import needs_bos  # noqa: F401 - re-exported: evaluation callers import it here
 
 
 def shared_data_dir() -> Path:
@@ -89,16 +90,6 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def needs_bos(model: nn.Module, tokenizer) -> bool:
-    """Whether every evaluation window must start with BOS (Gemma: PPL 33.8 with it, 90.3 without)."""
-    mtype = str(getattr(getattr(model, "config", None), "model_type", "") or "")
-    wants = mtype.startswith("gemma") or bool(getattr(tokenizer, "add_bos_token", False))
-    if wants and getattr(tokenizer, "bos_token_id", None) is None:
-        raise PrunePathError("this model needs a BOS token at every window start but the tokenizer has none; "
-                             "pass the model's own tokenizer")
-    return wants
 
 
 def embedding_rows(model: nn.Module) -> int | None:

@@ -580,7 +580,7 @@ def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
                       out_dir: str | os.PathLike | None = None, should_stop=None) -> TrainResult:
     """Build ``cfg``'s task data (exactly the tokens the steps need, per process) and :func:`train` on it —
     what ``prunepath train`` and ``prunepath run`` both do."""
-    from prunepath.evaluation.common import needs_bos
+    from prunepath.models.adapters import needs_bos
     from prunepath.training.data import build_task_data
 
     check_task(model, cfg.task)
