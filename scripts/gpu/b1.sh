@@ -9,6 +9,7 @@ rm -f /tmp/kern.done
 mkdir -p "$OUT/kern"
 NGPU=$(nvidia-smi -L | wc -l)
 kernels() {  # env KERN_PROFILES: density profiles (PATH#i, space-separated) timed after the main phase
+    if [[ "${B1_KERNELS:-1}" != 1 ]]; then touch /tmp/kern.done; return 0; fi  # B1_KERNELS=0: staging only
     CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) timeout "${KERN_TIMEOUT:-290}" bash scripts/gpu/kernels.sh "$OUT/kern" main \
         > "$OUT/kern/kernels.log" 2>&1 || echo "kernels exit $?" >> "$OUT/kern/kernels.log"
     local n=0
