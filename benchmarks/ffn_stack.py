@@ -89,7 +89,8 @@ def graph_of(fn, warm: int = 2):
     if DEV != "cuda":
         fn()
         return _Eager(fn)
-    s = torch.cuda.Stream()
+    from prunepath.decoding.engine import warmup_stream  # one stream: no new cuBLAS workspace per graph
+    s = warmup_stream(torch.cuda.current_device())
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(warm):

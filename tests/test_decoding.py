@@ -118,3 +118,23 @@ def test_generate_api_and_cli(tmp_path, capsys, monkeypatch):
     assert "--device cuda" in capsys.readouterr().err
     with pytest.raises(PrunePathError, match="--device cuda"):
         generate(model, tok, prompt, 2, kernels="triton", device="cpu")
+
+
+def test_graph_warmups_share_one_stream_per_device(monkeypatch):
+    # a new stream per capture would leave a new cuBLAS workspace behind each time (held memory grows)
+    from prunepath.decoding import engine as eng_mod
+
+    made = []
+
+    class FakeStream:
+        def __init__(self, device=None):
+            made.append(device)
+
+    monkeypatch.setattr(eng_mod, "_WARMUP_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    a = eng_mod.warmup_stream("cuda:0")
+    assert eng_mod.warmup_stream("cuda") is a and eng_mod.warmup_stream(torch.device("cuda", 0)) is a
+    b = eng_mod.warmup_stream("cuda:1")
+    assert b is not a and eng_mod.warmup_stream("cuda:1") is b
+    assert made == [torch.device("cuda", 0), torch.device("cuda", 1)]

@@ -25,6 +25,21 @@ from prunepath.routing.config import RoutingConfig
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 
+_WARMUP_STREAMS: dict[str, "torch.cuda.Stream"] = {}
+
+
+def warmup_stream(device: torch.device | str) -> "torch.cuda.Stream":
+    """The one side stream per device on which every CUDA-graph warm-up runs. PyTorch keeps a cuBLAS workspace
+    (32 MiB on Hopper) per stream a GEMM has run on, for the life of the process, so a fresh stream per capture
+    would add that much held memory at every recapture (until the 32-stream pool wraps)."""
+    dev = torch.device(device)
+    if dev.index is None:  # "cuda" and "cuda:N" of the current device must share one stream
+        dev = torch.device(dev.type, torch.cuda.current_device())
+    key = str(dev)
+    if key not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[key] = torch.cuda.Stream(device=dev)
+    return _WARMUP_STREAMS[key]
+
 
 @dataclass
 class _Layer:
@@ -308,7 +323,7 @@ class DecodeEngine:
             # Warm up (compiles the kernels) on a side stream, then capture; restore the state it advanced.
             saved = (self.tok.clone(), self.pos.clone(), self.step_idx.clone())
             caches = [(l.k_cache, l.v_cache) for l in self.layers]
-            s = torch.cuda.Stream()
+            s = warmup_stream(self.device)
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 self._decode_step(sample)
