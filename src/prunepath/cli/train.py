@@ -102,6 +102,8 @@ def register(sub) -> None:
     g.add_argument("--distill", type=float, help="weight in [0, 1] of the KL to the frozen dense model's "
                    "next-token distribution (the task loss gets 1 − weight; 0: off)")
     g.add_argument("--distill-temperature", type=float, help="softmax temperature of --distill (default 1)")
+    g.add_argument("--router-distill", type=float, help="weight of a KL from each token's true expert-output "
+                   "shares (the warm-start target, on the current weights) to the router softmax (default 0)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only the final model)")
     g.add_argument("--keep-checkpoints", type=int)

@@ -61,6 +61,9 @@ class PrunePathFFN(nn.Module):
         self.last_active: torch.Tensor | None = None
         # Set by trainers that need the router logits with their graph (entropy / balance losses).
         self.capture_router_logits = False
+        # training with router_distill: the softmax temperature of the norm-share target (None: not captured)
+        self.capture_norm_target: float | None = None
+        self.last_norm_target: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
 
     @property
@@ -88,17 +91,23 @@ class PrunePathFFN(nn.Module):
         """‖FFN_e(x)‖₂ of every expert's ungated contribution to the output (output bias excluded), float32,
         shape [..., E]. Chunked over tokens so the [tokens, E, d] intermediate stays small."""
         flat = x.reshape(-1, x.shape[-1])
+        out = [self._norms_of_intermediate(self.intermediate(part)) for part in flat.split(chunk)]
+        return torch.cat(out).view(*x.shape[:-1], self.num_experts)
+
+    def _norms_of_intermediate(self, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """[tokens, E] ‖h_e W_down,e‖₂ from ungated intermediate activations h [..., E·n] (float32)."""
         e, n = self.num_experts, self.neurons_per_expert
         w = self.down_proj.weight.float().view(-1, e, n)  # [hidden, E, n]
-        out = []
-        for part in flat.split(chunk):
-            h = self.intermediate(part).float().view(-1, e, n)
-            out.append(torch.einsum("ten,den->ted", h, w).norm(dim=-1))
-        return torch.cat(out).view(*x.shape[:-1], e)
+        flat = h.reshape(-1, e, n)
+        return torch.cat([torch.einsum("ten,den->ted", part.float(), w).norm(dim=-1) for part in flat.split(chunk)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         h = self.intermediate(x)
+        if self.capture_norm_target is not None:
+            with torch.no_grad():  # each expert's share of the true output: what the router should rank by
+                c = self._norms_of_intermediate(h.detach()).view(*x.shape[:-1], self.num_experts)
+                self.last_norm_target = torch.softmax(c.clamp_min(1e-12).log() / self.capture_norm_target, -1)
         needs_router = r.method != "prunepath" or r.gates or r.rule != "all" or self.capture_router_logits
         if needs_router:
             logits = self.router(x)

@@ -80,6 +80,9 @@ class TrainConfig:
     always_on: int = 0  # experts per layer that always run (largest max output norm on calibration data)
     distill: float = 0.0  # weight α of the KL to the frozen dense model's next-token distribution (0: off)
     distill_temperature: float = 1.0
+    # weight of a KL from each token's true expert-output-norm shares (the warm-start target, recomputed on the
+    # current weights every step, temperature warmstart_temperature) to the router softmax (0: off)
+    router_distill: float = 0.0
     # bookkeeping
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2
@@ -125,6 +128,11 @@ class TrainConfig:
         if not 0 <= self.distill <= 1:
             raise PrunePathError(f"--distill is the weight of the distillation loss, in [0, 1] (got {self.distill}); "
                                  "the task loss gets 1 − distill")
+        if self.router_distill < 0:
+            raise PrunePathError(f"--router-distill is a loss weight, >= 0 (got {self.router_distill})")
+        if self.router_distill and self.method != "prunepath":
+            raise PrunePathError("--router-distill trains PrunePath's softmax router; it does not apply to "
+                                 f"method {self.method!r}")
         if self.distill_temperature <= 0:
             raise PrunePathError(f"--distill-temperature must be > 0 (got {self.distill_temperature})")
         if self.distill and self.task == "classify":

@@ -93,6 +93,20 @@ def prunepath_aux_loss(scores: list[torch.Tensor], token_mask: torch.Tensor | No
 register_aux_loss("prunepath", prunepath_aux_loss)
 
 
+def router_distill_kl(logits: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None = None,
+                      always_on: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over (unmasked) tokens of KL(q ‖ softmax(router logits)), with q the per-token expert shares of the
+    true output. Always-on experts are outside the softmax, as in routing; q is renormalised over the rest."""
+    g, q = _flatten(logits, token_mask).float(), _flatten(target, token_mask).float()
+    if g.shape[0] == 0:
+        return logits.sum() * 0.0
+    if always_on is not None and bool(always_on.any()):
+        keep = ~always_on.to(g.device)
+        g, q = g[:, keep], q[:, keep]
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
+    return (q * (q.clamp_min(1e-12).log() - torch.log_softmax(g, -1))).sum(-1).mean()
+
+
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher ‖ student) of the next-token distributions, mean over the positions whose next label is scored

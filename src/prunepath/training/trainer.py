@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from prunepath.errors import PrunePathError
 from prunepath.stats import s_ffn_tensor
 from prunepath.training.config import TrainConfig
-from prunepath.training.losses import call_aux_loss, distill_kl, get_aux_loss, routing_terms
+from prunepath.training.losses import call_aux_loss, distill_kl, get_aux_loss, router_distill_kl, routing_terms
 from prunepath.training.schedule import get_stage_hook, resolve_layers
 
 STATE_NAME = "trainer_state.json"
@@ -362,6 +362,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
         prunepath.configure(model, method=cfg.method, params=dict(cfg.method_params) or None)
     for f in ffns:
         f.capture_router_logits = aux_fn is not None
+        f.capture_norm_target = cfg.warmstart_temperature if cfg.router_distill else None
 
     model.to(accelerator.device)
     model.train()
@@ -430,6 +431,11 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                             scores = [f.last_router_logits for f in ffns]
                             terms = call_aux_loss(aux_fn, scores, mask, cfg,
                                                   always_on=[f.always_on for f in ffns])
+                        if cfg.router_distill:
+                            rd = torch.stack([router_distill_kl(f.last_router_logits, f.last_norm_target,
+                                                                mask.to(f.last_norm_target.device), f.always_on)
+                                              for f in ffns]).mean()
+                            terms["router_distill"] = cfg.router_distill * rd
                         main = task_loss
                         if teacher is not None:
                             with torch.no_grad():
@@ -446,6 +452,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                                                             f.always_on)["ent"] for f in ffns]).mean())
                     for f in ffns:
                         f.last_router_logits = None  # release the graph
+                        f.last_norm_target = None
                 add("loss", loss)
                 add("task", task_loss)
                 for k, v in terms.items():
@@ -508,6 +515,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
             log_file.close()
     for f in ffns:
         f.capture_router_logits = False
+        f.capture_norm_target, f.last_norm_target = None, None
         f.last_router_logits = None
     accelerator.wait_for_everyone()
 
