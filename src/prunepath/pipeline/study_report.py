@@ -24,6 +24,8 @@ CURVES = [  # (method, variant or None, label, style)
     ("prunepath-sweep", "warmstart+offset", "PrunePath (warm start + gate offset), τ sweep", "o-"),
     ("prunepath-sweep", "paper-defaults", "PrunePath (paper defaults), τ sweep", "o--"),
     ("prunepath-sweep", "warmstart+offset+distill", "PrunePath (+ distillation α 0.8), τ sweep", "o:"),
+    ("prunepath-sweep", "warmstart+offset+distill+router-distill", "PrunePath (+ distillation + router distill), τ sweep",
+     "o-."),
     ("prunepath", None, "PrunePath trained to τ_min (at τ_min ± 0.05)", "*"),
     ("lte", None, "LTE (trained), δ sweep", "s-"),
     ("moefication-topk", None, "MoEfication top-k", "^-"),
