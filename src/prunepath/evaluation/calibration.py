@@ -9,7 +9,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.common import ActiveMeter, check_token_ids, needs_bos, pad_id, prepare_model
+from prunepath.evaluation.common import ActiveMeter, check_token_ids, pad_id, prepare_model
+from prunepath.models.adapters import needs_bos
 
 
 @torch.inference_mode()

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
-from prunepath.models.adapters import needs_bos  # noqa: F401 - re-exported: evaluation callers import it here
 
 
 def shared_data_dir() -> Path:

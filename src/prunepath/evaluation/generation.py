@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from prunepath.data.instruct import load_examples, xsum_prompt
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.common import (ActiveMeter, check_tokenizer, model_meta, needs_bos, pad_id,
-                                         prepare_model, require_causal_lm, track_active)
+from prunepath.evaluation.common import (ActiveMeter, check_tokenizer, model_meta, pad_id, prepare_model,
+                                         require_causal_lm, track_active)
+from prunepath.models.adapters import needs_bos
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict:

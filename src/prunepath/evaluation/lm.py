@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunepath.evaluation.common import ActiveMeter, needs_bos, pad_id
+from prunepath.evaluation.common import ActiveMeter, pad_id
+from prunepath.models.adapters import needs_bos
 
 
 def prefix_token(model: nn.Module, tokenizer) -> int | None:

@@ -23,8 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.common import (ActiveMeter, check_token_ids, check_tokenizer, model_meta, needs_bos,
-                                         pad_id, prepare_model, require_causal_lm, resolve_data_path)
+from prunepath.evaluation.common import (ActiveMeter, check_token_ids, check_tokenizer, model_meta, pad_id,
+                                         prepare_model, require_causal_lm, resolve_data_path)
+from prunepath.models.adapters import needs_bos
 
 BLOCK_CHARS = 1 << 22  # text is read and tokenized in blocks of about 4 MiB
 

@@ -664,7 +664,8 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
     import torch
 
     from prunepath.data.instruct import load_examples
-    from prunepath.evaluation.common import ActiveMeter, needs_bos, track_active
+    from prunepath.evaluation.common import ActiveMeter, track_active
+    from prunepath.models.adapters import needs_bos
     from prunepath.evaluation.generation import _greedy, _prompt_ids, uses_chat_template
 
     g = ctx.cfg["generation"]
@@ -711,7 +712,8 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
 
     from prunepath.data.instruct import load_examples
     from prunepath.data.lm import build_instruct_dataset
-    from prunepath.evaluation.common import ActiveMeter, needs_bos
+    from prunepath.evaluation.common import ActiveMeter
+    from prunepath.models.adapters import needs_bos
     from prunepath.evaluation.generation import _greedy, _prompt_ids, uses_chat_template
     from prunepath.training.trainer import evaluate
 
