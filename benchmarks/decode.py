@@ -111,23 +111,20 @@ def allocated_mb(dev) -> float:
     return torch.cuda.memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
 
 
-LAST_START_MB = {"mb": float("nan")}  # memory held when the timed generation started (see time_engine)
-
-
 def time_engine(eng, ids, new, dev):
-    """Decode loop of the engine: ms/token excluding prefill, peak memory of prefill + decode, prefill ms.
-    The memory held just before the timed generation (engine tensors, captured graphs) goes to LAST_START_MB,
-    so the peak can be split into what the engine holds and what prefill + decode add on top."""
+    """Decode loop of the engine: ms/token excluding prefill, peak memory of prefill + decode, prefill ms, and the
+    memory held just before the timed generation (engine tensors, captured graphs), so the peak can be split
+    into what the engine holds and what prefill + decode add on top."""
     eng.generate(ids, 3)  # compile + capture
     pre_ms = time_prefill(eng, ids, dev)
     peak_reset(dev)
-    LAST_START_MB["mb"] = allocated_mb(dev)
+    start_mb = allocated_mb(dev)
     sync(dev)
     t0 = time.perf_counter()
     eng.generate(ids, new)
     sync(dev)
     total = time.perf_counter() - t0
-    return (total * 1e3 - pre_ms) / (new - 1), peak_mb(dev), pre_ms
+    return (total * 1e3 - pre_ms) / (new - 1), peak_mb(dev), pre_ms, start_mb
 
 
 def engine_ffn_ms(eng, dev):
@@ -229,11 +226,11 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
         eng = DecodeEngine(model, batch=b, max_len=max_len, ffn="dense", device=dev)
         model.to("cpu")  # the engine holds its own tensors: peak memory is the engine's
         _free(dev)
-        ms, pk, pre = time_engine(eng, ids, new, dev)
+        ms, pk, pre, start_mb = time_engine(eng, ids, new, dev)
         fms, _ = engine_ffn_ms(eng, dev)
         floor = ffn_bytes(eng, 1.0) / bw * 1e3
         add(dict(base, batch=b, density=1.0, engine="dense-graph", ms_per_token=ms, tokens_per_s=1e3 * b / ms,
-                 peak_mem_mb=pk, start_mem_mb=LAST_START_MB["mb"], prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
+                 peak_mem_mb=pk, start_mem_mb=start_mb, prefill_ms=pre, ffn_ms=fms, ffn_floor_ms=floor,
                  ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None))
         log(f"{name} b{b} dense-graph {ms:.3f} ms/token ffn {fms:.3f} (floor {floor:.3f}) peak {pk:.0f} MB "
             f"prefill {pre:.1f} ms")
@@ -279,12 +276,12 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
                     break
                 eng.routing.tau = tau
                 eng.sync_routing(eng.routing, mode)  # τ only → same graph; a mode change → recapture
-                ms, pk, pre = time_engine(eng, ids, new, dev)
+                ms, pk, pre, start_mb = time_engine(eng, ids, new, dev)
                 fms, active = engine_ffn_ms(eng, dev)
                 floor = ffn_bytes(eng, k if mode == "sparse" else e) / bw * 1e3
                 rec = dict(base, batch=b, density=dens, engine=f"prunepath-{mode.replace('_', '-')}",
                            tau=tau, measured_density=active / e, ms_per_token=ms, tokens_per_s=1e3 * b / ms,
-                           peak_mem_mb=pk, start_mem_mb=LAST_START_MB["mb"], prefill_ms=pre, ffn_ms=fms,
+                           peak_mem_mb=pk, start_mem_mb=start_mb, prefill_ms=pre, ffn_ms=fms,
                            ffn_floor_ms=floor, ffn_gbps=floor * bw / 1e9 / fms if fms == fms else None,
                            speedup_vs_dense_graph=dense_ms[b] / ms)
                 got[mode] = rec
@@ -341,12 +338,12 @@ def _run_profile(eng, profile, ids, new, dev, e, b, base, dense_ms, bw, add, log
             kcur.copy_(kt.index_select(0, step).view(-1))
             step.add_(1).remainder_(kt.shape[0])
         eng.step_hook = hook
-        ms, pk, pre = time_engine(eng, ids, new, dev)
+        ms, pk, pre, start_mb = time_engine(eng, ids, new, dev)
         eng.step_hook = None
         active = float(kt.float().mean())
         floor = ffn_bytes(eng, active if mode == "sparse" else e) / bw * 1e3
         add(dict(base, batch=b, density=label, measured_density=active / e, engine=f"prunepath-{mode}",
-                 ms_per_token=ms, tokens_per_s=1e3 * b / ms, peak_mem_mb=pk, start_mem_mb=LAST_START_MB["mb"],
+                 ms_per_token=ms, tokens_per_s=1e3 * b / ms, peak_mem_mb=pk, start_mem_mb=start_mb,
                  prefill_ms=pre, ffn_ms=None,
                  ffn_floor_ms=floor, speedup_vs_dense_graph=dense_ms[b] / ms, profile_model=profile.get("model"),
                  profile_s_ffn=profile.get("s_ffn"), profile_num_experts=profile.get("num_experts")))
