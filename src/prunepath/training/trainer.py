@@ -420,6 +420,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                 batch = stream.batch(mb)
                 mb += 1
                 mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+                dmask = mask.to(accelerator.device)  # once per micro-batch, not once per layer
                 ctx = accelerator.no_sync(model) if micro < ga - 1 else nullcontext()
                 with ctx:
                     inputs = _inputs(batch, accelerator.device)
@@ -432,9 +433,8 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                             terms = call_aux_loss(aux_fn, scores, mask, cfg,
                                                   always_on=[f.always_on for f in ffns])
                         if cfg.router_distill:
-                            rd = torch.stack([router_distill_kl(f.last_router_logits, f.last_norm_target,
-                                                                mask.to(f.last_norm_target.device), f.always_on)
-                                              for f in ffns]).mean()
+                            rd = torch.stack([router_distill_kl(f.last_router_logits, f.last_norm_target, dmask,
+                                                                f.always_on) for f in ffns]).mean()
                             terms["router_distill"] = cfg.router_distill * rd
                         main = task_loss
                         if teacher is not None:
@@ -458,7 +458,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                 for k, v in terms.items():
                     add(f"term:{k}", v)
                 if converted:
-                    add("s_ffn", s_ffn_tensor(raw, mask.to(accelerator.device)))
+                    add("s_ffn", s_ffn_tensor(raw, dmask))
                 tokens_seen += int(mask.sum()) * accelerator.num_processes
             grad_norm = None
             if cfg.max_grad_norm:
