@@ -99,3 +99,57 @@ def test_chat_template_wraps_prompts_and_keeps_the_budget(tmp_path):
     tok.chat_template = None
     with pytest.raises(PrunePathError, match="no chat template"):
         evaluate_rouge(model, tok, [ex], max_new_tokens=3, progress=False, chat_template=True)
+
+
+def _tiny_gpt2():
+    """Absolute positions: left padding goes wrong here unless positions follow the attention mask."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(11)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).double().eval()
+    prunepath.moefy(m, neurons_per_expert=8, progress=False, clustering="random")
+    for ffn in prunepath.prunepath_modules(m):
+        torch.nn.init.normal_(ffn.router.weight, std=1.0)
+    return m
+
+
+@pytest.mark.parametrize("tau", [None, 0.6])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_batch_rows_equal_their_batch_one_decode(tau, arch):
+    """Left-padded batched greedy decoding gives each row its batch-1 tokens, and the meters count the same
+    tokens (padding and finished rows left out), on float64 converted models and fresh random prompts."""
+    from prunepath.evaluation.common import ActiveMeter
+    from prunepath.evaluation.generation import greedy_batch
+
+    model = tiny_converted(seed=11, dtype=torch.float64) if arch == "llama" else _tiny_gpt2()
+    if tau is not None:
+        prunepath.configure(model, tau=tau)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    prompts = [torch.randint(3, 64, (int(n),), generator=g).tolist() for n in (7, 2, 5, 1, 9)]
+    # the end token: one that row 0 generates early and the fewest other rows generate, so that finished rows
+    # sit in the batch beside running ones
+    free = greedy_batch(model, prompts, 12, None)
+    eos = min(free[0][1:5], key=lambda t: sum(t in r for r in free))
+    single, pre1, dec1 = [], ActiveMeter(model), ActiveMeter(model)
+    for p in prompts:
+        single += greedy_batch(model, [p], 12, eos, prefill_meter=pre1, decode_meter=dec1)
+    pre, dec = ActiveMeter(model), ActiveMeter(model)
+    batched = greedy_batch(model, prompts, 12, eos, pad=0, prefill_meter=pre, decode_meter=dec)
+    assert batched == single
+    lengths = [len(r) for r in single]
+    assert lengths[0] < 5 and max(lengths) > lengths[0], lengths  # row 0 ends at EOS while others go on
+    assert pre.tokens == sum(len(p) for p in prompts)
+    # what batch 1 feeds back: every generated token, but not the last one of a row cut at max_new_tokens
+    assert dec.tokens == dec1.tokens == sum(n - (n == 12) for n in lengths)
+    if tau is not None:
+        assert dec.result()["s_ffn"] == pytest.approx(dec1.result()["s_ffn"], rel=1e-9)
+        assert pre.result()["s_ffn"] == pytest.approx(pre1.result()["s_ffn"], rel=1e-9)
+    # against transformers' greedy generate, one prompt at a time
+    for p, got in zip(prompts, single):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=0)[0, len(p):].tolist()
+        assert got == (out[:out.index(eos)] if eos in out else out)
+    with pytest.raises(PrunePathError, match="none of them empty"):
+        greedy_batch(model, [[5], []], 3, eos)

@@ -43,7 +43,7 @@ def study(tmp_path):
         "sweep_taus": [1.05, 0.8, 0.5],
         "baselines": {"calib": str(train), "calib_tokens": 128, "calib_seq_len": 32, "fit_steps": 3, "fit_batch": 32,
                       "targets": [0.3, 0.6], "wanda": [0.5]},
-        "generation": {"xsum": str(xsum), "xsum_docs": 2, "max_new_tokens": 4, "alpaca": str(alpaca),
+        "generation": {"xsum": str(xsum), "xsum_docs": 3, "batch_size": 2, "max_new_tokens": 4, "alpaca": str(alpaca),
                        "alpaca_examples": 4, "alpaca_generations": 1, "targets": [0.3, 0.6],
                        "max_input_tokens": 48},
         "topk": {"max_tokens": 64}, "density": {"targets": [0.5]}, "min_job_s": 0, "save_margin_s": 0,
@@ -178,7 +178,7 @@ def test_study_runs_every_job_resumes_and_merges(study, monkeypatch):
     again = lm_study.run(recipe, progress=False)
     assert again["ran"] == [] and again["left"] == []
     monkeypatch.setattr(ppl_mod, "evaluate_perplexity", real_eval)
-    # 6) generation checks the deadline between documents: it stops inside a system instead of overrunning,
+    # 6) generation checks the deadline between batches of documents: it stops inside a system instead of overrunning,
     # leaves no job file, and the next run redoes it
     (out / "jobs" / "gen-xsum.json").unlink()
     (out / "partial" / "gen-xsum.jsonl").unlink()

@@ -76,15 +76,17 @@ def evaluate_rouge(
     device: str | torch.device | None = None,
     progress: bool = True,
     chat_template: bool | None = None,
+    batch_size: int = 16,
 ) -> dict:
-    """Generate a response for each example (batch 1; stop at EOS or a blank line) and score ROUGE against the
+    """Generate a response for each example (greedy: ``batch_size`` prompts at a time, left-padded, each row
+    equal to its batch-1 decode; beam search: one at a time; stop at EOS or a blank line) and score ROUGE against the
     reference. Returns rouge1/rouge2/rougeL, ``examples``, ``generated_tokens``, s_FFN of the decode steps
     (``s_ffn``) and of the prompts (``prefill_s_ffn``), plus the first few predictions. ``chat_template``: wrap
     each prompt in the tokenizer's chat template (default: when the tokenizer has one)."""
     require_causal_lm(model, "rouge")
     check_tokenizer(model, tokenizer)
-    if max_new_tokens < 1 or num_beams < 1:
-        raise PrunePathError("max_new_tokens and num_beams must be >= 1")
+    if max_new_tokens < 1 or num_beams < 1 or batch_size < 1:
+        raise PrunePathError("max_new_tokens, num_beams and batch_size must be >= 1")
     examples = path if isinstance(path, list) else load_examples(path)
     examples = examples[:limit] if limit is not None else examples
     dev = prepare_model(model, device)
@@ -94,22 +96,23 @@ def evaluate_rouge(
     if chat and not uses_chat_template(tokenizer):
         raise PrunePathError("chat_template=True but the tokenizer has no chat template; pass chat_template=False")
     decode_meter, prefill_meter = ActiveMeter(model), ActiveMeter(model)
-    preds, refs, gen_tokens = [], [], 0
-    for ex in tqdm(examples, desc="generating", disable=not progress, leave=False):
-        ids = torch.tensor([_prompt_ids(tokenizer, ex, max_input_tokens, bos, chat)], device=dev)
+    prompts = [_prompt_ids(tokenizer, ex, max_input_tokens, bos, chat) for ex in examples]
+    outs: list[list[int]] = []
+    step = batch_size if num_beams == 1 else 1
+    for start in tqdm(range(0, len(prompts), step), desc="generating", disable=not progress, leave=False):
+        chunk = prompts[start:start + step]
+        if num_beams == 1:
+            outs += greedy_batch(model, chunk, max_new_tokens, eos, pad=pad_id(tokenizer),
+                                 prefill_meter=prefill_meter, decode_meter=decode_meter)
+            continue
+        ids = torch.tensor(chunk, device=dev)
         with track_active(model, decode_meter, skip_first=True):
-            if num_beams == 1:
-                # Prefill statistics come from the first forward (the whole prompt).
-                out = _greedy(model, ids, max_new_tokens, eos, prefill_meter)
-            else:
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     num_beams=num_beams, do_sample=False, pad_token_id=pad_id(tokenizer),
-                                     eos_token_id=eos)[0, ids.shape[1]:].tolist()
-        gen_tokens += len(out)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        text = text.strip().split("\n\n")[0].strip()
-        preds.append(text)
-        refs.append(ex.get("summary", ex["response"]).strip())
+            outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                       pad_token_id=pad_id(tokenizer), eos_token_id=eos)[0, ids.shape[1]:].tolist())
+    gen_tokens = sum(len(o) for o in outs)
+    preds = [tokenizer.decode(o, skip_special_tokens=True).strip().split("\n\n")[0].strip() for o in outs]
+    refs = [ex.get("summary", ex["response"]).strip() for ex in examples]
     out = {"task": "rouge", **model_meta(model), **rouge_scores(preds, refs), "examples": len(preds),
            "generated_tokens": gen_tokens, "max_new_tokens": max_new_tokens, "num_beams": num_beams,
            "chat_template": chat,
@@ -130,23 +133,48 @@ def _cache_names(model: nn.Module) -> tuple[str, str]:
     return name, name
 
 
-def _greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: int | None,
-            prefill_meter: ActiveMeter) -> list[int]:
-    """Greedy decoding with the KV cache (one forward per new token)."""
+def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos: int | None, *,
+                 pad: int = 0, prefill_meter: ActiveMeter | None = None,
+                 decode_meter: ActiveMeter | None = None) -> list[list[int]]:
+    """Greedy decoding of several prompts at once: left padding, an attention mask and explicit positions, so
+    each row's tokens equal its batch-1 decode. A row stops at ``eos`` (not returned) or ``max_new_tokens``.
+    ``prefill_meter`` counts the prompts' tokens, ``decode_meter`` every fed-back generated token (what batch 1
+    feeds back: each generated token but a row's last); padding and finished rows are left out of both."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise PrunePathError("greedy_batch needs at least one prompt, none of them empty")
     kw_name, out_name = _cache_names(model)
-    out = model(input_ids=ids, use_cache=True)
-    prefill_meter.update(model)
-    past = out[out_name]
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    dev = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    if prefill_meter is not None:
+        prefill_meter.update(model, mask)
+    past, nxt, pos = out[out_name], out.logits[:, -1].argmax(-1), pos[:, -1:]
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=dev)
+    steps, kept = [], []  # tokens of every step and which rows kept them; read back once at the end
+    for step in range(max_new_tokens):
+        if eos is not None:
+            alive = alive & (nxt != eos)
+        steps.append(nxt)
+        kept.append(alive)
+        if step == max_new_tokens - 1 or not bool(alive.any()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{kw_name: past})
+        if decode_meter is not None:
+            decode_meter.update(model, alive[:, None])
+        past, nxt = out[out_name], out.logits[:, -1].argmax(-1)
+    toks, keep = torch.stack(steps, 1).cpu(), torch.stack(kept, 1).cpu()
     result = []
-    for _ in range(max_new_tokens):
-        tok = int(nxt)
-        if eos is not None and tok == eos:
-            break
-        result.append(tok)
-        if len(result) == max_new_tokens:
-            break
-        out = model(input_ids=nxt, use_cache=True, **{kw_name: past})
-        past = out[out_name]
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for row, k in zip(toks.tolist(), keep.tolist()):
+        n = k.index(False) if False in k else len(k)  # a row ends at its first EOS
+        result.append(row[:n])
     return result

@@ -664,9 +664,9 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
     import torch
 
     from prunepath.data.instruct import load_examples
-    from prunepath.evaluation.common import ActiveMeter, track_active
+    from prunepath.evaluation.common import ActiveMeter, pad_id
+    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, uses_chat_template
     from prunepath.models.adapters import needs_bos
-    from prunepath.evaluation.generation import _greedy, _prompt_ids, uses_chat_template
 
     g = ctx.cfg["generation"]
     examples = load_examples(g["xsum"])[: int(g["xsum_docs"])]
@@ -680,18 +680,21 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
         bos = int(tok.bos_token_id) if needs_bos(model, tok) else None
         meter, pre = ActiveMeter(model), ActiveMeter(model)
         preds = []
+        batch = int(g.get("batch_size", 16))
         ctxm = prunepath.routing(model, tau=tau) if tau is not None else contextlib.nullcontext()
         with ctxm, torch.inference_mode():
-            for i, ex in enumerate(examples):
-                # a system takes minutes: stop before the deadline, not after it (the system is redone on resume)
-                ctx.check(3 * (time.time() - t) / i if i else 0.0)
-                ids = torch.tensor([_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))],
-                                   device=ctx.torch_device())
-                with track_active(model, meter, skip_first=True):
-                    out = _greedy(model, ids, int(g["max_new_tokens"]), tok.eos_token_id, pre)
-                text = tok.decode(out, skip_special_tokens=True).strip().split("\n\n")[0].strip()
-                preds.append({"system": name, "tau": tau, "id": ex.get("id", i), "prediction": text,
-                              "reference": ex.get("summary", ex["response"]).strip()})
+            for i in range(0, len(examples), batch):
+                # a system may take minutes: stop before the deadline, not after it (the system is redone on resume)
+                ctx.check(3 * (time.time() - t) * batch / i if i else 0.0)
+                chunk = examples[i:i + batch]
+                prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
+                           for ex in chunk]
+                outs = greedy_batch(model, prompts, int(g["max_new_tokens"]), tok.eos_token_id,
+                                    pad=pad_id(tok), prefill_meter=pre, decode_meter=meter)
+                for j, (ex, out) in enumerate(zip(chunk, outs)):
+                    text = tok.decode(out, skip_special_tokens=True).strip().split("\n\n")[0].strip()
+                    preds.append({"system": name, "tau": tau, "id": ex.get("id", i + j), "prediction": text,
+                                  "reference": ex.get("summary", ex["response"]).strip()})
         m = meter.result()
         ctx.add_partial(job.id, {"_point": name, "system": name, "tau": tau, "s_ffn_decode": m["s_ffn"],
                                  "s_ffn_prefill": pre.result()["s_ffn"], "examples": len(preds),
@@ -712,9 +715,9 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
 
     from prunepath.data.instruct import load_examples
     from prunepath.data.lm import build_instruct_dataset
-    from prunepath.evaluation.common import ActiveMeter
+    from prunepath.evaluation.common import pad_id
+    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, uses_chat_template
     from prunepath.models.adapters import needs_bos
-    from prunepath.evaluation.generation import _greedy, _prompt_ids, uses_chat_template
     from prunepath.training.trainer import evaluate
 
     g = ctx.cfg["generation"]
@@ -734,13 +737,12 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
         ctxm = prunepath.routing(model, tau=tau) if tau is not None else contextlib.nullcontext()
         with ctxm, torch.inference_mode():
             ev = evaluate(model, ds, "instruct", batch_size=8, device=ctx.torch_device())
-            gens = []
-            for ex in gen_ex:  # through the chat template, as XSum: the bare prompt gets end-of-turn at once
-                ids = _prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
-                ids = torch.tensor([ids], device=ctx.torch_device())
-                out = _greedy(model, ids, int(g["max_new_tokens"]) * 2, tok.eos_token_id, ActiveMeter(model))
-                gens.append({"prompt": ex["prompt"], "response": tok.decode(out, skip_special_tokens=True).strip(),
-                             "reference": ex["response"]})
+            # through the chat template, as XSum: the bare prompt gets end-of-turn at once
+            prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
+                       for ex in gen_ex]
+            outs = greedy_batch(model, prompts, int(g["max_new_tokens"]) * 2, tok.eos_token_id, pad=pad_id(tok))
+            gens = [{"prompt": ex["prompt"], "response": tok.decode(out, skip_special_tokens=True).strip(),
+                     "reference": ex["response"]} for ex, out in zip(gen_ex, outs)]
         ctx.add_partial(job.id, {"_point": name, "system": name, "tau": tau, "loss": ev["loss"], "ppl": ev["ppl"],
                                  "tokens": ev["tokens"], "s_ffn": ev["s_ffn"], "generations": gens})
         _log(f"{job.id} {name}: instruction loss {ev['loss']:.3f} at s_FFN {ev['s_ffn']:.3f}")
