@@ -36,15 +36,19 @@ def test_greedy_generation_and_decode_sparsity(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     res = evaluate_rouge(model, tok, path, max_new_tokens=6, progress=False)
     from prunepath.data.instruct import load_examples
+    from prunepath.evaluation.generation import stop_ids
+
+    stops = stop_ids(tok)
+    assert set(stops) == {0, 1, 2, 3}  # EOS and every other special token of the tiny tokenizer
     preds, active = [], []
     for ex in load_examples(path):
         ids = tok(ex["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+                                 do_sample=False, eos_token_id=stops, pad_token_id=0)
         gen = out[0, ids.shape[1]:].tolist()
-        if tok.eos_token_id in gen:
-            gen = gen[:gen.index(tok.eos_token_id)]
+        ends = [i for i, t in enumerate(gen) if t in stops]
+        gen = gen[:ends[0]] if ends else gen
         preds.append(tok.decode(gen, skip_special_tokens=True).strip())
         # Reference decode statistics: every generated token but the last is fed back once.
         full = torch.tensor([ids[0].tolist() + gen])
@@ -153,3 +157,21 @@ def test_greedy_batch_rows_equal_their_batch_one_decode(tau, arch):
         assert got == (out[:out.index(eos)] if eos in out else out)
     with pytest.raises(PrunePathError, match="none of them empty"):
         greedy_batch(model, [[5], []], 3, eos)
+
+
+def test_greedy_batch_stops_at_any_of_several_tokens():
+    """With several stop tokens each row ends at the first of any of them; greedy tokens before it are unchanged."""
+    from prunepath.evaluation.generation import greedy_batch
+
+    model = tiny_converted(seed=5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    prompts = [torch.randint(3, 64, (int(n),), generator=g).tolist() for n in (4, 6, 3)]
+    free = greedy_batch(model, prompts, 10, None)
+    stops = [free[0][2], free[1][3]]
+    want = []
+    for row in free:
+        ends = [i for i, t in enumerate(row) if t in stops]
+        want.append(row[:ends[0]] if ends else row)
+    got = greedy_batch(model, prompts, 10, stops)
+    assert got == want and len(got[0]) <= 2 and len(got[1]) <= 3
+    assert greedy_batch(model, prompts, 10, stops[0]) == [r[:r.index(stops[0])] if stops[0] in r else r for r in free]

@@ -44,7 +44,8 @@ def test_build_writes_tables_plot_and_rouge(tmp_path):
     (res / "lm-x.json").write_text(json.dumps(_rows()))
     (res / "topk-x.json").write_text(json.dumps([{"router": "prunepath", "k": k, "rel_mse": 1 / k} for k in (1, 2)]))
     preds = [{"system": "dense", "tau": None, "prediction": "the cat sat", "reference": "the cat sat"},
-             {"system": "prunepath@0.6", "tau": 0.6, "prediction": "a dog", "reference": "the cat sat"}]
+             {"system": "prunepath@0.6", "tau": 0.6, "prediction": "a dog", "reference": "the cat sat"},
+             {"system": "prunepath@0.8", "tau": 0.8, "prediction": "the cat sat\nuser\nsummarise", "reference": "the cat sat"}]
     (res / "gen-x-predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
     out = study_report.build(res, "x", tmp_path / "docs", tmp_path / "docs" / "img")
     md = (tmp_path / "docs" / "results" / "study-lm-x.md").read_text()
@@ -54,6 +55,9 @@ def test_build_writes_tables_plot_and_rouge(tmp_path):
     gen = json.loads((tmp_path / "docs" / "results" / "gen-x.json").read_text())
     by = {s["system"]: s for s in gen["xsum"]["systems"]}
     assert by["dense"]["rougeL"] == pytest.approx(1.0) and by["prunepath@0.6"]["rougeL"] == 0.0
+    # a prediction that runs on into a turn of its own is counted, and scored whole and cut where the turn begins
+    assert by["prunepath@0.8"]["new_turn_runs"] == 1 and by["dense"]["new_turn_runs"] == 0
+    assert by["prunepath@0.8"]["rougeL"] < 1.0 and by["prunepath@0.8"]["rougeL_turn_cut"] == pytest.approx(1.0)
     assert set(out) >= {"lm", "plot", "markdown", "topk", "gen"}
 
 

@@ -665,7 +665,7 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
 
     from prunepath.data.instruct import load_examples
     from prunepath.evaluation.common import ActiveMeter, pad_id
-    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, uses_chat_template
+    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, stop_ids, uses_chat_template
     from prunepath.models.adapters import needs_bos
 
     g = ctx.cfg["generation"]
@@ -689,7 +689,7 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
                 chunk = examples[i:i + batch]
                 prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
                            for ex in chunk]
-                outs = greedy_batch(model, prompts, int(g["max_new_tokens"]), tok.eos_token_id,
+                outs = greedy_batch(model, prompts, int(g["max_new_tokens"]), stop_ids(tok),
                                     pad=pad_id(tok), prefill_meter=pre, decode_meter=meter)
                 for j, (ex, out) in enumerate(zip(chunk, outs)):
                     text = tok.decode(out, skip_special_tokens=True).strip().split("\n\n")[0].strip()
@@ -716,7 +716,7 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
     from prunepath.data.instruct import load_examples
     from prunepath.data.lm import build_instruct_dataset
     from prunepath.evaluation.common import pad_id
-    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, uses_chat_template
+    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, stop_ids, uses_chat_template
     from prunepath.models.adapters import needs_bos
     from prunepath.training.trainer import evaluate
 
@@ -740,7 +740,7 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
             # through the chat template, as XSum: the bare prompt gets end-of-turn at once
             prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
                        for ex in gen_ex]
-            outs = greedy_batch(model, prompts, int(g["max_new_tokens"]) * 2, tok.eos_token_id, pad=pad_id(tok))
+            outs = greedy_batch(model, prompts, int(g["max_new_tokens"]) * 2, stop_ids(tok), pad=pad_id(tok))
             gens = [{"prompt": ex["prompt"], "response": tok.decode(out, skip_special_tokens=True).strip(),
                      "reference": ex["response"]} for ex, out in zip(gen_ex, outs)]
         ctx.add_partial(job.id, {"_point": name, "system": name, "tau": tau, "loss": ev["loss"], "ppl": ev["ppl"],

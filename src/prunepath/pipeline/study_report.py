@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -168,8 +169,19 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     return save_figure(fig, out_png)
 
 
+# A chat turn that the model starts on its own, after its answer: with the special tokens skipped it reads as
+# "\nuser\n" (ChatML; SmolLM2). Predictions made before generation stopped at every special token run on into it.
+NEW_TURN = re.compile(r"\n(?:user|assistant|system)\n")
+
+
+def cut_at_new_turn(text: str) -> str:
+    """``text`` up to a chat turn the model began itself (the answer ends there)."""
+    return NEW_TURN.split(text, maxsplit=1)[0].strip()
+
+
 def rouge_summary(preds: list[dict], raw: dict | None) -> dict:
-    """ROUGE-L (and 1/2) per system from the predictions (rouge-score, Porter stemming)."""
+    """ROUGE-L (and 1/2) per system from the predictions (rouge-score, Porter stemming); also how many ran on into
+    a new chat turn, and ROUGE-L with those cut where that turn begins (``rougeL_turn_cut``)."""
     from prunepath.evaluation.generation import rouge_scores
 
     systems: dict[str, list[dict]] = {}
@@ -178,9 +190,13 @@ def rouge_summary(preds: list[dict], raw: dict | None) -> dict:
     meta = {s["system"]: s for s in ((raw or {}).get("xsum") or {}).get("systems", [])}
     out = []
     for name, ps in systems.items():
-        sc = rouge_scores([p["prediction"] for p in ps], [p["reference"] for p in ps])
+        texts, refs = [p["prediction"] for p in ps], [p["reference"] for p in ps]
+        sc = rouge_scores(texts, refs)
+        cut = [cut_at_new_turn(t) for t in texts]
         m = meta.get(name, {})
         out.append({"system": name, "tau": ps[0].get("tau"), "examples": len(ps), **sc,
+                    "new_turn_runs": sum(c != t.strip() for c, t in zip(cut, texts)),
+                    "rougeL_turn_cut": rouge_scores(cut, refs)["rougeL"],
                     "s_ffn_decode": m.get("s_ffn_decode"), "s_ffn_prefill": m.get("s_ffn_prefill")})
     return {"xsum": {k: v for k, v in ((raw or {}).get("xsum") or {}).items() if k != "systems"} | {"systems": out},
             "alpaca": (raw or {}).get("alpaca")}
@@ -191,10 +207,12 @@ def gen_tables(gen: dict) -> str:
     xs = gen.get("xsum") or {}
     if xs.get("systems"):
         lines += [f"XSum sample ({xs['systems'][0]['examples']} documents, greedy, ≤ {xs.get('max_new_tokens')} new "
-                  "tokens):", "", "| system | τ | ROUGE-1 | ROUGE-2 | ROUGE-L | decode s_FFN |", "|---|---|---|---|---|---|"]
+                  "tokens):", "", "| system | τ | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L, cut at a new turn | "
+                  "ran into a new turn | decode s_FFN |", "|---|---|---|---|---|---|---|---|"]
         for s in xs["systems"]:
             lines.append(f"| {s['system']} | {_f(s['tau'])} | {100 * s['rouge1']:.1f} | {100 * s['rouge2']:.1f} | "
-                         f"{100 * s['rougeL']:.1f} | {_f(s.get('s_ffn_decode'), 3)} |")
+                         f"{100 * s['rougeL']:.1f} | {100 * s.get('rougeL_turn_cut', s['rougeL']):.1f} | "
+                         f"{s.get('new_turn_runs', 0)} | {_f(s.get('s_ffn_decode'), 3)} |")
     al = gen.get("alpaca") or {}
     if al.get("systems"):
         lines += ["", f"Alpaca sample (prompt-masked loss on {al.get('loss_examples')} examples):", "",
