@@ -45,7 +45,8 @@ def test_build_writes_tables_plot_and_rouge(tmp_path):
     (res / "topk-x.json").write_text(json.dumps([{"router": "prunepath", "k": k, "rel_mse": 1 / k} for k in (1, 2)]))
     preds = [{"system": "dense", "tau": None, "prediction": "the cat sat", "reference": "the cat sat"},
              {"system": "prunepath@0.6", "tau": 0.6, "prediction": "a dog", "reference": "the cat sat"},
-             {"system": "prunepath@0.8", "tau": 0.8, "prediction": "the cat sat\nuser\nsummarise", "reference": "the cat sat"}]
+             {"system": "prunepath@0.8", "tau": 0.8, "prediction": "the cat sat\nuser\nsummarise",
+              "reference": "the cat sat"}]
     (res / "gen-x-predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
     out = study_report.build(res, "x", tmp_path / "docs", tmp_path / "docs" / "img")
     md = (tmp_path / "docs" / "results" / "study-lm-x.md").read_text()

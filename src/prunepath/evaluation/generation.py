@@ -79,11 +79,12 @@ def evaluate_rouge(
     chat_template: bool | None = None,
     batch_size: int = 16,
 ) -> dict:
-    """Generate a response for each example (greedy: ``batch_size`` prompts at a time, left-padded, each row
-    equal to its batch-1 decode; beam search: one at a time; stop at EOS or a blank line) and score ROUGE against the
-    reference. Returns rouge1/rouge2/rougeL, ``examples``, ``generated_tokens``, s_FFN of the decode steps
-    (``s_ffn``) and of the prompts (``prefill_s_ffn``), plus the first few predictions. ``chat_template``: wrap
-    each prompt in the tokenizer's chat template (default: when the tokenizer has one)."""
+    """Generate a response for each example and score ROUGE against the reference. Greedy decoding runs
+    ``batch_size`` prompts at a time, left-padded, each row equal to its batch-1 decode; beam search runs one at
+    a time; an answer ends at a special token or a blank line. Returns rouge1/rouge2/rougeL, ``examples``,
+    ``generated_tokens``, s_FFN of the decode steps (``s_ffn``) and of the prompts (``prefill_s_ffn``), plus the
+    first few predictions. ``chat_template``: wrap each prompt in the tokenizer's chat template (default: when
+    the tokenizer has one)."""
     require_causal_lm(model, "rouge")
     check_tokenizer(model, tokenizer)
     if max_new_tokens < 1 or num_beams < 1 or batch_size < 1:
@@ -145,10 +146,10 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
-                 eos: int | Sequence[int] | None, *, pad: int = 0, prefill_meter: ActiveMeter | None = None,
+                 stop: int | Sequence[int] | None, *, pad: int = 0, prefill_meter: ActiveMeter | None = None,
                  decode_meter: ActiveMeter | None = None) -> list[list[int]]:
     """Greedy decoding of several prompts at once: left padding, an attention mask and explicit positions, so
-    each row's tokens equal its batch-1 decode. A row stops at a token of ``eos`` (one id or several, e.g.
+    each row's tokens equal its batch-1 decode. A row stops at a token of ``stop`` (one id or several, e.g.
     ``stop_ids(tokenizer)``; not returned) or after ``max_new_tokens``.
     ``prefill_meter`` counts the prompts' tokens, ``decode_meter`` every fed-back generated token (what batch 1
     feeds back: each generated token but a row's last); padding and finished rows are left out of both."""
@@ -156,7 +157,7 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
         raise PrunePathError("greedy_batch needs at least one prompt, none of them empty")
     kw_name, out_name = _cache_names(model)
     dev = next(model.parameters()).device
-    stops = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=dev)
+    stops = None if stop is None else torch.tensor([stop] if isinstance(stop, int) else list(stop), device=dev)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -188,6 +189,6 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
     toks, keep = torch.stack(steps, 1).cpu(), torch.stack(kept, 1).cpu()
     result = []
     for row, k in zip(toks.tolist(), keep.tolist()):
-        n = k.index(False) if False in k else len(k)  # a row ends at its first EOS
+        n = k.index(False) if False in k else len(k)  # a row ends at its first stop token
         result.append(row[:n])
     return result
