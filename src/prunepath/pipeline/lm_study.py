@@ -671,13 +671,13 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
     g = ctx.cfg["generation"]
     examples = load_examples(g["xsum"])[: int(g["xsum_docs"])]
     done = {r["_point"] for r in ctx.partial(job.id)}
-    summary = []
     for name, tau, model, tok in _systems(ctx):
         if name in done:
             continue
         ctx.check(float(ctx.cfg["min_job_s"]))
         t = time.time()
         bos = int(tok.bos_token_id) if needs_bos(model, tok) else None
+        chat, stops = uses_chat_template(tok), stop_ids(tok)
         meter, pre = ActiveMeter(model), ActiveMeter(model)
         preds = []
         batch = int(g.get("batch_size", 16))
@@ -687,9 +687,8 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
                 # a system may take minutes: stop before the deadline, not after it (the system is redone on resume)
                 ctx.check(3 * (time.time() - t) * batch / i if i else 0.0)
                 chunk = examples[i:i + batch]
-                prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
-                           for ex in chunk]
-                outs = greedy_batch(model, prompts, int(g["max_new_tokens"]), stop_ids(tok),
+                prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, chat) for ex in chunk]
+                outs = greedy_batch(model, prompts, int(g["max_new_tokens"]), stops,
                                     pad=pad_id(tok), prefill_meter=pre, decode_meter=meter)
                 for j, (ex, out) in enumerate(zip(chunk, outs)):
                     text = tok.decode(out, skip_special_tokens=True).strip().split("\n\n")[0].strip()

@@ -14,6 +14,12 @@ from prunepath.routing.methods import get_method
 from prunepath.routing.routers import make_router
 
 
+def output_shares(norms: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Each expert's share of the true FFN output per token, softmax(log ‖FFN_e(x)‖ / temperature) over the last
+    dimension: the target a router is fitted to (warm start) and kept on (router distillation)."""
+    return torch.softmax(norms.clamp_min(1e-12).log() / temperature, -1)
+
+
 class PrunePathFFN(nn.Module):
     """y = Σ_{e ∈ A(x)} g_e(x) · FFN_e(x) (+ shared output bias).
 
@@ -107,7 +113,7 @@ class PrunePathFFN(nn.Module):
         if self.capture_norm_target is not None:
             with torch.no_grad():  # each expert's share of the true output: what the router should rank by
                 c = self._norms_of_intermediate(h.detach()).view(*x.shape[:-1], self.num_experts)
-                self.last_norm_target = torch.softmax(c.clamp_min(1e-12).log() / self.capture_norm_target, -1)
+                self.last_norm_target = output_shares(c, self.capture_norm_target)
         needs_router = r.method != "prunepath" or r.gates or r.rule != "all" or self.capture_router_logits
         if needs_router:
             logits = self.router(x)

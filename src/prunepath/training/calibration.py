@@ -12,6 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
+from prunepath.routing.ffn import output_shares
+from prunepath.training.losses import router_distill_kl
 
 
 def calibration_batches(dataset, num_tokens: int, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -125,8 +127,7 @@ def router_warmstart(model: nn.Module, batches: list[dict], steps: int, *, lr: f
     for ffn, x in tqdm(list(zip(ffns, xs)), desc="router warm start", disable=not progress, unit="layer"):
         c = expert_contributions(ffn, x, target)
         keep = ~ffn.always_on.cpu()
-        c = c[:, keep].clamp_min(1e-12)
-        q = torch.softmax(c.log() / temperature, dim=-1)
+        q = output_shares(c[:, keep], temperature)
         xd = x.to(ffn.up_proj.weight.device)
         qd = q.to(xd.device)
         params = [p for p in ffn.router.parameters()]
@@ -136,8 +137,7 @@ def router_warmstart(model: nn.Module, batches: list[dict], steps: int, *, lr: f
         kl = torch.tensor(0.0)
         for _ in range(steps):
             logits = ffn.router(xd.to(params[0].dtype)).float()[:, keep.to(xd.device)]
-            logp = torch.log_softmax(logits, -1)
-            kl = (qd * (qd.clamp_min(1e-12).log() - logp)).sum(-1).mean()
+            kl = router_distill_kl(logits, qd)
             opt.zero_grad(set_to_none=True)
             kl.backward()
             opt.step()
