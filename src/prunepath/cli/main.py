@@ -14,6 +14,7 @@ from prunepath.errors import PrunePathError
 COMMAND_MODULES = (
     "prunepath.cli.convert",
     "prunepath.cli.info",
+    "prunepath.cli.self_corpus",
     "prunepath.cli.train",
     "prunepath.cli.baseline",
     "prunepath.cli.eval",

@@ -6,12 +6,15 @@ module only tokenises what they return.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
+from prunepath.data.corpora import split_documents
 from prunepath.data.lm import TensorDictDataset, build_instruct_dataset, build_lm_dataset
 from prunepath.errors import PrunePathError
+from prunepath.training import selfgen
 
 
 def encode_classification(texts: list[tuple[str, str | None]], labels: list[int], tokenizer,
@@ -64,26 +67,67 @@ def _default_eval_path(path: str) -> str | None:
     return None
 
 
-def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None, block_bos: bool = False):
+def _self_texts(cfg, tokenizer, n_tokens: int, model, split: str, should_stop=None) -> tuple[list[str], dict]:
+    """The self-distillation corpus's documents of ``split`` (generated once, then read from the cache)."""
+    import prunepath  # the front door (routing); imported late because it imports this package
+
+    opts = dict(cfg.self_corpus or {})
+    batch_size = opts.pop("batch_size", None)
+    unknown = set(opts) - set(selfgen.SelfCorpusSettings.__dataclass_fields__) - {"tokens"}
+    if unknown:
+        raise PrunePathError(f"self_corpus: unknown key(s) {', '.join(sorted(unknown))}; known: prompt_tokens, "
+                             "new_tokens, temperature, top_p, chat_fraction, prompts, seed, batch_size")
+    settings = selfgen.SelfCorpusSettings(tokens=n_tokens, **{"seed": cfg.seed, **opts})
+    path = selfgen.cache_path(cfg.model, settings)
+    if not path.exists():
+        if model is None:
+            raise PrunePathError(f"the self-distillation corpus {path.name} is not cached and no model was given "
+                                 "to sample it from")
+        device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        model.to(device)
+        # A converted model with every expert on and gates off computes the original function.
+        ctx = prunepath.routing(model, rule="all", gates=False) if prunepath.is_converted(model) \
+            else contextlib.nullcontext()
+        with ctx:
+            path = selfgen.self_corpus(model, tokenizer, settings, model_name=cfg.model, batch_size=batch_size,
+                                       progress=cfg.progress, should_stop=should_stop)
+    docs = selfgen.load_self_documents(path)
+    texts = [d["text"] for d in split_documents(docs, split, cfg.valid_fraction, cfg.seed)]
+    return texts, {"self_corpus": str(path), "self_docs": len(docs)}
+
+
+def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None, block_bos: bool = False,
+                    model=None, should_stop=None):
     """(train dataset, eval dataset or None, info) for ``cfg.task`` / ``cfg.data`` / ``cfg.eval_data``;
-    ``block_bos``: LM blocks start with BOS (models that need it, as the evaluator's windows do)."""
+    ``block_bos``: LM blocks start with BOS (models that need it, as the evaluator's windows do). ``model``
+    (the original model) samples a ``self:N`` corpus when it is not cached yet."""
     from prunepath.data.text import load_texts
 
     if not cfg.data:
         raise PrunePathError("--data is required: a named corpus (sotu, brown, austen, kjv, moby-dick, mix), a "
                              "text / JSON(L) file, a GLUE-style TSV (--task classify) or hf:NAME")
     info: dict = {"data": cfg.data}
+    n_self, rest = selfgen.parse_spec(cfg.data)
+    if n_self is not None and cfg.task != "lm":
+        raise PrunePathError("data: self:N (a self-distillation corpus) is for --task lm")
     if cfg.task == "lm":
-        texts = load_texts(cfg.data, "train", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
-                           text_field=cfg.text_field)
+        texts: list[str] = []
+        if n_self is not None:
+            texts, self_info = _self_texts(cfg, tokenizer, n_self, model, "train", should_stop)
+            info.update(self_info)
+        if rest is not None:
+            texts += load_texts(rest, "train", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
+                                text_field=cfg.text_field)
         cap = cfg.max_train_tokens or max_train_tokens
         train = build_lm_dataset(texts, tokenizer, cfg.seq_len, max_tokens=cap, shuffle_seed=cfg.seed,
                                  block_bos=block_bos)
         if cfg.eval_data:
             ev_texts = load_texts(cfg.eval_data, "all", text_field=cfg.text_field)
         else:
-            ev_texts = load_texts(cfg.data, "validation", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
-                                  text_field=cfg.text_field)
+            ev_texts = _self_texts(cfg, tokenizer, n_self, model, "validation")[0] if n_self is not None else []
+            if rest is not None:
+                ev_texts += load_texts(rest, "validation", valid_fraction=cfg.valid_fraction, seed=cfg.seed,
+                                       text_field=cfg.text_field)
         ev = build_lm_dataset(ev_texts, tokenizer, cfg.seq_len, max_tokens=cfg.max_eval_tokens,
                               shuffle_seed=None, block_bos=block_bos) if ev_texts else None
         info.update(train_docs=len(texts), eval_docs=len(ev_texts), block_bos=block_bos)

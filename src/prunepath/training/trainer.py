@@ -597,7 +597,8 @@ def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
     world = int(os.environ.get("WORLD_SIZE", "1"))
     need = cfg.total_steps * cfg.tokens_per_step * world + cfg.seq_len
     bos = tokenizer is not None and cfg.task == "lm" and needs_bos(model, tokenizer)
-    train_ds, eval_ds, info = build_task_data(cfg, tokenizer, max_train_tokens=need, block_bos=bos)
+    train_ds, eval_ds, info = build_task_data(cfg, tokenizer, max_train_tokens=need, block_bos=bos, model=model,
+                                              should_stop=should_stop)
     print(f"[prunepath] data: {json.dumps(info)}; {len(train_ds)} training rows of {cfg.seq_len} tokens; "
           f"{cfg.total_steps} steps × {cfg.tokens_per_step} tokens/step/process", flush=True)
     return train(model, tokenizer, train_ds, cfg, eval_data=eval_ds, out_dir=out_dir or cfg.out,
