@@ -1,4 +1,6 @@
-"""Sparsity statistics of the last forward pass (PAPER.md §3.5)."""
+"""Sparsity statistics of the last forward pass (PAPER.md §3.5), and every s_FFN count: PrunePath's inactive
+experts, TEAL / CATS activation sparsity (:func:`activation_s_ffn`) and the router's extra bytes
+(:func:`router_byte_fraction`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,61 @@ class SparsityStats:
         return dict(s_ffn=self.s_ffn, mean_active=self.mean_active, num_experts=self.num_experts,
                     tokens=self.tokens, per_layer_active=self.per_layer_active,
                     per_layer_s_ffn=self.per_layer_s_ffn)
+
+
+def activation_s_ffn(s_in, s_mid, *, gated: bool, method: str = "teal"):
+    """Fraction of the FFN's weight bytes a token does not read under activation sparsity (biases ignored).
+
+    ``s_in``: fraction of the token's FFN input entries x_j zeroed (each skips one column of W_gate and of W_up,
+    or of W₁); ``s_mid``: fraction of its intermediate entries h_i zeroed (each skips one row of W_downᵀ, and
+    for CATS one row of W_up too). Works elementwise on floats or tensors.
+
+    - TEAL, gated FFN (three equal matrices): (2·s_in + s_mid) / 3
+    - CATS, gated FFN (the gate is always read): 2·s_mid / 3
+    - TEAL, plain FFN (two equal matrices): (s_in + s_mid) / 2
+
+    PrunePath's s_FFN (:func:`sparsity`) is the same quantity for expert sparsity: its experts are equal-size
+    blocks of neurons, so the fraction of inactive experts is the fraction of FFN bytes not read.
+    """
+    if method == "cats":
+        if not gated:
+            raise ValueError("CATS needs a gated FFN")
+        return s_mid * (2 / 3)
+    if method != "teal":
+        raise ValueError(f"unknown activation-sparsity method {method!r}")
+    return (2 * s_in + s_mid) / 3 if gated else (s_in + s_mid) / 2
+
+
+def router_byte_fraction(model: nn.Module) -> float:
+    """Router weights as a fraction of the FFN weights of a converted model (biases ignored): what PrunePath
+    reads on top of its active experts, e.g. Linear(576, 48) against a gated 1536-wide FFN of 3·576·1536
+    weights = 48 / (3·1536) ≈ 1.04 % for SmolLM2-135M at 32 neurons per expert. Same dtype, so bytes = counts."""
+    from prunepath.conversion.moefy import prunepath_modules
+
+    mods = prunepath_modules(model)
+    if not mods:
+        raise ValueError("router_byte_fraction needs a converted model (prunepath.moefy first)")
+    router = sum(p.numel() for m in mods for p in m.router.parameters() if p.dim() >= 2)
+    ffn = sum(lin.weight.numel() for m in mods for lin in (m.gate_proj, m.up_proj, m.down_proj) if lin is not None)
+    return router / ffn
+
+
+def activation_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, *,
+                           keep_device: bool = False) -> list[torch.Tensor]:
+    """TEAL / CATS: per-(kept)-token s_FFN of the last forward, one 1-D float tensor per layer (moved to the CPU
+    unless ``keep_device``)."""
+    from prunepath.baselines.activation import activation_modules
+
+    out = []
+    for m in activation_modules(model):
+        if m.last_s_ffn is None:
+            raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
+        s = m.last_s_ffn
+        if token_mask is not None:
+            s = s.reshape(token_mask.shape)[token_mask.to(torch.bool).to(s.device)]
+        s = s.reshape(-1).float()
+        out.append(s if keep_device else s.cpu())
+    return out
 
 
 def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None, *,
@@ -52,9 +109,16 @@ def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> to
 def sparsity(model: nn.Module, token_mask: torch.Tensor | None = None) -> SparsityStats:
     """Statistics of the last forward; ``token_mask`` (e.g. an attention mask) drops padding tokens.
 
-    A dense, unconverted model reports s_ffn = 0.
+    A dense, unconverted model reports s_ffn = 0, or with TEAL / CATS applied its measured activation s_FFN
+    (``num_experts`` 0, no active counts).
     """
     cfg = getattr(model, "prunepath_config", None)
+    if cfg is None and getattr(model, "prunepath_activation", None) is not None:
+        per_tok = activation_s_per_token(model, token_mask)
+        per_layer_s = [float(s.mean()) if s.numel() else float("nan") for s in per_tok]
+        return SparsityStats(s_ffn=sum(per_layer_s) / len(per_layer_s) if per_layer_s else 0.0, mean_active=0.0,
+                             num_experts=0, tokens=int(per_tok[0].numel()) if per_tok else 0,
+                             per_layer_s_ffn=per_layer_s)
     if cfg is None:
         return SparsityStats(0.0, 0.0, 0, 0)
     counts = active_counts(model, token_mask)

@@ -7,6 +7,7 @@ the trainer is installed) LTE's auxiliary losses and stage hook.
     prepare(model, "d2dmoe", tau=0.5)         # D2DMoE router, dynamic-k
     prepare(model, "static", tokenizer=tok, texts=calib, sparsity=0.5)
     prepare(model, "wanda", tokenizer=tok, texts=calib, sparsity=0.5)
+    prepare(model, "teal", tokenizer=tok, texts=calib, sparsity=0.4)   # dense model; also "cats" (activation.py)
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from prunepath.baselines import wanda  # noqa: F401
 from prunepath.baselines.fitting import fit_router
 from prunepath.baselines.static import prune_experts
 from prunepath.baselines.wanda import apply_wanda, weight_sparsity
+from prunepath.baselines.activation import (ActivationSparsity, ActivationStats, apply_activation_sparsity,
+                                            cats_thresholds, collect_activation_stats, remove_activation_sparsity,
+                                            teal_thresholds)
 from prunepath.errors import PrunePathError
 
 METHODS = ("prunepath", "lte", "moefication", "d2dmoe", "static", "wanda")
 
-__all__ = ["METHODS", "apply_wanda", "fit_router", "prepare", "prepare_for_training", "prune_experts",
-           "weight_sparsity"]
+__all__ = ["METHODS", "ActivationSparsity", "ActivationStats", "apply_activation_sparsity", "apply_wanda",
+           "cats_thresholds", "collect_activation_stats", "fit_router", "prepare", "prepare_for_training",
+           "prune_experts", "remove_activation_sparsity", "teal_thresholds", "weight_sparsity"]
+
+ACTIVATION = ("teal", "cats")  # activation sparsity on the dense model (no experts)
 
 TRAINABLE = ("lte",)
 
@@ -41,6 +48,8 @@ def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[st
     - moefication / d2dmoe: their MLP router and top-k (``k``) / dynamic-k (``tau``) routing; ``fit=True``
       fits the router on ``texts`` with the backbone frozen (``fit_kwargs`` go to :func:`fit_router`).
     - static / wanda: calibrate on ``texts`` and prune to ``sparsity``.
+    - teal / cats: on the dense model, calibrate thresholds on ``texts`` for target s_FFN ``sparsity`` (TEAL
+      uniform; for greedy or to reuse one calibration call the functions of :mod:`.activation` directly).
     """
     from prunepath.routing.control import configure
     from prunepath.routing.routers import set_router
@@ -51,6 +60,12 @@ def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[st
             raise PrunePathError("prepare(model, 'wanda') needs tokenizer=, texts= (calibration) and sparsity=")
         apply_wanda(model, tokenizer, texts, sparsity, scope=scope)
         return model
+    if method in ACTIVATION:
+        if sparsity is None or tokenizer is None or not texts:
+            raise PrunePathError(f"prepare(model, {method!r}) needs tokenizer=, texts= (calibration) and sparsity=")
+        stats = collect_activation_stats(model, tokenizer, texts)
+        spec = cats_thresholds(stats, sparsity) if method == "cats" else teal_thresholds(stats, sparsity)
+        return apply_activation_sparsity(model, spec)
     if method not in METHODS:
         raise PrunePathError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     if not converted:

@@ -1,6 +1,6 @@
 """``prunepath baseline``: build a baseline checkpoint on the same experts (MoEfication top-k, D2DMoE, static
-expert pruning, Wanda) for the same `eval` / `sweep` / `plot` commands. LTE is trained with
-``prunepath train --method lte``."""
+expert pruning, Wanda), or TEAL / CATS activation sparsity on the original model, for the same `eval` / `sweep` /
+`plot` commands. LTE is trained with ``prunepath train --method lte``."""
 
 from __future__ import annotations
 
@@ -13,19 +13,25 @@ FITTED = ("moefication", "d2dmoe")
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "baseline", help="build a baseline checkpoint (moefication, d2dmoe, static, wanda) on the same experts",
+        "baseline", help="build a baseline checkpoint (moefication, d2dmoe, static, wanda, teal, cats)",
         description="Convert the model (same clustering as PrunePath), then fit a baseline router with the "
                     "backbone frozen (moefication, d2dmoe) or prune on calibration text (static experts, Wanda), "
-                    "and save a checkpoint that `prunepath eval` / `sweep` evaluate like any other. Train LTE "
-                    "with `prunepath train --method lte`.")
+                    "and save a checkpoint that `prunepath eval` / `sweep` evaluate like any other. TEAL / CATS "
+                    "calibrate activation thresholds on the original model (not converted) and save it with them. "
+                    "Train LTE with `prunepath train --method lte`.")
     add_model_arg(p)
-    p.add_argument("--method", required=True, choices=["moefication", "d2dmoe", "static", "wanda"])
+    p.add_argument("--method", required=True, choices=["moefication", "d2dmoe", "static", "wanda", "teal", "cats"],
+                   help="teal / cats: activation sparsity on the original dense model (no conversion)")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--calib-data", default="mix:sotu,moby-dick,austen,brown",
                    help="calibration text: a corpus name, mix, or a text/JSON(L) file (default: the registry mix; "
                         "never the evaluation text)")
     p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--sparsity", type=float, help="static / wanda: fraction of experts / weights to drop")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="teal / cats: calibration window length")
+    p.add_argument("--sparsity", type=float, help="static / wanda: fraction of experts / weights to drop; teal / "
+                                                  "cats: target s_FFN (fraction of FFN weight bytes not read)")
+    p.add_argument("--allocate", choices=["uniform", "greedy"], default="uniform",
+                   help="teal: the same sparsity in every layer, or TEAL's greedy allocation across layers")
     p.add_argument("--k", type=int, help="moefication: experts per token stored in the checkpoint (default E/2)")
     p.add_argument("--tau", type=float, default=0.5, help="d2dmoe: keep experts with predicted norm >= (1-τ)·max")
     p.add_argument("--fit-steps", type=int, default=300, help="router fitting steps per layer (moefication, d2dmoe)")
@@ -47,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from prunepath.data.text import load_texts
     from prunepath.errors import PrunePathError
 
-    if args.method in ("static", "wanda") and args.sparsity is None:
+    if args.method in ("static", "wanda", "teal", "cats") and args.sparsity is None:
         raise PrunePathError(f"--method {args.method} needs --sparsity (e.g. 0.5)")
+    if args.method in ("teal", "cats"):
+        return _run_activation(args)
     model, tok = prunepath.load_model(args.model)
     if tok is None:
         raise PrunePathError(f"{args.model} has no tokenizer; calibration needs one")
@@ -93,4 +101,38 @@ def run(args: argparse.Namespace) -> int:
             what = f"D2DMoE router, τ {args.tau}"
     out = prunepath.save(model, args.out, tokenizer=tok)
     print(f"saved {out}: {what}")
+    return 0
+
+
+def _run_activation(args: argparse.Namespace) -> int:
+    """TEAL / CATS: calibrate thresholds on the original dense model and save it with them."""
+    from pathlib import Path
+
+    import prunepath
+    from prunepath.baselines.activation import (check_target, collect_activation_stats, save_activation_model,
+                                                thresholds_for)
+    from prunepath.data.text import load_texts
+    from prunepath.errors import PrunePathError
+
+    allocation = args.allocate if args.method == "teal" else "uniform"
+    check_target(args.method, args.sparsity, allocation)
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PrunePathError(f"{out} exists and is not empty; choose another --out")
+    if args.calib_tokens < args.calib_seq_len:
+        raise PrunePathError(f"--calib-tokens {args.calib_tokens} is shorter than one window (--calib-seq-len "
+                             f"{args.calib_seq_len}); raise it")
+    model, tok = prunepath.load_model(args.model)
+    if prunepath.is_converted(model):
+        raise PrunePathError(f"{args.model} is a converted checkpoint; TEAL / CATS run on the original dense model "
+                             "(pass the model it was converted from)")
+    if tok is None:
+        raise PrunePathError(f"{args.model} has no tokenizer; calibration needs one")
+    texts = load_texts(args.calib_data, "train", seed=args.seed)
+    stats = collect_activation_stats(model, tok, texts, max_tokens=args.calib_tokens, seq_len=args.calib_seq_len,
+                                     progress=args.progress)
+    spec = thresholds_for(stats, args.method, args.sparsity, allocation)
+    spec.calibration["data"] = args.calib_data
+    saved = save_activation_model(model, tok, out, spec)
+    print(f"saved {saved}: {spec.label()}, thresholds calibrated on {stats.tokens} tokens of {args.calib_data}")
     return 0

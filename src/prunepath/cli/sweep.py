@@ -18,11 +18,17 @@ def register(sub) -> None:
     add_metric_args(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--taus", default=None, help="comma-separated τ values in (0, 2], e.g. 0.3,0.5,0.7,0.9,1.05")
-    g.add_argument("--target-sparsities", default=None,
-                   help="comma-separated s_FFN targets in [0, 1); τ is calibrated for each (bisection)")
+    g.add_argument("--target-sparsities", "--sparsities", default=None,
+                   help="comma-separated s_FFN targets in [0, 1); τ is calibrated for each (bisection), or with "
+                        "--method teal|cats the activation thresholds (one calibration pass for all)")
+    p.add_argument("--method", choices=["prunepath", "teal", "cats"], default="prunepath",
+                   help="teal / cats: activation sparsity on a dense model (the original, not converted) at each "
+                        "--sparsities target, calibrated on --calib-data (default: the registry mix)")
+    p.add_argument("--allocate", choices=["uniform", "greedy"], default="uniform", help="teal: per-layer allocation")
     p.add_argument("--calib-data", default=None, help="calibration text for --target-sparsities "
                                                       "(default: --data for ppl, else WikiText-2 validation)")
-    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 4096 for τ, 16384 "
+                                                                   "for teal / cats)")
     p.add_argument("--dense", default=None, metavar="MODEL",
                    help="also evaluate this dense model (e.g. the one the checkpoint came from) for the dense line")
     p.add_argument("--label", default=None, help="curve label in plots (default: the model name)")
@@ -57,14 +63,26 @@ def run(args: argparse.Namespace) -> int:
     targets = _floats(args.target_sparsities, "--target-sparsities") if args.target_sparsities else None
     if targets and any(not 0 <= t < 1 for t in targets):
         raise PrunePathError(f"every target sparsity must be in [0, 1) (got {args.target_sparsities})")
+    activation = args.method in ("teal", "cats")
+    if activation:
+        from prunepath.baselines.activation import check_target
+
+        if not targets:
+            raise PrunePathError(f"--method {args.method} sweeps target s_FFN values: pass --sparsities 0.3,0.4,0.5")
+        for t in targets:
+            check_target(args.method, t, args.allocate if args.method == "teal" else "uniform")
     model, tok = load_for_eval(args)
-    if not prunepath.is_converted(model):
-        raise PrunePathError(f"{args.model} is a dense model; a sweep needs a converted checkpoint "
-                             "(`prunepath convert --model NAME --out DIR`, or a trained one)")
-    routing_changes = apply_routing_args(model, args)
     kw = metric_kwargs(args)
-    rows = sweep(model, tok, args.task, args.data, taus, target_sparsities=targets, calib_data=args.calib_data,
-                 calib_tokens=args.calib_tokens, **kw)
+    if activation:
+        rows, routing_changes = _activation_rows(args, model, tok, targets, kw), None
+    else:
+        if not prunepath.is_converted(model):
+            raise PrunePathError(f"{args.model} is a dense model; a sweep needs a converted checkpoint "
+                                 "(`prunepath convert --model NAME --out DIR`, or a trained one), or "
+                                 "--method teal|cats")
+        routing_changes = apply_routing_args(model, args)
+        rows = sweep(model, tok, args.task, args.data, taus, target_sparsities=targets, calib_data=args.calib_data,
+                     calib_tokens=args.calib_tokens or 4096, **kw)
     dense = None
     if args.dense:
         dmodel, dtok = prunepath.load_model(args.dense, dtype=args.dtype, device=args.device)
@@ -90,3 +108,19 @@ def run(args: argparse.Namespace) -> int:
     print(rows_to_markdown(table_rows))
     print(f"wrote {prefix}.json, .csv, .md, .png", file=sys.stderr)
     return 0
+
+def _activation_rows(args: argparse.Namespace, model, tok, targets: list[float], kw: dict) -> list[dict]:
+    """TEAL / CATS at every target: thresholds from one calibration pass on registry text (never --data), in
+    windows of the evaluation's length."""
+    import prunepath
+    from prunepath.baselines.activation import activation_sweep
+    from prunepath.data.text import load_texts
+
+    if prunepath.is_converted(model):
+        raise PrunePathError(f"{args.model} is a converted checkpoint; --method {args.method} runs on the original "
+                             "dense model (pass the model it was converted from)")
+    texts = load_texts(args.calib_data or "mix:sotu,moby-dick,austen,brown", "train")
+    return activation_sweep(model, tok, args.task, args.data, args.method, targets, calib_texts=texts,
+                            allocation=args.allocate if args.method == "teal" else "uniform",
+                            calib_tokens=args.calib_tokens or 16384, seq_len=getattr(args, "window", None) or 512,
+                            **kw)

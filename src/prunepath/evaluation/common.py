@@ -62,6 +62,9 @@ def model_name(model: nn.Module) -> str:
     if cfg is not None:
         router = "" if cfg.router == "linear" else f", router {cfg.router}"
         base = f"{base} + PrunePath {cfg.num_experts}x{cfg.neurons_per_expert} ({cfg.clustering}{router})"
+    act = getattr(model, "prunepath_activation", None)
+    if cfg is None and act is not None:  # TEAL / CATS: the method names the curve; the target is in model_meta
+        base = f"{base} + {act.method.upper()}" + (f" ({act.allocation})" if act.method == "teal" else "")
     return str(base)
 
 
@@ -82,6 +85,9 @@ def model_meta(model: nn.Module) -> dict:
         meta["num_experts"] = cfg.num_experts
         meta["neurons_per_expert"] = cfg.neurons_per_expert
         meta["routing"] = cfg.routing.to_dict()
+    act = getattr(model, "prunepath_activation", None)
+    if cfg is None and act is not None:
+        meta["activation_sparsity"] = {"method": act.method, "target": act.target, "allocation": act.allocation}
     return meta
 
 
@@ -133,7 +139,8 @@ class ActiveMeter:
     """Accumulates per-layer active-expert counts over many forwards (mean and histogram per layer).
 
     ``update(model, mask)`` reads the counts of the last forward for the tokens where ``mask`` is True; a dense
-    (unconverted) model is accepted and reports s_ffn = 0.
+    (unconverted) model is accepted and reports s_ffn = 0, or with TEAL / CATS applied the mean over tokens and
+    layers of the measured fraction of FFN weight bytes not read (:func:`prunepath.stats.activation_s_ffn`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -142,11 +149,21 @@ class ActiveMeter:
         self.num_experts = cfg.num_experts if cfg is not None else 0
         # Wanda (static unstructured pruning) reports its weight sparsity as s_FFN, as the paper does.
         self.static_sparsity = getattr(model, "prunepath_static_sparsity", None)
+        # TEAL / CATS on a dense model: per-token s_FFN recorded by each wrapped FFN.
+        self.activation = not self.converted and getattr(model, "prunepath_activation", None) is not None
         self.sums: list[float] | None = None
         self.hist: list[torch.Tensor] | None = None
         self.tokens = 0
 
     def update(self, model: nn.Module, token_mask: torch.Tensor | None = None) -> None:
+        if self.activation:
+            from prunepath.stats import activation_s_per_token
+
+            per_layer = activation_s_per_token(model, token_mask, keep_device=True)
+            sums = torch.stack([s.double().sum() for s in per_layer]).cpu().tolist()  # one host read per forward
+            self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
+            self.tokens += int(per_layer[0].numel()) if per_layer else 0
+            return
         if not self.converted:
             self.tokens += int(token_mask.sum()) if token_mask is not None else 0
             return
@@ -164,6 +181,12 @@ class ActiveMeter:
     def result(self) -> dict:
         """s_ffn, mean_active (experts per token per layer), per-layer means / s_FFN, and per-layer histograms
         (``active_hist[layer][k]`` = tokens with k active experts)."""
+        if self.activation:
+            per_layer = [s / self.tokens for s in self.sums] if self.sums and self.tokens else []
+            return {"s_ffn": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+                    "s_ffn_kind": "activation (FFN weight bytes not read)", "mean_active": None, "num_experts": 0,
+                    "per_layer_active": [], "per_layer_s_ffn": per_layer, "active_hist": [],
+                    "stat_tokens": self.tokens}
         if not self.converted and self.static_sparsity is not None:
             return {"s_ffn": float(self.static_sparsity), "s_ffn_kind": "weights (unstructured)",
                     "mean_active": None, "num_experts": 0, "per_layer_active": [], "per_layer_s_ffn": [],
@@ -183,7 +206,7 @@ class ActiveMeter:
 def track_active(model: nn.Module, meter: ActiveMeter, skip_first: bool = False) -> Iterator[ActiveMeter]:
     """Update ``meter`` after every forward of ``model`` (e.g. inside ``generate``), all positions counted.
     ``skip_first`` leaves out the first forward (the prompt's prefill), i.e. counts only decode steps."""
-    if not meter.converted:
+    if not meter.converted and not meter.activation:
         yield meter
         return
     calls = [0]

@@ -120,6 +120,12 @@ def load_model(
 
         # A statically pruned dense model (Wanda): evaluation reports its weight sparsity as s_FFN.
         model.prunepath_static_sparsity = float(json.loads(static.read_text())["weight_sparsity"])
+    activation = path / "prunepath_activation.json" if path.is_dir() else None
+    if activation is not None and activation.exists():
+        from prunepath.baselines.activation import apply_activation_sparsity, load_spec
+
+        # TEAL / CATS on the original model (prunepath baseline --method teal|cats): re-apply the thresholds.
+        apply_activation_sparsity(model, load_spec(activation))
     model.prunepath_source = name
     model.prunepath_display_name = display_name(name)
     model.prunepath_tokenizer = tok
