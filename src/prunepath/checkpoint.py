@@ -1,12 +1,29 @@
 """Saving and loading converted models: a ``save_pretrained``-style directory (config.json, model.safetensors,
-tokenizer files) plus ``prunepath_config.json`` (expert layout and routing settings)."""
+tokenizer files) plus ``prunepath_config.json`` (expert layout and routing settings), and for gated-FFN models
+``prunepath_hf.py``, which lets plain ``transformers`` load the checkpoint (``trust_remote_code=True``).
+
+What a save guarantees (docs/training.md, "Guarantees"):
+
+* Atomic: everything is written into a temporary sibling directory (``.NAME.tmp-PID-…``), flushed to disk, and
+  then swapped in with one rename (``renameat2(RENAME_EXCHANGE)`` where the kernel has it), so a process killed at
+  any point leaves either the previous checkpoint or the new one at NAME, never a mixture. ``prunepath_config.json``
+  (the marker that makes a directory a checkpoint) is the last file written; leftover temporary directories are
+  refused by :func:`load` and removed by the next save to the same path.
+* File modes follow the umask like every other output (0755 directories, 0644 files under umask 022).
+* ``model.safetensors`` carries a SHA-256 in ``prunepath_config.json``; :func:`load` checks it, so a truncated or
+  corrupted file is a clear error, not wrong numbers.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -17,29 +34,225 @@ from prunepath.errors import PrunePathError
 
 CONFIG_NAME = "prunepath_config.json"
 WEIGHTS_NAME = "model.safetensors"
+REMOTE_CODE_NAME = "prunepath_hf.py"
+FORMAT_VERSION = 1  # the newest prunepath_config.json format this code reads (PrunePathConfig.format_version)
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp(-.*)?|old-\d+)$")  # .NAME.tmp-…, .NAME.tmp, .NAME.old-PID
+# The model classes whose checkpoints get prunepath_hf.py, by class-name suffix: the transformers auto class.
+REMOTE_AUTO_CLASSES = {"ForCausalLM": "AutoModelForCausalLM",
+                       "ForSequenceClassification": "AutoModelForSequenceClassification",
+                       "Model": "AutoModel"}
+
+
+# ---- file modes and durable, atomic directory replacement ----------------------------------------------------
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (no window in which another
+    thread would create files with umask 0)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_default_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain mkdir / open(…, "w") would have given (0777 / 0666
+    minus the umask): tempfile.mkdtemp makes 0700 directories and safetensors writes 0600 files."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` so that the rename that publishes it is durable."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for f in filenames:
+            p = Path(dirpath, f)
+            if not p.is_symlink():
+                _fsync_path(p)
+        _fsync_path(Path(dirpath))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
 
 
 def atomic_replace_dir(staging: Path, final: Path) -> None:
     """Move a completed ``staging`` directory to ``final``; an old PrunePath checkpoint there is replaced only
-    after the new one is complete. Any other existing non-empty directory is left untouched (error)."""
+    after the new one is complete (one atomic swap where the kernel supports it). Any other existing non-empty
+    directory is left untouched (error). Modes follow the umask; contents are flushed before the rename."""
+    staging, final = Path(staging), Path(final)
+    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or (final / CONFIG_NAME).exists())):
+        raise PrunePathError(f"{final} exists and is not a PrunePath checkpoint; choose another output path "
+                             "(PrunePath never overwrites other files)")
+    apply_default_modes(staging)
+    _fsync_tree(staging)
     if final.exists():
-        if final.is_dir() and not any(final.iterdir()):
+        if not any(final.iterdir()):
             final.rmdir()
-        elif final.is_dir() and (final / CONFIG_NAME).exists():
+        elif _exchange(staging, final):  # staging now holds the old checkpoint
+            _fsync_path(final.parent)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        else:  # no atomic swap: a short window in which only .NAME.old-PID holds the old checkpoint (load says so)
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
             staging.rename(final)
+            _fsync_path(final.parent)
             shutil.rmtree(old, ignore_errors=True)
             return
-        else:
-            raise PrunePathError(f"{final} exists and is not a PrunePath checkpoint; choose another output path "
-                                 "(PrunePath never overwrites other files)")
     staging.rename(final)
+    _fsync_path(final.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Delete what an interrupted save to ``final`` left behind (its process is gone): ``.NAME.tmp-PID-…``
+    staging directories, and ``.NAME.old-PID`` copies once ``final`` is a complete checkpoint again."""
+    if not final.parent.is_dir():
+        return
+    pat = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)(-.*)?$")
+    for p in final.parent.iterdir():
+        m = pat.match(p.name)
+        if not m or not p.is_dir() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not (final / CONFIG_NAME).exists():
+            continue  # the only copy of the previous checkpoint (read_config points the user to it)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ---- plain-transformers loading ----------------------------------------------------------------------------
+def remote_code_support(model: nn.Module, cfg: PrunePathConfig) -> tuple[str, str] | str:
+    """``(auto class, base class name)`` when plain transformers can load this model through prunepath_hf.py,
+    else the reason it cannot (a string)."""
+    import transformers
+
+    from prunepath.conversion.moefy import prunepath_modules
+
+    cls = type(model).__name__
+    if cfg.adapter != "gated-mlp":
+        return f"the {cfg.adapter} architecture (only gated-FFN models: Llama, Mistral, Qwen2/3, Gemma 1-3)"
+    if cfg.routing.method != "prunepath" or cfg.router != "linear":
+        return f"routing method {cfg.routing.method!r} with router {cfg.router!r} (only PrunePath's own routing)"
+    auto = next((a for suffix, a in REMOTE_AUTO_CLASSES.items() if cls.endswith(suffix)), None)
+    if auto is None or getattr(transformers, cls, None) is not type(model):
+        return f"model class {cls} (only transformers' *ForCausalLM / *ForSequenceClassification / *Model)"
+    if not all(f.gated and f.router.__class__ is nn.Linear and isinstance(f.dropout, nn.Identity)
+               for f in prunepath_modules(model)):
+        return "FFNs with a non-standard router or dropout"
+    return auto, cls
+
+
+def _remote_code_source(base_class: str) -> str:
+    src = (Path(__file__).with_name("hf_remote.py")).read_text(encoding="utf-8")
+    line = 'BASE_CLASS = "LlamaForCausalLM"'
+    if src.count(line) != 1:
+        raise PrunePathError("prunepath/hf_remote.py lost its BASE_CLASS line; the installation is damaged")
+    return src.replace(line, f"BASE_CLASS = {base_class!r}")
+
+
+def _write_hf_config(model: nn.Module, cfg: PrunePathConfig, staging: Path) -> None:
+    """config.json, plus (when supported) the ``auto_map`` and ``prunepath`` entries and prunepath_hf.py."""
+    model.config.save_pretrained(staging)
+    path = staging / "config.json"
+    hf = json.loads(path.read_text())
+    hf.pop("prunepath", None)
+    if isinstance(hf.get("auto_map"), dict):
+        hf["auto_map"] = {k: v for k, v in hf["auto_map"].items() if not str(v).startswith("prunepath_hf.")}
+        if not hf["auto_map"]:
+            hf.pop("auto_map")
+    support = remote_code_support(model, cfg)
+    if isinstance(support, tuple):
+        auto, base = support
+        hf.setdefault("auto_map", {})[auto] = "prunepath_hf.PrunePathModel"
+        hf["prunepath"] = {"format_version": cfg.format_version, "num_experts": cfg.num_experts,
+                           "neurons_per_expert": cfg.neurons_per_expert, "num_layers": cfg.num_layers,
+                           "base_class": base, "routing": cfg.routing.to_dict()}
+        (staging / REMOTE_CODE_NAME).write_text(_remote_code_source(base), encoding="utf-8")
+    path.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+
+
+def _strip_hf_extras(config) -> None:
+    """Drop the plain-transformers entries from a loaded config (a re-save writes them afresh)."""
+    if getattr(config, "prunepath", None) is not None:
+        try:
+            delattr(config, "prunepath")
+        except AttributeError:
+            config.prunepath = None
+    amap = getattr(config, "auto_map", None)
+    if isinstance(amap, dict):
+        kept = {k: v for k, v in amap.items() if not str(v).startswith("prunepath_hf.")}
+        if kept != amap:
+            if kept:
+                config.auto_map = kept
+            else:
+                try:
+                    delattr(config, "auto_map")
+                except AttributeError:
+                    config.auto_map = None
+
+
+# ---- save / load ---------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, extra: dict | None = None) -> Path:
-    """Save a converted model to ``path`` (written to a temporary directory, renamed when complete)."""
+    """Save a converted model to ``path`` (written to a temporary directory, swapped in when complete)."""
     from safetensors.torch import save_model
+
+    import prunepath
 
     cfg: PrunePathConfig | None = getattr(model, "prunepath_config", None)
     if cfg is None:
@@ -47,19 +260,26 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, extra: di
                              "first (or use model.save_pretrained for a dense model)")
     final = Path(path).expanduser().resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or (final / CONFIG_NAME).exists())):
+        raise PrunePathError(f"{final} exists and is not a PrunePath checkpoint; choose another output path "
+                             "(PrunePath never overwrites other files)")
+    _remove_stale_temporaries(final)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
     try:
-        model.config.save_pretrained(staging)
+        _write_hf_config(model, cfg, staging)
         save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "prunepath": "1"})
-        meta = cfg.to_dict()
-        meta["model_class"] = type(model).__name__
-        meta["source_display_name"] = getattr(model, "prunepath_display_name", None)
-        if extra:
-            meta["extra"] = extra
-        (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "prunepath_tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        meta = cfg.to_dict()
+        meta["model_class"] = type(model).__name__
+        meta["source_display_name"] = getattr(model, "prunepath_display_name", None)
+        meta["prunepath_version"] = prunepath.__version__
+        meta["weights_sha256"] = _sha256(staging / WEIGHTS_NAME)
+        if extra:
+            meta["extra"] = extra
+        # Last: the marker that makes the directory a checkpoint.
+        (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         atomic_replace_dir(staging, final)
     finally:
         if staging.exists():
@@ -67,22 +287,65 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, extra: di
     return final
 
 
+def _written_by_prunepath(weights: Path) -> bool:
+    """Whether a safetensors file carries prunepath.save's metadata (read from its header only)."""
+    try:
+        with open(weights, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                return False
+            header = json.loads(fh.read(n))
+        return (header.get("__metadata__") or {}).get("prunepath") == "1"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The raw ``prunepath_config.json`` of a checkpoint, with clear errors for anything else."""
     root = Path(path).expanduser()
+    tmp = _TMP_NAME.match(root.name)
+    if tmp and root.is_dir():
+        target = root.parent / tmp.group("name")
+        if tmp.group("kind").startswith("old-") and not (target / CONFIG_NAME).exists():
+            raise PrunePathError(f"{root} is the previous checkpoint kept aside by an interrupted save; rename it "
+                                 f"to {target} to use it")
+        raise PrunePathError(f"{root} is a temporary directory left by an interrupted save, not a checkpoint; "
+                             f"delete it (the checkpoint itself is {target})")
     if not root.exists():
+        olds = sorted(p for p in root.parent.glob(f".{root.name}.old-*") if (p / CONFIG_NAME).exists()) \
+            if root.parent.is_dir() else []
+        if olds:
+            raise PrunePathError(f"no checkpoint at {root}, but an interrupted save left the previous one at "
+                                 f"{olds[-1]}; rename it to {root} to use it")
         raise PrunePathError(f"no such checkpoint directory: {root}")
     if not root.is_dir() or not (root / CONFIG_NAME).exists():
+        if root.is_dir() and _written_by_prunepath(root / WEIGHTS_NAME):
+            raise PrunePathError(f"{root} is an incomplete PrunePath checkpoint ({WEIGHTS_NAME} but no "
+                                 f"{CONFIG_NAME}, which is written last): an interrupted save or copy; re-create "
+                                 "it with prunepath.save or `prunepath convert`")
         raise PrunePathError(f"{root} is not a PrunePath checkpoint (no {CONFIG_NAME}); create one with "
                              "`prunepath convert --model NAME --out DIR` or prunepath.save(model, DIR)")
     try:
-        return json.loads((root / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads((root / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PrunePathError(f"{root / CONFIG_NAME} is corrupt ({exc}); re-create the checkpoint") from exc
+    if not isinstance(meta, dict):
+        raise PrunePathError(f"{root / CONFIG_NAME} is corrupt (not a JSON object); re-create the checkpoint")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        import prunepath
+
+        by = meta.get("prunepath_version") or "version"
+        raise PrunePathError(f"{root} was saved by a newer prunepath {by} (checkpoint format {version}; this is "
+                             f"prunepath {prunepath.__version__}, which reads format {FORMAT_VERSION}); upgrade "
+                             "prunepath to load it")
+    return meta
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` from a PrunePath checkpoint directory; the tokenizer is None if not saved."""
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, *,
+         verify: bool = True) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` from a PrunePath checkpoint directory; the tokenizer is None if not saved.
+    ``verify`` checks model.safetensors against the SHA-256 recorded at save time (checkpoints that have one)."""
     import transformers
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -90,23 +353,29 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None)
 
     root = Path(path).expanduser()
     meta = read_config(root)
+    known = {f.name for f in fields(PrunePathConfig)}
     try:
-        pcfg = PrunePathConfig.from_dict({k: v for k, v in meta.items()
-                                          if k not in ("model_class", "source_display_name", "extra")})
+        pcfg = PrunePathConfig.from_dict({k: v for k, v in meta.items() if k in known})
         model_cls = getattr(transformers, meta["model_class"])
         config = AutoConfig.from_pretrained(root)
     except (KeyError, TypeError, AttributeError, ValueError, OSError) as exc:
         raise PrunePathError(f"{root} has an unreadable PrunePath config ({exc}); re-create the checkpoint") from exc
+    _strip_hf_extras(config)
     weights = root / WEIGHTS_NAME
     if not weights.exists():
-        raise PrunePathError(f"{root} has no {WEIGHTS_NAME}: the checkpoint is incomplete")
+        raise PrunePathError(f"{root} has no {WEIGHTS_NAME}: the checkpoint is incomplete; re-create it with "
+                             "prunepath.save or `prunepath convert`")
+    fix = "re-create the checkpoint (prunepath.save / `prunepath convert`) or restore it from a good copy"
+    if verify and meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+        raise PrunePathError(f"{weights} is corrupt: its SHA-256 differs from the one recorded at save time "
+                             f"(truncated, modified or damaged on disk); {fix}")
     model = model_cls._from_config(config, dtype=torch.float32)
     install_structure(model, pcfg)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise PrunePathError(f"{weights} is corrupt or does not match its config ({str(exc)[:200]}); "
-                             "re-create the checkpoint") from exc
+                             f"{fix}") from exc
     if missing or unexpected:
         raise PrunePathError(f"{weights} does not match its config (missing {sorted(missing)[:3]}, unexpected "
                              f"{sorted(unexpected)[:3]}); the checkpoint is corrupt or mixed")
