@@ -436,13 +436,16 @@ def collect_activation_stats(model: nn.Module, tokenizer, texts: Sequence[str], 
     modules = [getattr(s.owner, s.attr) for s in sites]
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
     device = next(model.parameters()).device
+    # The backbone alone: the LM head's vocabulary-sized logits are not needed for FFN statistics.
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix) if prefix and isinstance(getattr(model, prefix, None), nn.Module) else model
     was_training = model.training
     model.eval()
     tokens = 0
     try:
         for b in tqdm(batches, desc="activation stats", disable=not progress, unit="batch"):
             kwargs = {"use_cache": False} if _takes_cache(model) else {}
-            model(input_ids=b.to(device), **kwargs)
+            body(input_ids=b.to(device), **kwargs)
             tokens += b.numel()
     finally:
         for h in handles:
