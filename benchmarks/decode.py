@@ -1,9 +1,12 @@
 """End-to-end decode benchmark (GPU): HF eager dense vs dense static-cache + CUDA graph vs PrunePath sparse.
 
     python benchmarks/decode.py --shapes llama3-8b,gpt2-medium --batches 1,8 --prompt 512 --new 128
+    python benchmarks/decode.py --shapes smollm2-135m --neurons-per-expert 16,32,64 --batches 1 \
+        --densities 0.5,0.3,0.1 --hf-new 0 --no-legacy --grouped-densities ""   # expert granularity
 
 Random bf16 weights of the real shapes (no downloads). The PrunePath model is the same model converted with
-random clustering (32 neurons per expert); FFN density is forced through the router: a near-uniform random
+random clustering (``--neurons-per-expert`` N, default 32; a list converts a fresh copy of the model per size
+after the dense baselines, and every PrunePath record carries N, E and the router's bytes per layer); FFN density is forced through the router: a near-uniform random
 router (logit std ≈ 0.01) with the paper's cumulative rule at τ = (k + ½)/E keeps ≈ k experts per token, a
 different random set per token and layer. τ changes between densities without recapturing the graph.
 Per (shape, batch): ms/token and tokens/s of the decode loop (prefill excluded), peak memory of the decode
@@ -35,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ffn_stack import bench_graph, check_correctness, copy_bandwidth, graph_of  # noqa: E402
+from ffn_stack import ALIASES, bench_graph, check_correctness, copy_bandwidth, graph_of  # noqa: E402
 
 NEURONS = 32
 
@@ -190,10 +193,15 @@ def _free(dev):
         torch.cuda.empty_cache()
 
 
+def ffn_width(cfg) -> int:
+    return getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.n_embd
+
+
 def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False, log=print, budget=None,
-              hf_new=8, emit=None, profile=None, grouped_densities=(0.3,), legacy=True, auto_only=False):
-    """Every engine for one shape; ``emit(record)`` is called as each record is made (partial results)."""
-    import prunepath
+              hf_new=8, emit=None, profile=None, grouped_densities=(0.3,), legacy=True, auto_only=False,
+              neurons=(NEURONS,)):
+    """Every engine for one shape; ``emit(record)`` is called as each record is made (partial results).
+    ``neurons``: the expert sizes N to convert the model with (one fresh conversion each, same dense weights)."""
     from prunepath.decoding.engine import DecodeEngine
     budget = budget or Budget(0)
     recs = []
@@ -238,13 +246,40 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
         del eng
         _free(dev)
         model.to(dev)
-    if budget.late():
-        return recs
-    prunepath.moefy(model, neurons_per_expert=NEURONS, clustering="random", progress=False)
     d = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd
+    ff = ffn_width(cfg)
+    dense_base = base
+    for ni, n in enumerate(neurons):
+        if budget.late():
+            break
+        if ff % n:
+            add(dict(dense_base, neurons_per_expert=n, engine="skipped", reason=f"d_ff {ff} is not a multiple of {n}"))
+            log(f"{name} N={n}: skipped (d_ff {ff} is not a multiple of N)")
+            continue
+        if ni:  # a fresh copy of the dense model (seeded: the same weights) for this expert size
+            del model
+            _free(dev)
+            model, _ = _model(name, dev, tiny)
+        model = _run_converted(model, name, n, d, ff, batches, densities, dev, bw, budget, dense_base, dense_ms,
+                               ids_of, max_len, new, add, log, profile, grouped_densities, legacy, auto_only)
+    del model
+    _free(dev)
+    return recs
+
+
+def _run_converted(model, name, n, d, ff, batches, densities, dev, bw, budget, base, dense_ms, ids_of, max_len, new,
+                   add, log, profile, grouped_densities, legacy, auto_only):
+    """Convert ``model`` at N neurons per expert and time every PrunePath engine; returns the model."""
+    import prunepath
+    from prunepath.decoding.engine import DecodeEngine
+    prunepath.moefy(model, neurons_per_expert=n, clustering="random", progress=False)
     for f in prunepath.prunepath_modules(model):
         torch.nn.init.normal_(f.router.weight, std=0.01 / math.sqrt(d))
     e = prunepath.prunepath_modules(model)[0].num_experts
+    esz = 2 if dev.type == "cuda" else 4
+    gated = getattr(model.config, "model_type", "") != "gpt2"  # Llama-like: gate, up, down; GPT-2: up, down
+    base = dict(base, neurons_per_expert=n, num_experts=e, router_bytes_per_layer=d * e * esz,
+                router_bytes_frac=(d * e) / ((3 if gated else 2) * ff * d))
     for b in batches:
         if budget.late() or b not in dense_ms:
             break
@@ -257,7 +292,7 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
             for m in ("sparse", "dense"):
                 corr = check_correctness([eng.layers[0].ffn], b, {}, mode=m)
                 add(dict(base, batch=b, engine=f"check-{m}", **corr))
-                log(f"{name} b{b} correctness {m} {corr}")
+                log(f"{name} N={n} b{b} correctness {m} {corr}")
         if profile is not None:
             _run_profile(eng, profile, ids, new, dev, e, b, base, dense_ms, bw, add, log, name)
         for dens in ([] if profile is not None else densities):
@@ -313,9 +348,7 @@ def run_shape(name, batches, densities, prompt, new, dev, gpu, bw, *, tiny=False
         del eng
         _free(dev)
         model.to(dev)
-    del model
-    _free(dev)
-    return recs
+    return model
 
 
 def _run_profile(eng, profile, ids, new, dev, e, b, base, dense_ms, bw, add, log, name):
@@ -354,6 +387,8 @@ def _run_profile(eng, profile, ids, new, dev, e, b, base, dense_ms, bw, add, log
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama3-8b,gpt2-medium")
+    ap.add_argument("--neurons-per-expert", default=str(NEURONS),
+                    help="comma-separated expert sizes N (E = d_ff / N), each converted and timed, e.g. 16,32,64")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--densities", default="1.0,0.5,0.3,0.1")
     ap.add_argument("--prompt", type=int, default=512)
@@ -369,7 +404,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test (needs TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/decode.py times the decode engine on a CUDA GPU and none is visible here. On a "
+                         "CPU-only machine run the smoke test: TRITON_INTERPRET=1 python benchmarks/decode.py --tiny "
+                         "--shapes llama3-8b --batches 1 --densities 0.3 --prompt 6 --new 3 --hf-new 0")
+    if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--tiny runs the kernels in Triton's CPU interpreter: set TRITON_INTERPRET=1")
+    try:
+        neurons = [int(v) for v in args.neurons_per_expert.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--neurons-per-expert: expected integers, got {args.neurons_per_expert!r}") from None
+    dev = torch.device("cuda" if not args.tiny else "cpu")
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     bw = copy_bandwidth() if dev.type == "cuda" else 1e11
     print(f"gpu {gpu} copy {bw / 1e12:.2f} TB/s", flush=True)
@@ -386,7 +431,7 @@ def main(argv=None) -> int:
         atomic_write_text(out, json.dumps(recs, indent=1))
 
     budget = Budget(args.deadline)
-    for name in args.shapes.split(","):
+    for name in [ALIASES.get(s.strip().lower(), s.strip()) for s in args.shapes.split(",") if s.strip()]:
         if budget.late():
             print(f"deadline: skipping {name}", flush=True)
             continue
@@ -395,18 +440,18 @@ def main(argv=None) -> int:
                       args.prompt, args.new, dev, gpu, bw, tiny=args.tiny, log=lambda s: print(s, flush=True),
                       budget=budget, hf_new=args.hf_new, emit=emit, profile=profile,
                       grouped_densities=tuple(float(x) for x in args.grouped_densities.split(",") if x),
-                      legacy=not args.no_legacy, auto_only=args.auto_only)
+                      legacy=not args.no_legacy, auto_only=args.auto_only, neurons=neurons)
         except torch.cuda.OutOfMemoryError as exc:
             print(f"{name}: out of memory: {exc}", flush=True)
             emit(dict(shape=name, engine="error", error=repr(exc)[:300]))
             torch.cuda.empty_cache()
-    print("\n| shape | batch | density | engine | ms/token | tok/s | peak MB | FFN ms | FFN floor ms | prefill ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | N | batch | density | engine | ms/token | tok/s | peak MB | FFN ms | FFN floor ms | prefill ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     f = (lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
     for r in recs:
-        if r.get("engine", "").startswith(("check", "error")):
+        if r.get("engine", "").startswith(("check", "error", "skipped")):
             continue
-        print(f"| {r['shape']} | {r['batch']} | {r['density']} | {r['engine']} | {f(r.get('ms_per_token'))} | "
+        print(f"| {r['shape']} | {r.get('neurons_per_expert', '—')} | {r['batch']} | {r['density']} | {r['engine']} | {f(r.get('ms_per_token'))} | "
               f"{f(r.get('tokens_per_s'))} | {f(r.get('peak_mem_mb'))} | {f(r.get('ffn_ms'))} | "
               f"{f(r.get('ffn_floor_ms'))} | {f(r.get('prefill_ms'))} |")
     return 0

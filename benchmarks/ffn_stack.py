@@ -1,8 +1,24 @@
 """FFN-stack decode benchmark (GPU): PrunePath sparse kernels vs dense cuBLAS, CUDA graphs, random bf16 weights.
 
+Expert granularity on one H200 (every size side by side, cuBLAS baseline in the same process; about a minute):
+
+    python benchmarks/ffn_stack.py --shapes smollm2,llama3-8b --neurons-per-expert 16,32,64 --batches 1 \
+        --densities 0.5,0.3,0.1 --modes sparse --rep-ms 100 --out benchmarks/results/ffn-stack-h200-granularity.json
+
+Other uses:
+
     python benchmarks/ffn_stack.py --shapes llama3-8b --batches 1,8 --densities 1.0,0.5,0.3,0.1 [--sweep]
-        [--crossover 1,2,4,8] [--density-profile PROFILE.json[#i]] [--deadline EPOCH_SECONDS]
+        [--neurons-per-expert 8,16,32,64] [--crossover 1,2,4,8] [--density-profile PROFILE.json[#i]]
+        [--deadline EPOCH_SECONDS]
     python benchmarks/ffn_stack.py --density-profile PROFILE.json[#i] --profile-summary   # CPU, no GPU
+    TRITON_INTERPRET=1 python benchmarks/ffn_stack.py --smoke --shapes tiny --neurons-per-expert 8,16,32 \
+        --batches 1,8 --densities 0.5,0.1 --modes sparse,dense --out /tmp           # CPU smoke test (interpreter)
+
+Without a CUDA GPU the script stops at once unless ``--smoke`` (tiny shapes, Triton interpreter) is given.
+``--neurons-per-expert`` (N, default 32) is a list: each size gets E = d_ff / N experts and its own random
+layers; every record carries N, E and the router's bytes per layer (hidden × E × 2, bf16) as a fraction of the
+FFN's, and a table per size is printed at the end. ``--out`` is a directory (file ffn-stack-<tag>.json) or a
+.json path.
 
 Per layer: router GEMV + selection (one kernel), fused expert kernels (two), accumulating into an fp32 residual.
 Density is forced through the router: a near-uniform random router (logit std 0.01) with the paper's cumulative
@@ -35,11 +51,14 @@ SHAPES = {
     "gpt2-medium": dict(d=1024, ff=4096, layers=24, gated=False, act="gelu_tanh", bias=True, heads=16, kv=16, vocab=50257),
     "smollm2-135m": dict(d=576, ff=1536, layers=30, gated=True, act="silu", bias=False, heads=9, kv=3, vocab=49152),
 }
-NEURONS = 32
+NEURONS = 32  # default neurons per expert (--neurons-per-expert)
+ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "llama3": "llama3-8b",
+           "llama-3-8b": "llama3-8b", "qwen2": "qwen2-7b", "gpt2": "gpt2-medium"}
 # CPU smoke test of the script (TRITON_INTERPRET=1, --smoke): tiny shape, eager "graphs", wall-clock timing.
 SHAPES["tiny"] = dict(d=48, ff=96, layers=2, gated=True, act="silu", bias=False, heads=4, kv=2, vocab=64)
 SHAPES["tiny-gpt2"] = dict(d=48, ff=96, layers=2, gated=False, act="gelu_tanh", bias=True, heads=4, kv=4, vocab=64)
 DEV = "cuda"
+TIMING = {"warmup": 25, "rep": 300}  # triton.testing.do_bench, milliseconds (--warmup-ms / --rep-ms)
 
 
 class _Eager:
@@ -71,14 +90,20 @@ def tau_for(k: int, e: int) -> float:
     return (k + 0.5) / e if k < e else 1.05
 
 
-def make_layers(shape: dict, device: str | None = None):
+def num_experts(shape: dict, neurons: int = NEURONS) -> int:
+    if neurons < 1 or shape["ff"] % neurons:
+        raise ValueError(f"d_ff {shape['ff']} is not a multiple of {neurons} neurons per expert")
+    return shape["ff"] // neurons
+
+
+def make_layers(shape: dict, device: str | None = None, neurons: int = NEURONS):
     device = device or DEV
     from prunepath.kernels import random_packed_ffn
-    e = shape["ff"] // NEURONS
+    e = num_experts(shape, neurons)
     layers = []
     for i in range(shape["layers"]):
         # Router weights N(0, (0.01/√d)²): with x ~ N(0, 1) the logits have std 0.01 (near-uniform routing).
-        p = random_packed_ffn(shape["d"], e, NEURONS, gated=shape["gated"], activation=shape["act"], bias=shape["bias"],
+        p = random_packed_ffn(shape["d"], e, neurons, gated=shape["gated"], activation=shape["act"], bias=shape["bias"],
                               dtype=torch.bfloat16, device=device, router_std=0.01)
         p.layer_index = i
         layers.append(p)
@@ -108,15 +133,25 @@ def bench_graph(g) -> float:
         g.replay()
         return (time.perf_counter() - t0) * 1e3
     import triton.testing as tt
-    return tt.do_bench(g.replay, warmup=25, rep=300, return_mode="median")
+    return tt.do_bench(g.replay, warmup=TIMING["warmup"], rep=TIMING["rep"], return_mode="median")
 
 
-def ffn_bytes(shape: dict, active: float, batch_union: float | None = None) -> float:
-    """Bytes the FFN stack must read: active experts' rows (in + out) + router, per token step."""
-    e = shape["ff"] // NEURONS
-    r = 2 * NEURONS if shape["gated"] else NEURONS
-    per_expert = (r + NEURONS) * shape["d"] * 2
+def ffn_bytes(shape: dict, active: float, batch_union: float | None = None, neurons: int = NEURONS) -> float:
+    """Bytes the FFN stack must read: active experts' rows (in + out) + router, per token step (bf16)."""
+    e = num_experts(shape, neurons)
+    r = 2 * neurons if shape["gated"] else neurons
+    per_expert = (r + neurons) * shape["d"] * 2
     return shape["layers"] * (active * per_expert + e * shape["d"] * 2)
+
+
+def granularity(shape: dict, neurons: int, dtype_bytes: int = 2) -> dict:
+    """N, E and the router's weight bytes per layer (hidden × E × dtype bytes), also as a fraction of the
+    layer's FFN weight bytes (every expert's in + out rows; the router is read on every token, whatever τ)."""
+    e = num_experts(shape, neurons)
+    router = shape["d"] * e * dtype_bytes
+    ffn = (3 if shape["gated"] else 2) * shape["ff"] * shape["d"] * dtype_bytes
+    return {"neurons_per_expert": neurons, "num_experts": e, "router_bytes_per_layer": router,
+            "ffn_bytes_per_layer": ffn, "router_bytes_frac": router / ffn}
 
 
 def make_ffn(p, batch: int, routing, mode: str, tuning: dict | None = None):
@@ -372,10 +407,66 @@ def crossover_of(times: dict[int, tuple[float, float]]) -> int | None:
     return best
 
 
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{what}: expected a comma-separated list of integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"{what}: expected positive integers, got {text!r}")
+    return vals
+
+
+def check_device(smoke: bool, shapes: list[str]) -> str:
+    """'cuda', or 'cpu' for the smoke test; stops with a clear message when neither can run."""
+    if smoke:
+        big = [s for s in shapes if not s.startswith("tiny")]
+        if big:
+            raise SystemExit(f"--smoke runs the tiny shapes only (tiny, tiny-gpt2), not {', '.join(big)}")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            if any(m.startswith("prunepath.kernels.") for m in sys.modules):
+                raise SystemExit("--smoke runs the kernels in Triton's CPU interpreter: set TRITON_INTERPRET=1 "
+                                 "before the kernels are imported (TRITON_INTERPRET=1 python benchmarks/ffn_stack.py "
+                                 "--smoke ...)")
+            os.environ["TRITON_INTERPRET"] = "1"  # nothing compiled yet: the kernels will load interpreted
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/ffn_stack.py times the Triton kernels on a CUDA GPU and none is visible here. "
+                         "On a CPU-only machine run the smoke test instead: TRITON_INTERPRET=1 python "
+                         "benchmarks/ffn_stack.py --smoke --shapes tiny (or --profile-summary, which needs no GPU)")
+    return "cuda"
+
+
+def granularity_table(records: list[dict]) -> list[str]:
+    """One row per (shape, batch, mode, N): E, router bytes, cuBLAS ms, ms and speed-up at each density."""
+    rows = [r for r in records if str(r.get("engine", "")).startswith("ffn-prunepath-")
+            and isinstance(r.get("density"), float) and "ffn_ms" in r]
+    dens = sorted({r["density"] for r in rows}, reverse=True)
+    lines = ["| shape | batch | mode | N | E | router KiB/layer | router / FFN bytes | cuBLAS ms | "
+             + " | ".join(f"ms @ {d:g} (× cuBLAS)" for d in dens) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(dens)]
+    keys = []
+    for r in rows:
+        k = (r["shape"], r["batch"], r["engine"], r["neurons_per_expert"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        got = {r["density"]: r for r in rows if (r["shape"], r["batch"], r["engine"], r["neurons_per_expert"]) == k}
+        first = next(iter(got.values()))
+        cells = [f"{got[d]['ffn_ms']:.3f} ({got[d]['speedup_vs_dense']:.2f}×)" if d in got else "—" for d in dens]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2][len('ffn-prunepath-'):]} | {k[3]} | {first['num_experts']} | "
+                     f"{first['router_bytes_per_layer'] / 1024:.0f} | {100 * first['router_bytes_frac']:.2f} % | "
+                     f"{first['dense_cublas_ms']:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shapes", default="llama3-8b")
-    ap.add_argument("--batches", default="1")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", "--shape", default="llama3-8b",
+                    help=f"comma-separated: {', '.join(SHAPES)} (aliases: {', '.join(ALIASES)})")
+    ap.add_argument("--neurons-per-expert", default=str(NEURONS),
+                    help="comma-separated expert sizes N (E = d_ff / N), each timed side by side, e.g. 16,32,64")
+    ap.add_argument("--batches", "--batch", default="1")
     ap.add_argument("--densities", default="1.0,0.5,0.3,0.1")
     ap.add_argument("--modes", default="sparse,dense,dense_legacy",
                     help="PrunePath paths to time besides cuBLAS (dense_legacy only at density 1.0)")
@@ -388,122 +479,163 @@ def main(argv=None) -> int:
                     help="print the --density-profile's active-expert summary as JSON and exit (no GPU)")
     ap.add_argument("--deadline", type=float, default=0.0, help="epoch seconds: skip work that starts after it")
     ap.add_argument("--profile-steps", type=int, default=256)
-    ap.add_argument("--smoke", action="store_true", help="CPU smoke test (TRITON_INTERPRET=1, shape tiny)")
+    ap.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up per timing (ms)")
+    ap.add_argument("--rep-ms", type=int, default=300, help="do_bench measuring time per timing (ms)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU smoke test: tiny shapes, kernels in Triton's interpreter (TRITON_INTERPRET=1)")
     ap.add_argument("--tag", default="h200")
-    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"),
+                    help="directory (writes ffn-stack-<tag>.json there) or a .json file path")
     args = ap.parse_args(argv)
     if args.profile_summary:
         if not args.density_profile:
             raise SystemExit("--profile-summary needs --density-profile PROFILE.json[#i]")
         print(json.dumps(profile_summary(load_profile(args.density_profile)), indent=1))
         return 0
+    names = [ALIASES.get(s.strip().lower(), s.strip()) for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)} "
+                         f"(aliases: {', '.join(ALIASES)})")
+    neurons_list = _ints(args.neurons_per_expert, "--neurons-per-expert")
+    batches_arg = _ints(args.batches, "--batches")
     global DEV
-    DEV = "cpu" if args.smoke else "cuda"
+    DEV = check_device(args.smoke, names)
+    TIMING.update(warmup=args.warmup_ms, rep=args.rep_ms)
     gpu = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
     bw = copy_bandwidth()
     print(f"gpu {gpu}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     records, sweeps = [], {}
-    out = Path(args.out) / f"ffn-stack-{args.tag}.json"
+    out = Path(args.out) if args.out.endswith(".json") else Path(args.out) / f"ffn-stack-{args.tag}.json"
     late = (lambda: args.deadline and time.time() > args.deadline)
     modes = [m for m in args.modes.split(",") if m]
     prof = load_profile(args.density_profile) if args.density_profile else None
-    base = dict(gpu=gpu, copy_gbps=bw / 1e9, date=time.strftime("%Y-%m-%d"))
+    base = dict(gpu=gpu, copy_gbps=bw / 1e9, date=time.strftime("%Y-%m-%d"),
+                command=" ".join(["python", "benchmarks/ffn_stack.py"] + list(sys.argv[1:] if argv is None else argv)))
+    t_start = time.time()
 
     def save():
         from prunepath.evaluation.reports import atomic_write_text
         atomic_write_text(out, json.dumps({"records": records, "sweeps": sweeps}, indent=1))
 
-    for name in args.shapes.split(","):
-        if late():
-            print(f"deadline: skipping {name}", flush=True)
-            continue
-        shape = SHAPES[name]
-        t0 = time.time()
-        layers = make_layers(shape)
-        e = layers[0].num_experts
-        tuning = {}
-        if args.sweep:
-            tuning, sweeps[name] = sweep(layers, shape)
-            print("best", tuning, flush=True)
-        batches = [int(b) for b in args.batches.split(",")] if not prof else []
-        for batch in batches:
+    for name in names:
+        for n in neurons_list:
             if late():
-                break
-            tb = tuning if batch == 1 else {}
-            for m in modes:
-                if True:
-                    corr = check_correctness(layers, batch, tb, mode=m)
-                    print(name, "batch", batch, corr, flush=True)
-                    records.append(dict(base, shape=name, batch=batch, engine=f"check-{m}", **corr))
-            dense_ms, _ = run_stack(layers, shape, batch, 1.0, mode="cublas")
-            dense_floor = ffn_bytes(shape, e) / bw * 1e3
-            records.append(dict(base, shape=name, batch=batch, density=1.0, engine="ffn-dense-cublas", ffn_ms=dense_ms,
-                                ffn_floor_ms=dense_floor, ffn_gbps=ffn_bytes(shape, e) / dense_ms / 1e6))
-            for dens in [float(x) for x in args.densities.split(",")]:
-                for mode in modes:
-                    if late():
-                        break
-                    if mode in ("dense_legacy", "dense_bf16") and dens < 1.0:
-                        continue
-                    ms, active = run_stack(layers, shape, batch, dens, mode=mode, tuning=tb if mode == "sparse" else {})
-                    byt = ffn_bytes(shape, active) if mode == "sparse" else ffn_bytes(shape, e)
-                    floor = ffn_bytes(shape, max(1, round(dens * e)) * 1.0) / bw * 1e3
-                    rec = dict(base, shape=name, batch=batch, density=dens, engine=f"ffn-prunepath-{mode}", ffn_ms=ms,
-                               ffn_floor_ms=floor, union_density=active / e, ffn_gbps=byt / ms / 1e6,
-                               dense_cublas_ms=dense_ms, speedup_vs_dense=dense_ms / ms, tuning=tb)
-                    records.append(rec)
-                    print(f"{name:13s} b{batch} d{dens:.2f} {rec['engine']:26s} {ms:7.3f} ms  floor {floor:6.3f}  "
-                          f"dense {dense_ms:6.3f}  union {active / e:.2f}  {rec['ffn_gbps']:6.0f} GB/s", flush=True)
-            save()
-        if args.crossover and not prof:
-            for dens in [float(x) for x in args.crossover_densities.split(",")]:
-                times = {}
-                for batch in [int(b) for b in args.crossover.split(",")]:
-                    if late():
-                        break
-                    sp, act = run_stack(layers, shape, batch, dens, mode="sparse", tuning=tuning if batch == 1 else {})
-                    dn, _ = run_stack(layers, shape, batch, dens, mode="dense")
-                    times[batch] = (sp, dn)
-                    records.append(dict(base, shape=name, batch=batch, density=dens, engine="crossover-point",
-                                        sparse_ms=sp, dense_ms=dn, union_density=act / e))
-                    print(f"{name} crossover d{dens:.2f} b{batch}: sparse {sp:.3f} dense {dn:.3f} union {act / e:.2f}",
-                          flush=True)
-                records.append(dict(base, shape=name, density=dens, engine="crossover",
-                                    crossover_batch=crossover_of(times), measured_batches=sorted(times)))
-                print(f"{name} crossover d{dens:.2f}: dense from batch {crossover_of(times)}", flush=True)
-                save()
-        if prof:
-            kt = profile_counts(prof, shape["layers"], e, steps=args.profile_steps).to(DEV)
-            label = f"profile:{prof.get('tau')}"
-            pdens = float(kt.float().mean()) / e
-            for batch in [int(b) for b in args.profile_batches.split(",")]:
-                if late():
-                    break
-                kb = kt
-                dense_ms, _ = run_stack(layers, shape, batch, 1.0, mode="cublas")
-                for mode in ("sparse", "dense"):
-                    ms, active = run_stack(layers, shape, batch, pdens, mode=mode, tuning=tuning if batch == 1 else {},
-                                           ktable=kb)
-                    floor = ffn_bytes(shape, active) / bw * 1e3
-                    rec = dict(base, shape=name, batch=batch, density=label, measured_density=active / e,
-                               engine=f"ffn-prunepath-{mode}", ffn_ms=ms, ffn_floor_ms=floor, dense_cublas_ms=dense_ms,
-                               speedup_vs_dense=dense_ms / ms, profile_model=prof.get("model"),
-                               profile_s_ffn=prof.get("s_ffn"), profile_num_experts=prof.get("num_experts"))
-                    records.append(rec)
-                    print(f"{name} b{batch} {label} (mean density {active / e:.3f}) {mode}: {ms:.3f} ms "
-                          f"(cuBLAS {dense_ms:.3f}, floor {floor:.3f})", flush=True)
-                save()
-        del layers
-        torch.cuda.empty_cache() if DEV == "cuda" else None
-        save()
-        print(f"{name} done in {time.time() - t0:.0f}s", flush=True)
+                print(f"deadline: skipping {name} N={n}", flush=True)
+                continue
+            shape = SHAPES[name]
+            if shape["ff"] % n:
+                msg = f"d_ff {shape['ff']} is not a multiple of N = {n}"
+                print(f"{name} N={n}: skipped ({msg})", flush=True)
+                records.append(dict(base, shape=name, neurons_per_expert=n, engine="skipped", reason=msg))
+                continue
+            run_size(name, shape, n, args, modes, prof, batches_arg, base, bw, records, sweeps, late, save)
     save()
-    print("\n| shape | batch | density | engine | ffn ms | floor ms | GB/s |")
+    print(f"\ntotal {time.time() - t_start:.0f}s; records in {out}")
+    print("\n| shape | N | E | batch | density | engine | ffn ms | floor ms | GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if "ffn_ms" in r:
-            print(f"| {r['shape']} | {r['batch']} | {r['density']} | {r['engine']} | {r['ffn_ms']:.3f} | "
-                  f"{r['ffn_floor_ms']:.3f} | {r.get('ffn_gbps', float('nan')):.0f} |")
+            print(f"| {r['shape']} | {r.get('neurons_per_expert')} | {r.get('num_experts')} | {r['batch']} | "
+                  f"{r['density']} | {r['engine']} | {r['ffn_ms']:.3f} | {r['ffn_floor_ms']:.3f} | "
+                  f"{r.get('ffn_gbps', float('nan')):.0f} |")
+    checks = [r for r in records if str(r.get("engine", "")).startswith("check-")]
+    if checks:
+        print(f"\ncorrectness ({DEV} vs the float32 reference):")
+        for r in checks:
+            print(f"  {r['shape']} N={r['neurons_per_expert']} E={r['num_experts']} b{r['batch']} {r['engine']}: "
+                  f"rel_err_max {r['rel_err_max']:.2e} routing_matches_reference {r['routing_matches_reference']}")
+    table = granularity_table(records)
+    if len(table) > 2:
+        print("\nexpert granularity (same densities; speed-up vs dense cuBLAS in the same process):")
+        print("\n".join(table))
     return 0
+
+
+def run_size(name, shape, n, args, modes, prof, batches_arg, base, bw, records, sweeps, late, save):
+    """Every measurement of one shape at one expert size N (random layers of E = d_ff / N experts)."""
+    t0 = time.time()
+    layers = make_layers(shape, neurons=n)
+    e = layers[0].num_experts
+    gran = granularity(shape, n)
+    base = dict(base, **gran)
+    print(f"{name} N={n} E={e}: router {gran['router_bytes_per_layer'] / 1024:.0f} KiB/layer "
+          f"({100 * gran['router_bytes_frac']:.2f} % of the FFN bytes)", flush=True)
+    tuning = {}
+    key = name if n == NEURONS else f"{name}/N{n}"
+    if args.sweep:
+        tuning, sweeps[key] = sweep(layers, shape)
+        print("best", tuning, flush=True)
+    batches = batches_arg if not prof else []
+    for batch in batches:
+        if late():
+            break
+        tb = tuning if batch == 1 else {}
+        for m in modes:
+            corr = check_correctness(layers, batch, tb, mode=m)
+            print(name, f"N={n}", "batch", batch, corr, flush=True)
+            records.append(dict(base, shape=name, batch=batch, engine=f"check-{m}", **corr))
+        dense_ms, _ = run_stack(layers, shape, batch, 1.0, mode="cublas")
+        dense_floor = ffn_bytes(shape, e, neurons=n) / bw * 1e3
+        records.append(dict(base, shape=name, batch=batch, density=1.0, engine="ffn-dense-cublas", ffn_ms=dense_ms,
+                            ffn_floor_ms=dense_floor, ffn_gbps=ffn_bytes(shape, e, neurons=n) / dense_ms / 1e6))
+        for dens in [float(x) for x in args.densities.split(",")]:
+            for mode in modes:
+                if late():
+                    break
+                if mode in ("dense_legacy", "dense_bf16") and dens < 1.0:
+                    continue
+                ms, active = run_stack(layers, shape, batch, dens, mode=mode, tuning=tb if mode == "sparse" else {})
+                byt = ffn_bytes(shape, active, neurons=n) if mode == "sparse" else ffn_bytes(shape, e, neurons=n)
+                floor = ffn_bytes(shape, max(1, round(dens * e)) * 1.0, neurons=n) / bw * 1e3
+                rec = dict(base, shape=name, batch=batch, density=dens, engine=f"ffn-prunepath-{mode}", ffn_ms=ms,
+                           ffn_floor_ms=floor, union_density=active / e, ffn_gbps=byt / ms / 1e6,
+                           dense_cublas_ms=dense_ms, speedup_vs_dense=dense_ms / ms, tuning=tb)
+                records.append(rec)
+                print(f"{name:13s} N{n:<3d} b{batch} d{dens:.2f} {rec['engine']:26s} {ms:7.3f} ms  floor {floor:6.3f}  "
+                      f"dense {dense_ms:6.3f}  union {active / e:.2f}  {rec['ffn_gbps']:6.0f} GB/s", flush=True)
+        save()
+    if args.crossover and not prof:
+        for dens in [float(x) for x in args.crossover_densities.split(",")]:
+            times = {}
+            for batch in _ints(args.crossover, "--crossover"):
+                if late():
+                    break
+                sp, act = run_stack(layers, shape, batch, dens, mode="sparse", tuning=tuning if batch == 1 else {})
+                dn, _ = run_stack(layers, shape, batch, dens, mode="dense")
+                times[batch] = (sp, dn)
+                records.append(dict(base, shape=name, batch=batch, density=dens, engine="crossover-point",
+                                    sparse_ms=sp, dense_ms=dn, union_density=act / e))
+                print(f"{name} N={n} crossover d{dens:.2f} b{batch}: sparse {sp:.3f} dense {dn:.3f} "
+                      f"union {act / e:.2f}", flush=True)
+            records.append(dict(base, shape=name, density=dens, engine="crossover",
+                                crossover_batch=crossover_of(times), measured_batches=sorted(times)))
+            print(f"{name} N={n} crossover d{dens:.2f}: dense from batch {crossover_of(times)}", flush=True)
+            save()
+    if prof:
+        kt = profile_counts(prof, shape["layers"], e, steps=args.profile_steps).to(DEV)
+        label = f"profile:{prof.get('tau')}"
+        pdens = float(kt.float().mean()) / e
+        for batch in _ints(args.profile_batches, "--profile-batches"):
+            if late():
+                break
+            dense_ms, _ = run_stack(layers, shape, batch, 1.0, mode="cublas")
+            for mode in ("sparse", "dense"):
+                ms, active = run_stack(layers, shape, batch, pdens, mode=mode, tuning=tuning if batch == 1 else {},
+                                       ktable=kt)
+                floor = ffn_bytes(shape, active, neurons=n) / bw * 1e3
+                rec = dict(base, shape=name, batch=batch, density=label, measured_density=active / e,
+                           engine=f"ffn-prunepath-{mode}", ffn_ms=ms, ffn_floor_ms=floor, dense_cublas_ms=dense_ms,
+                           speedup_vs_dense=dense_ms / ms, profile_model=prof.get("model"),
+                           profile_s_ffn=prof.get("s_ffn"), profile_num_experts=prof.get("num_experts"))
+                records.append(rec)
+                print(f"{name} N={n} b{batch} {label} (mean density {active / e:.3f}) {mode}: {ms:.3f} ms "
+                      f"(cuBLAS {dense_ms:.3f}, floor {floor:.3f})", flush=True)
+            save()
+    del layers
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+    save()
+    print(f"{name} N={n} done in {time.time() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

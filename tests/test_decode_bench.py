@@ -38,3 +38,18 @@ def test_auto_only_times_the_path_auto_picks():
     assert all(r["command"].startswith("python3") for r in timed)
     sparse = [r for r in recs if r["engine"] == "prunepath-sparse" and r["density"] == 0.3]
     assert 0 < sparse[0]["measured_density"] < 1  # the forced τ really dropped experts
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_expert_sizes_are_converted_and_recorded_side_by_side():
+    recs = decode.run_shape("llama3-8b", [1], [0.3], 6, 3, torch.device("cpu"), "cpu", 1e11, tiny=True,
+                            log=lambda s: None, hf_new=0, grouped_densities=(), auto_only=True, neurons=(64, 48, 128))
+    # tiny llama: hidden 64, d_ff 256 -> E = 4 at N = 64, 2 at N = 128; 48 does not divide 256 (a row, no crash)
+    assert [r["neurons_per_expert"] for r in recs if r["engine"] == "skipped"] == [48]
+    sparse = {r["neurons_per_expert"]: r for r in recs if r["engine"] == "prunepath-sparse"}
+    assert sorted(sparse) == [64, 128]
+    for n, e in ((64, 4), (128, 2)):
+        r = sparse[n]
+        assert r["num_experts"] == e and r["router_bytes_per_layer"] == 64 * e * 4  # fp32 on the CPU
+        assert r["router_bytes_frac"] == pytest.approx(1 / (3 * n)) and r["ms_per_token"] > 0
+    assert sum(r["engine"] == "dense-graph" for r in recs) == 1  # the dense baseline is timed once

@@ -85,20 +85,21 @@ def test_eval_recon_and_classify(files, tmp_path):
 
 
 def test_sweep_and_plot(files, tmp_path):
-    prefix = tmp_path / "sw"
+    out = tmp_path / "sw"  # a directory, like `prunepath run`'s
     rc = main(["sweep", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",
-               "--max-tokens", "400", "--taus", "1.05,0.3,0.6,0.9", "--dense", files["dense"], "--out", str(prefix),
+               "--max-tokens", "400", "--taus", "1.05,0.3,0.6,0.9", "--dense", files["dense"], "--out", str(out),
                "--no-progress"])
     assert rc == 0
-    res = json.loads((tmp_path / "sw.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "results.csv", "results.json", "results.md"]
+    res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert [r["tau"] for r in rows] == [0.3, 0.6, 0.9, 1.05]
     assert all(a["s_ffn"] >= b["s_ffn"] for a, b in zip(rows, rows[1:])) and rows[-1]["s_ffn"] == 0
     assert all(r["tokens"] == 399 for r in rows) and res["dense"]["s_ffn"] == 0
-    table = list(csv.DictReader(open(tmp_path / "sw.csv")))
+    table = list(csv.DictReader(open(out / "results.csv")))
     assert len(table) == 5 and float(table[0]["tau"]) == 0.3 and "ppl" in table[0]
-    assert (tmp_path / "sw.md").read_text().count("\n| ") >= 5 and (tmp_path / "sw.png").stat().st_size > 1000
-    assert main(["plot", str(tmp_path / "sw.json"), str(tmp_path / "sw.json"), "--labels", "a,b", "--out",
+    assert (out / "results.md").read_text().count("\n| ") >= 5 and (out / "frontier.png").stat().st_size > 1000
+    assert main(["plot", str(out / "results.json"), str(out), "--labels", "a,b", "--out",
                  str(tmp_path / "o.png")]) == 0
     assert (tmp_path / "o.png").stat().st_size > 1000
 

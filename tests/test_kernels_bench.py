@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -110,3 +111,44 @@ def test_profile_summary_cli_needs_no_gpu(tmp_path, capsys):
     # layer 0: one token at 12/48; layer 1: three tokens at 48/48
     assert s["mean_active"] == pytest.approx((0.25 + 3 * 1.0) / 4)
     assert s["layer_mean_min"] == pytest.approx(0.25) and s["layer_min"] == 0
+
+
+def test_no_gpu_fails_fast_with_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA GPU.*--smoke"):
+        ffn_stack.main(["--shapes", "smollm2", "--neurons-per-expert", "16,32,64"])
+    with pytest.raises(SystemExit, match="tiny shapes only"):
+        ffn_stack.main(["--smoke", "--shapes", "llama3-8b"])
+    with pytest.raises(SystemExit, match="unknown shape"):
+        ffn_stack.main(["--shapes", "nope"])
+    with pytest.raises(SystemExit, match="--neurons-per-expert"):
+        ffn_stack.main(["--smoke", "--shapes", "tiny", "--neurons-per-expert", "16,x"])
+
+
+def test_granularity_fields():
+    g = ffn_stack.granularity(ffn_stack.SHAPES["llama3-8b"], 16)
+    assert g["num_experts"] == 896 and g["router_bytes_per_layer"] == 4096 * 896 * 2
+    assert g["router_bytes_frac"] == pytest.approx(1 / (3 * 16))  # E·d / (3·ff·d) = 1 / 3N for a gated FFN
+    assert ffn_stack.granularity(ffn_stack.SHAPES["gpt2-medium"], 64)["router_bytes_frac"] == pytest.approx(1 / 128)
+    with pytest.raises(ValueError, match="not a multiple"):
+        ffn_stack.num_experts(ffn_stack.SHAPES["tiny"], 64)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "1") != "1", reason="the smoke mode runs the interpreter")
+def test_smoke_times_every_expert_size_side_by_side(tmp_path, capsys):
+    out = tmp_path / "gran.json"
+    assert ffn_stack.main(["--smoke", "--shapes", "tiny", "--neurons-per-expert", "16,32,64", "--batches", "1",
+                           "--densities", "0.3", "--modes", "sparse", "--out", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    skipped = [r for r in recs if r["engine"] == "skipped"]
+    assert [r["neurons_per_expert"] for r in skipped] == [64]  # d_ff 96 is no multiple of 64: a row, no crash
+    for n, e in ((16, 6), (32, 3)):
+        rows = [r for r in recs if r.get("neurons_per_expert") == n and r["engine"] != "skipped"]
+        assert {r["engine"] for r in rows} == {"check-sparse", "ffn-dense-cublas", "ffn-prunepath-sparse"}
+        assert all(r["num_experts"] == e and r["router_bytes_per_layer"] == 48 * e * 2 for r in rows)
+        check = next(r for r in rows if r["engine"] == "check-sparse")
+        assert check["routing_matches_reference"] and check["rel_err_max"] < 1e-2
+        timed = next(r for r in rows if r["engine"] == "ffn-prunepath-sparse")
+        assert timed["density"] == 0.3 and timed["ffn_ms"] > 0 and timed["dense_cublas_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "expert granularity" in printed and "| tiny | 1 | sparse | 16 | 6 |" in printed

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.method in ("static", "wanda", "teal", "cats") and args.sparsity is None:
         raise PrunePathError(f"--method {args.method} needs --sparsity (e.g. 0.5)")
+    from prunepath.cli.common import check_baseline_args
+
+    check_baseline_args(args)  # every generic option, before the model loads
     if args.method in ("teal", "cats"):
         return _run_activation(args)
     model, tok = prunepath.load_model(args.model)

@@ -36,3 +36,97 @@ def parse_taus(text: str) -> list[float]:
     if not taus or bad:
         raise PrunePathError(f"every τ must be in (0, 2] (1.05 keeps all experts); got {text!r}")
     return taus
+
+
+# ---- checks made before any model is loaded (a bad argument fails in a second, not after the load) ----------
+
+def check_tau(value: float | None, flag: str = "--tau") -> None:
+    """τ must be a positive finite number (τ > 1 keeps every expert)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise PrunePathError(f"{flag} must be > 0 (got {value:g}); τ is the cumulative routing budget: 0.7 keeps "
+                             "the experts holding about 70% of the probability, τ > 1 keeps every expert")
+
+
+def check_min(args: argparse.Namespace, minimum: int | float, *names: str) -> None:
+    """Each option ``names`` (attribute names) that was given must be >= ``minimum``."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise PrunePathError(f"--{name.replace('_', '-')} must be >= {minimum:g} (got {value:g})")
+
+
+def check_data_arg(path: str | None, flag: str = "--data") -> None:
+    """A data file argument: it exists (as given or under a data folder), is not empty, and is text."""
+    from prunepath.evaluation.common import check_text_file, resolve_data_path
+
+    if path is None or str(path).startswith("hf:"):
+        return
+    p = resolve_data_path(path)
+    if p.is_dir():
+        raise PrunePathError(f"{flag} {path} is a directory; pass a file")
+    if p.stat().st_size == 0:
+        raise PrunePathError(f"{flag} {p} is empty; pass a file with content")
+    check_text_file(p)
+
+
+def check_model_arg(name: str | None, flag: str = "--model") -> None:
+    """A misspelled built-in name fails here, before anything is loaded (``smollm2-135`` → smollm2-135m)."""
+    from prunepath.models.registry import check_builtin_typo
+
+    if name is not None:
+        try:
+            check_builtin_typo(str(name))
+        except PrunePathError as exc:
+            raise PrunePathError(f"{flag}: {exc}") from None
+
+
+def check_out_dir(out: str | None, flag: str = "--out", checkpoint: bool = False) -> None:
+    """An output directory argument must not name an existing file; a checkpoint directory (``checkpoint``)
+    may exist only empty or as a PrunePath checkpoint (which the save replaces)."""
+    from pathlib import Path
+
+    if out is None:
+        return
+    p = Path(out).expanduser()
+    if p.is_file():
+        raise PrunePathError(f"{flag} {out} is an existing file; {flag} names a directory")
+    if checkpoint and p.is_dir() and any(p.iterdir()) and not (p / "prunepath_config.json").exists():
+        raise PrunePathError(f"{flag} {out} exists and is not a PrunePath checkpoint; choose another output path "
+                             "(or an empty directory)")
+
+
+def check_data_source(source: str | None, task: str, flag: str) -> None:
+    """A training / evaluation data argument that names a file or folder must exist (and a file be text).
+    Corpus names, ``mix:...``, ``hf:...`` and other ``scheme:`` sources are checked where they are read."""
+    from pathlib import Path
+
+    from prunepath.data.corpora import is_corpus_name
+    from prunepath.evaluation.common import check_text_file
+
+    if not source or is_corpus_name(str(source)):
+        return
+    p = Path(str(source)).expanduser()
+    if not p.exists() and ":" in str(source):
+        return  # hf:NAME and other named sources
+    if task == "lm":  # raw text: a file or a folder of .txt files, as given
+        if not p.exists():
+            raise PrunePathError(f"{flag} {source}: no such data file or directory. Named corpora: sotu, "
+                                 "moby-dick, brown, austen, kjv, mix (mix:a,b); Hugging Face datasets: hf:NAME")
+        if p.is_file() and p.stat().st_size:
+            check_text_file(p)
+    else:
+        check_data_arg(str(source), flag)
+
+
+def check_baseline_args(args: argparse.Namespace) -> None:
+    """``prunepath baseline``: every option checked before the model loads."""
+    check_model_arg(args.model)
+    check_out_dir(args.out, checkpoint=True)
+    sparsity = getattr(args, "sparsity", None)
+    if args.method in ("static", "wanda") and sparsity is not None and not 0 <= sparsity < 1:
+        raise PrunePathError(f"--sparsity must be in [0, 1) (got {sparsity})")
+    check_min(args, 1, "calib_tokens", "fit_steps", "k", "neurons_per_expert")
+    check_tau(getattr(args, "tau", None))
+    check_data_source(getattr(args, "calib_data", None), "lm", "--calib-data")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prunepath.cli.common import add_model_arg
+from prunepath.cli.common import add_model_arg, check_min, check_model_arg, check_out_dir, check_tau
 
 
 def register(sub) -> None:
@@ -20,17 +20,23 @@ def register(sub) -> None:
                    help="expert construction (default: balanced k-means of normalised W_gate/W_1 rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tau", type=float, default=1.05, help="routing budget stored in the checkpoint (default 1.05)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import prunepath
 
+    check_model_arg(args.model)
+    check_min(args, 1, "neurons_per_expert", "num_experts")
+    check_tau(args.tau)
+    check_out_dir(args.out, checkpoint=True)
     model, tok = prunepath.load_model(args.model)
     npe = args.neurons_per_expert if args.num_experts is None and args.neurons_per_expert is not None else (
         None if args.num_experts is not None else 32)
     prunepath.moefy(model, neurons_per_expert=npe, num_experts=args.num_experts, seed=args.seed,
-                    clustering=args.clustering, routing=prunepath.RoutingConfig(tau=args.tau))
+                    clustering=args.clustering, routing=prunepath.RoutingConfig(tau=args.tau),
+                    progress=args.progress)
     out = prunepath.save(model, args.out, tokenizer=tok)
     cfg = model.prunepath_config
     print(f"saved {out}: {cfg.num_layers} layers x {cfg.num_experts} experts of {cfg.neurons_per_expert} neurons")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from prunepath.cli.allocate import add_allocation_args, check_target
 from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
 from prunepath.errors import PrunePathError
 
@@ -70,11 +71,13 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tau", type=float, default=None, help="routing budget τ (converted models; >1 = all experts)")
     g.add_argument("--target-sparsity", type=float, default=None,
-                   help="find the τ giving this s_FFN on calibration text (bisection), report and use it")
+                   help="find the τ giving this s_FFN on calibration text (bisection), report and use it; with "
+                        "--allocate greedy, one τ per layer")
     p.add_argument("--calib-data", default=None,
                    help="calibration text for --target-sparsity (default: the first --calib-tokens of --data if "
                         "it is raw text, else WikiText-2 validation)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    add_allocation_args(p)
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON (atomically)")
     add_device_arg(p)
     p.set_defaults(func=run)
@@ -142,6 +145,17 @@ def calibrate(model, tok, args: argparse.Namespace) -> dict:
     calib = args.calib_data
     if calib is None:
         calib = args.data if args.task in ("ppl", "recon") else "wikitext-2/wiki.valid.raw"
+    from prunepath.data.corpora import is_corpus_name
+
+    if isinstance(calib, str) and is_corpus_name(calib):  # e.g. mix:sotu,moby-dick,austen,brown
+        from prunepath.evaluation.allocation import calibration_ids
+
+        calib = calibration_ids(tok, calib, args.calib_tokens)
+    if getattr(args, "allocate", "uniform") == "greedy":
+        from prunepath.evaluation.allocation import allocate_layer_tau
+
+        return allocate_layer_tau(model, tok, calib, args.target_sparsity, method="greedy",
+                                  max_tokens=args.calib_tokens, window=args.window, progress=not args.no_progress)
     return find_tau_for_sparsity(model, tok, calib, args.target_sparsity, max_tokens=args.calib_tokens,
                                  window=args.window, progress=not args.no_progress)
 
@@ -155,14 +169,32 @@ def run(args: argparse.Namespace) -> int:
         raise PrunePathError(f"--task {args.task} needs --data FILE")
     if args.target_sparsity is not None and not 0 <= args.target_sparsity < 1:
         raise PrunePathError(f"--target-sparsity must be in [0, 1) (got {args.target_sparsity})")
+    if args.allocate != "uniform":
+        if args.target_sparsity is None:
+            raise PrunePathError(f"--allocate {args.allocate} needs --target-sparsity S")
+        check_target(args.target_sparsity)
     model, tok = load_for_eval(args)
     converted = prunepath.is_converted(model)
     if (args.tau is not None or args.target_sparsity is not None) and not converted:
         raise PrunePathError("--tau / --target-sparsity need a converted model (a PrunePath checkpoint from "
                              "`prunepath convert` or `prunepath train`); this one is dense")
     apply_routing_args(model, args)
+    if converted and (args.tau is not None or args.target_sparsity is not None) and \
+            model.prunepath_config.routing.allocation:
+        print("note: --tau / --target-sparsity replace the per-layer τ allocation stored in this checkpoint",
+              file=sys.stderr)
+        prunepath.configure(model, layer_tau={}, allocation={})
     calib = None
-    if args.target_sparsity is not None:
+    if args.target_sparsity is not None and args.allocate == "greedy":
+        from prunepath.evaluation.allocation import apply_allocation
+
+        calib = calibrate(model, tok, args)
+        lt = calib["layer_tau"]
+        print(f"target s_FFN {args.target_sparsity:.3f}: greedy per-layer τ {min(lt.values()):.3f}–"
+              f"{max(lt.values()):.3f} gives s_FFN {calib['s_ffn']:.4f} on {calib['tokens']} calibration tokens",
+              file=sys.stderr)
+        apply_allocation(model, calib, calibration=args.calib_data)
+    elif args.target_sparsity is not None:
         calib = calibrate(model, tok, args)
         print(f"target s_FFN {args.target_sparsity:.3f}: τ = {calib['tau']:.4f} gives s_FFN "
               f"{calib['s_ffn']:.4f} on {calib['tokens']} calibration tokens", file=sys.stderr)
@@ -172,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_task(model, tok, args.task, args.data, **metric_kwargs(args))
     if converted:
         result["tau"] = model.prunepath_config.routing.tau
+        if model.prunepath_config.routing.layer_tau:
+            result["layer_tau"] = {str(k): v for k, v in model.prunepath_config.routing.layer_tau.items()}
     if calib is not None:
         result["target_sparsity"] = args.target_sparsity
         result["calibration"] = calib

@@ -34,8 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from prunepath.decoding import generate
     from prunepath.errors import PrunePathError
 
+    from prunepath.cli.common import check_model_arg, check_tau
+
     if args.max_new_tokens < 1:
         raise PrunePathError("--max-new-tokens must be >= 1")
+    check_model_arg(args.model)
+    check_tau(args.tau)
+    if not args.temperature >= 0:
+        raise PrunePathError(f"--temperature must be >= 0 (0 = greedy; got {args.temperature})")
     device = resolve_device(args.device)
     if args.kernels == "triton" and device.type != "cuda":
         from prunepath.kernels._common import interpreting

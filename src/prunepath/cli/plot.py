@@ -7,8 +7,11 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser("plot", help="plot metric vs s_FFN for one or more sweep/eval result JSON files")
-    p.add_argument("results", nargs="+", metavar="RESULT", help="result JSON files from `prunepath sweep` / `eval`")
-    p.add_argument("--out", required=True, help="output PNG (written atomically)")
+    p.add_argument("results", nargs="+", metavar="RESULT",
+                   help="result JSON files from `prunepath eval --json`, or output directories of `prunepath sweep` "
+                        "/ `run` (their results.json)")
+    p.add_argument("--out", required=True, help="output PNG file (written atomically; the one command whose --out "
+                                                "is a file, since it writes one image)")
     p.add_argument("--metric", default=None, help="metric to plot (default: the task's headline metric)")
     p.add_argument("--labels", default=None, help="comma-separated curve labels, one per RESULT")
     p.add_argument("--title", default=None)

@@ -45,9 +45,21 @@ def run(args: argparse.Namespace) -> int:
     from prunepath.pipeline import load_run_recipe, run_recipe
     from prunepath.pipeline.recipe import read_recipe_mapping
 
+    from prunepath.errors import PrunePathError
     raw = read_recipe_mapping(args.recipe)
     study = raw.get("study")
     if study is not None:
+    from prunepath.cli.common import check_min, check_model_arg, check_out_dir
+
+    check_model_arg(args.model)  # every option, before any model loads
+    check_out_dir(args.out)
+    check_min(args, 1, "train_tokens")
+    if args.deadline_s is not None and not args.deadline_s > 0:
+        raise PrunePathError(f"--deadline-s must be > 0 seconds (got {args.deadline_s:g})")
+    if args.shard:
+        from prunepath.pipeline.lm_study import parse_shard
+
+        parse_shard(args.shard)
         raw = {**raw, **{k: v for k, v in (("out", args.out), ("model", args.model)) if v}}
         raw.setdefault("name", os.path.splitext(os.path.basename(args.recipe))[0])
         raw["source"] = str(args.recipe)

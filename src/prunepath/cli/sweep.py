@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from prunepath.cli.common import add_device_arg, add_model_arg, parse_taus
-from prunepath.cli.eval import add_metric_args, apply_routing_args, load_for_eval, metric_kwargs
+from prunepath.cli.common import add_device_arg, add_model_arg, check_model_arg, parse_taus
+from prunepath.cli.eval import add_metric_args, apply_routing_args, check_metric_args, load_for_eval, metric_kwargs
 from prunepath.errors import PrunePathError
 
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="evaluate one converted checkpoint at many τ (quality/sparsity frontier)",
                        description="Evaluate a task at each τ on one checkpoint (data tokenized once) and write "
-                                   "PREFIX.json, PREFIX.csv, PREFIX.md and PREFIX.png (metric vs s_FFN).")
+                                   "OUT/results.json, OUT/results.csv, OUT/results.md and OUT/frontier.png "
+                                   "(metric vs s_FFN), the layout of `prunepath run`.")
     add_model_arg(p, required=True)
     add_metric_args(p)
     g = p.add_mutually_exclusive_group(required=True)
@@ -24,7 +26,9 @@ def register(sub) -> None:
     p.add_argument("--method", choices=["prunepath", "teal", "cats"], default="prunepath",
                    help="teal / cats: activation sparsity on a dense model (the original, not converted) at each "
                         "--sparsities target, calibrated on --calib-data (default: the registry mix)")
-    p.add_argument("--allocate", choices=["uniform", "greedy"], default="uniform", help="teal: per-layer allocation")
+    p.add_argument("--allocate", choices=["uniform", "greedy"], default="uniform",
+                   help="per-layer allocation of each --sparsities target: uniform (one τ / threshold) or greedy "
+                        "(PrunePath: a τ per layer, docs/evaluation.md; teal: per-layer thresholds)")
     p.add_argument("--calib-data", default=None, help="calibration text for --target-sparsities "
                                                       "(default: --data for ppl, else WikiText-2 validation)")
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 4096 for τ, 16384 "
@@ -48,6 +52,23 @@ def _floats(text: str, name: str) -> list[float]:
     return vals
 
 
+OLD_PREFIX_SUFFIXES = (".json", ".csv", ".md", ".png")
+
+
+def sweep_out_dir(out: str) -> Path:
+    """The output directory of ``--out``. The old prefix form (``--out X.json`` → X.json, X.csv, ...) is
+    rejected with the new layout named: every command's ``--out`` is a directory now."""
+    p = Path(out).expanduser()
+    if p.suffix.lower() in OLD_PREFIX_SUFFIXES:
+        raise PrunePathError(
+            f"--out {out} looks like a file name; --out is a directory now (as for `prunepath run`): the sweep "
+            f"writes DIR/results.json, results.csv, results.md and frontier.png. Pass --out {p.with_suffix('')} "
+            "(sweeps before this change wrote PREFIX.json/.csv/.md/.png)")
+    if p.is_file():
+        raise PrunePathError(f"--out {out} is an existing file; --out names a directory (DIR/results.json, ...)")
+    return p
+
+
 def run(args: argparse.Namespace) -> int:
     import prunepath
     from prunepath.evaluation.plots import plot_frontier
@@ -63,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     targets = _floats(args.target_sparsities, "--target-sparsities") if args.target_sparsities else None
     if targets and any(not 0 <= t < 1 for t in targets):
         raise PrunePathError(f"every target sparsity must be in [0, 1) (got {args.target_sparsities})")
+    check_metric_args(args)
+    check_model_arg(args.dense, "--dense")
+    out_dir = sweep_out_dir(args.out)
     activation = args.method in ("teal", "cats")
     if activation:
         from prunepath.baselines.activation import check_target
@@ -82,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                  "--method teal|cats")
         routing_changes = apply_routing_args(model, args)
         rows = sweep(model, tok, args.task, args.data, taus, target_sparsities=targets, calib_data=args.calib_data,
-                     calib_tokens=args.calib_tokens or 4096, **kw)
+                     calib_tokens=args.calib_tokens or 4096, allocate=args.allocate, **kw)
     dense = None
     if args.dense:
         dmodel, dtok = prunepath.load_model(args.dense, dtype=args.dtype, device=args.device)
@@ -96,20 +120,22 @@ def run(args: argparse.Namespace) -> int:
               "task": args.task, "metric": metric, "data": args.data, "routing_overrides": routing_changes,
               "rows": rows, "dense": dense,
               "meta": run_meta()}
-    prefix = args.out[:-5] if args.out.endswith(".json") else args.out
-    write_json(prefix + ".json", result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", result)
     table_rows = rows + ([{**dense, "tau": None}] if dense else [])
     write_csv(prefix + ".csv", table_rows)
     write_markdown(prefix + ".md", table_rows, title=f"{label}: {args.task} on {args.data}")
     try:
-        plot_frontier([result], prefix + ".png", metric)
+        plot_frontier([result], out_dir / "frontier.png", metric)
+        wrote += ", frontier.png"
     except ImportError:
         print("matplotlib is missing: no plot (pip install 'prunepath[eval]')", file=sys.stderr)
     print(rows_to_markdown(table_rows))
-    print(f"wrote {prefix}.json, .csv, .md, .png", file=sys.stderr)
+    print(f"wrote {out_dir}/: {wrote}", file=sys.stderr)
     return 0
 
 def _activation_rows(args: argparse.Namespace, model, tok, targets: list[float], kw: dict) -> list[dict]:
+
     """TEAL / CATS at every target: thresholds from one calibration pass on registry text (never --data), in
     windows of the evaluation's length."""
     import prunepath

@@ -113,7 +113,7 @@ def register(sub) -> None:
     g.add_argument("--resume", nargs="?", const="auto", help="continue from the latest checkpoint in --out "
                                                              "(or from the given checkpoint directory)")
     g.add_argument("--ppl-data", help="after training, perplexity on this text file (e.g. "
-                                      "../shared/data/wikitext-2/wiki.valid.raw)")
+                                      "wikitext-2/wiki.valid.raw, shipped with PrunePath)")
     g.add_argument("--ppl-tokens", type=int, help="tokens of --ppl-data to score (default 32768)")
     g.add_argument("--ppl-taus", help="comma-separated τ values for --ppl-data (default: the trained τ_min)")
     g.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
@@ -145,6 +145,21 @@ def resolve_config(args: argparse.Namespace):
     return TrainConfig.from_dict(settings, where=getattr(args, "recipe", None) or "settings")
 
 
+def check_before_load(cfg, args: argparse.Namespace) -> None:
+    """Everything that can be checked without the model, checked before it loads."""
+    from prunepath.cli.common import check_data_arg, check_data_source, check_model_arg, check_out_dir, parse_taus
+
+    check_model_arg(cfg.model)
+    check_out_dir(cfg.out)
+    check_data_source(cfg.data, cfg.task, "--data")
+    check_data_source(cfg.eval_data, cfg.task, "--eval-data")
+    if getattr(args, "ppl_taus", None):
+        parse_taus(args.ppl_taus)
+    if getattr(args, "ppl_tokens", 32768) < 2:
+        raise PrunePathError(f"--ppl-tokens must be >= 2 (got {args.ppl_tokens})")
+    check_data_arg(getattr(args, "ppl_data", None), "--ppl-data")
+
+
 def run(args: argparse.Namespace) -> int:
     import prunepath
     from prunepath.training.data import glue_num_labels
@@ -156,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not cfg.out:
         raise PrunePathError("--out is required (the directory for the trained model, log and checkpoints)")
+    check_before_load(cfg, args)
     if cfg.task == "classify":
         n = cfg.num_labels or glue_num_labels(cfg.data, cfg.glue_task)
         model, tok = prunepath.load_model(cfg.model, task="classify", num_labels=n)

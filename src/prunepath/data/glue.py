@@ -87,9 +87,10 @@ def _columns(header: list[str], names: tuple[str, ...], task: str, path: Path) -
 def load_glue(path: str | os.PathLike, task: str | None = None) -> GlueData:
     """Read a GLUE-style file; ``task`` is inferred from the path when None. Bad files raise PrunePathError
     naming the expected columns."""
-    from prunepath.evaluation.common import resolve_data_path
+    from prunepath.evaluation.common import check_text_file, resolve_data_path
 
     p = resolve_data_path(path)
+    check_text_file(p)
     task = task or infer_task(p)
     if task not in TASKS:
         raise PrunePathError(f"unknown GLUE task {task!r}; choose one of {', '.join(TASKS)}")

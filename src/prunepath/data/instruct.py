@@ -49,9 +49,10 @@ def _convert(rec: object, where: str) -> dict:
 
 def load_examples(path: str | os.PathLike) -> list[dict]:
     """(prompt, response) dicts from Alpaca-style JSON or XSum-style JSONL (format detected from the content)."""
-    from prunepath.evaluation.common import resolve_data_path
+    from prunepath.evaluation.common import check_text_file, resolve_data_path
 
     p: Path = resolve_data_path(path)
+    check_text_file(p)
     text = p.read_text(encoding="utf-8-sig")
     if not text.strip():
         raise PrunePathError(f"{p} is empty; expected Alpaca JSON (instruction, input, output) or XSum JSONL "

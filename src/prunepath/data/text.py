@@ -120,9 +120,10 @@ def load_documents(source: str | Path, *, text_field: str | None = None) -> list
         raise PrunePathError(f"{path} is a {path.suffix} table; for classification use --task classify, for "
                              "language modelling pass a text file, a directory of .txt files or a JSON(L) file")
     else:
+        from prunepath.evaluation.common import check_text_file
+
+        check_text_file(path)
         raw = path.read_bytes()
-        if b"\x00" in raw[:4096]:
-            raise PrunePathError(f"{path} looks binary, not text; pass a UTF-8 text, JSON or JSONL file")
         texts = split_text_file(raw.decode("utf-8", errors="replace"))
     if not texts:
         raise PrunePathError(f"{path} contains no text")

@@ -20,18 +20,71 @@ def shared_data_dir() -> Path:
     env = os.environ.get("PRUNEPATH_DATA")
     if env:
         return Path(env)
+    return repo_shared_data_dir()
+
+
+def repo_shared_data_dir() -> Path:
+    """``<repo>/../shared/data``: the data folder beside a checkout (absent in a plain clone or install)."""
     return (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
 
 
+def builtin_data_dir() -> Path:
+    """Data shipped inside the package (package data): ``wikitext-2/wiki.valid.raw``, with its attribution."""
+    return Path(__file__).resolve().parents[1] / "data" / "builtin"
+
+
+def data_search_paths() -> list[Path]:
+    """Folders searched, in order, for a relative data path that does not exist as given: ``$PRUNEPATH_DATA``
+    (when set), the data shipped with the package, then ``<repo>/../shared/data``."""
+    env = os.environ.get("PRUNEPATH_DATA")
+    paths = ([Path(env).expanduser()] if env else []) + [builtin_data_dir(), repo_shared_data_dir()]
+    return list(dict.fromkeys(paths))
+
+
 def resolve_data_path(path: str | os.PathLike) -> Path:
-    """A data file given as a path, or relative to the shared data folder (e.g. ``wikitext-2/wiki.valid.raw``)."""
+    """A data file given as a path, or relative to a data folder (e.g. ``wikitext-2/wiki.valid.raw``, shipped
+    with the package); see :func:`data_search_paths`."""
     p = Path(path).expanduser()
     if p.exists():
         return p
-    alt = shared_data_dir() / p
-    if not p.is_absolute() and alt.exists():
-        return alt
-    raise PrunePathError(f"data file not found: {p} (also looked in {shared_data_dir()}); pass an existing file")
+    searched = data_search_paths()
+    if not p.is_absolute():
+        for root in searched:
+            if (root / p).exists():
+                return root / p
+    where = "" if p.is_absolute() else " or under " + ", ".join(str(r) for r in searched)
+    raise PrunePathError(
+        f"data file not found: {p} (looked for it as given{where}). Pass an existing file, or a path relative to "
+        "one of those folders: wikitext-2/wiki.valid.raw ships with PrunePath; for other data sets (GLUE TSVs, "
+        "XSum / Alpaca samples) set PRUNEPATH_DATA to a folder laid out as <set>/<file>, e.g. sst2/glue/dev.tsv "
+        "(where to get each: docs/evaluation.md, section Data)")
+
+
+def check_text_file(path: str | os.PathLike, sample_bytes: int = 1 << 16) -> None:
+    """Reject a file that is not text: it must decode as UTF-8 and not be mostly control bytes (checked on its
+    first ``sample_bytes``). Every reader of raw-text data calls this before reading."""
+    p = Path(path)
+    with open(p, "rb") as fh:
+        head = fh.read(sample_bytes)
+    if not head:
+        return
+    why = None
+    if b"\x00" in head:
+        why = "it contains NUL bytes"
+    else:
+        try:
+            head.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            # A multi-byte character cut by the sample's end is fine; anything earlier is not UTF-8.
+            if exc.start < len(head) - 3:
+                why = f"it is not UTF-8 (byte {exc.start} is 0x{head[exc.start]:02x})"
+        if why is None:
+            control = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13) or b == 127)
+            if control > 0.1 * len(head):
+                why = f"{control / len(head):.0%} of its first {len(head)} bytes are control characters"
+    if why:
+        raise PrunePathError(f"{p} looks binary, not like a text file ({why}); pass a UTF-8 text file (e.g. "
+                             "wikitext-2/wiki.valid.raw), or a JSON / JSONL file where the task takes one")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.common import (ActiveMeter, check_token_ids, check_tokenizer, model_meta, pad_id,
-                                         prepare_model, require_causal_lm, resolve_data_path)
+from prunepath.evaluation.common import (ActiveMeter, check_text_file, check_token_ids, check_tokenizer, model_meta,
+                                         pad_id, prepare_model, require_causal_lm, resolve_data_path)
 from prunepath.models.adapters import needs_bos
 
 BLOCK_CHARS = 1 << 22  # text is read and tokenized in blocks of about 4 MiB
@@ -48,6 +48,7 @@ def iter_text_tokens(tokenizer, path: str | os.PathLike, max_tokens: int | None 
     path = resolve_data_path(path)
     if path.stat().st_size == 0:
         raise PrunePathError(f"{path} is empty; pass a text file with content")
+    check_text_file(path)
     produced = 0
     buf = ""
     bar = tqdm(total=path.stat().st_size, desc="tokenizing", unit="B", unit_scale=True, disable=not progress,

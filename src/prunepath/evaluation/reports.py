@@ -61,7 +61,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """A result JSON file, or the ``results.json`` of an output directory (``sweep --out`` / ``run``)."""
     p = Path(path)
+    if p.is_dir() and (p / "results.json").exists():
+        p = p / "results.json"
     if not p.exists():
         raise PrunePathError(f"no such result file: {p}")
     try:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
-from prunepath.models.registry import BUILTIN_MODELS, builtin_path
+from prunepath.models.registry import BUILTIN_MODELS, builtin_path, check_builtin_typo
 
 TASKS = ("auto", "causal-lm", "classify", "encoder")
 
@@ -53,6 +53,43 @@ def _tokenizer_or_none(source: str):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         return None
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection (checked once per process). Behind an HTTP(S)
+    proxy, or with ``HF_HUB_OFFLINE`` already set, no probe is made (True / False respectively)."""
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            _HUB_REACHABLE = False
+        elif any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            _HUB_REACHABLE = True
+        else:
+            url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=timeout).close()
+                _HUB_REACHABLE = True
+            except OSError:
+                _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+def hub_offline_mode() -> None:
+    """Switch huggingface_hub / transformers to offline mode in this process (cached files only, no retries)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True  # read at import time; the module-level flag is what is checked
+    except ImportError:
+        pass
 
 
 def display_name(name_or_path: str) -> str:
@@ -105,12 +142,20 @@ def load_model(
         source = str(path) if path.exists() else name
         if path.is_dir() and not (path / "config.json").exists():
             raise PrunePathError(f"{path} has no config.json: not a model directory (nor a PrunePath checkpoint)")
+        offline = False
+        if not path.exists():
+            check_builtin_typo(name)  # "smollm2-135": did you mean smollm2-135m, at once, no Hub retries
+            if not hub_reachable():
+                hub_offline_mode()  # only the local Hub cache: an immediate answer instead of retries
+                offline = True
         try:
             config = AutoConfig.from_pretrained(source, **extra)
         except OSError as exc:
+            hub = ("the Hugging Face Hub is unreachable from here and the local Hub cache does not have it"
+                   if offline else f"the Hugging Face Hub did not provide it ({str(exc).splitlines()[0][:200]})")
             raise PrunePathError(
                 f"cannot resolve model {name!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local "
-                f"directory, and the Hugging Face Hub did not provide it ({str(exc).splitlines()[0][:200]})") from exc
+                f"directory, and {hub}") from exc
         cls = model_class_for(config, task)
         model = cls.from_pretrained(source, config=config, dtype=torch_dtype)
         tok = _tokenizer_or_none(source)

@@ -148,9 +148,31 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+def near_builtin(name: str) -> str | None:
+    """The built-in name that ``name`` looks like a misspelling of (``smollm2-135`` → ``smollm2-135m``,
+    ``SmolLM2-135M`` → ``smollm2-135m``), or None. Hub ids (``org/name``) and local paths never match."""
+    from prunepath.errors import close_matches
+
+    if name in BUILTIN_MODELS or "/" in name or os.sep in name or name.startswith((".", "~")):
+        return None
+    near = close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.75)
+    if not near and len(name) >= 4:  # a prefix: smollm2, gemma3, qwen2.5
+        near = [b for b in BUILTIN_MODELS if b.startswith(name.lower())][:1]
+    return near[0] if near else None
+
+
+def check_builtin_typo(name: str) -> None:
+    """Fail at once (no Hub lookup) when ``name`` is not a built-in but looks like one."""
+    near = near_builtin(str(name))
+    if near is not None:
+        raise PrunePathError(f"unknown model {name!r}: did you mean {near}? (built-in names: "
+                             f"{', '.join(BUILTIN_MODELS)}; or pass a local directory, a .gguf file or a Hub id)")
+
+
 def builtin_path(name: str) -> Path:
     """Directory of a built-in model, fetching and converting it on first use (atomic: a temp dir renamed)."""
     if name not in BUILTIN_MODELS:
+        check_builtin_typo(name)
         raise PrunePathError(f"unknown built-in model {name!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
     final = cache_dir() / "models" / name
     if (final / "config.json").exists():

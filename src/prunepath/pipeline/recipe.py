@@ -19,6 +19,9 @@ from pathlib import Path
 from prunepath.errors import PrunePathError
 from prunepath.models.registry import DEFAULT_MODEL
 
+EVALUATION_KEYS = ("task", "data", "max_tokens", "window", "stride", "batch_size")
+SWEEP_KEYS = ("taus", "dense", "summary_sparsities")
+
 
 @dataclass
 class Recipe:
@@ -34,8 +37,16 @@ class Recipe:
     source: str | None = None  # the file it came from
 
     def __post_init__(self) -> None:
+        from prunepath.errors import unknown_names_message
         from prunepath.evaluation.sweep import validate_taus
 
+        for section, value, allowed in (("evaluation", self.evaluation, EVALUATION_KEYS),
+                                        ("sweep", self.sweep, SWEEP_KEYS)):
+            if not isinstance(value, dict):
+                raise PrunePathError(f"recipe {section} must be a mapping of settings ({', '.join(allowed)})")
+            unknown = sorted(set(value) - set(allowed))
+            if unknown:
+                raise PrunePathError(f"recipe {section}: " + unknown_names_message(unknown, allowed))
         if self.evaluation.get("task", "ppl") != "ppl":
             raise PrunePathError("run recipes support evaluation task 'ppl' for now; use `prunepath sweep` for "
                                  "classification / ROUGE sweeps")
@@ -45,8 +56,10 @@ class Recipe:
                 raise PrunePathError(f"summary_sparsities must be in [0, 1) (got {s})")
         unknown = set(self.convert) - {"neurons_per_expert", "num_experts", "seed", "clustering"}
         if unknown:
-            raise PrunePathError(f"recipe convert: unknown setting(s) {sorted(unknown)}; known: "
-                                 "neurons_per_expert, num_experts, seed, clustering")
+            from prunepath.errors import unknown_names_message
+
+            raise PrunePathError("recipe convert: " + unknown_names_message(
+                sorted(unknown), ["neurons_per_expert", "num_experts", "seed", "clustering"]))
         if self.train is not None:
             from prunepath.training.config import TrainConfig
 
@@ -94,6 +107,8 @@ def load_run_recipe(path: str | os.PathLike, overrides: dict | None = None) -> R
     known = {f.name for f in fields(Recipe)} - {"source"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise PrunePathError(f"{p}: unknown recipe key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        from prunepath.errors import unknown_names_message
+
+        raise PrunePathError(f"{p}: {unknown_names_message(unknown, sorted(known), 'recipe key')}")
     raw.setdefault("name", p.stem)
     return Recipe(**raw, source=str(p))

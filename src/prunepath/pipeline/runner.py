@@ -4,6 +4,7 @@
     out/model/            the converted (and trained) PrunePath checkpoint (+ training log / checkpoints)
     out/sweep.jsonl       one line per finished τ
     out/results.{json,csv,md}, out/frontier.png, out/summary.md
+    out/timing.json       wall-clock seconds of every session (the first run, then each resume / re-run)
 """
 
 from __future__ import annotations
@@ -39,6 +40,50 @@ def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
         f.flush()
+
+
+class _Timing:
+    """Wall-clock time per session in ``out/timing.json``: a resumed or repeated run adds its own time instead of
+    replacing the original run's (summary.md's ``time:`` line). Saved after every stage, so an interrupted
+    session keeps what it had done."""
+
+    def __init__(self, out: Path, t0: float) -> None:
+        self.path = out / "timing.json"
+        self.t0 = t0
+        self.sessions: list[dict] = []
+        try:
+            self.sessions = list(json.loads(self.path.read_text()).get("sessions", []))
+        except (OSError, ValueError, AttributeError):
+            legacy = _summary_minutes(out / "summary.md")  # a run finished before timing.json existed
+            if legacy is not None:
+                self.sessions = [{"started": None, "seconds": legacy * 60, "from": "summary.md"}]
+        self.sessions.append({"started": round(t0, 3), "seconds": 0.0})
+
+    def save(self) -> None:
+        from prunepath.evaluation.reports import write_json
+
+        self.sessions[-1]["seconds"] = round(time.time() - self.t0, 3)
+        write_json(self.path, {"sessions": self.sessions})
+
+    def line(self) -> str:
+        self.save()
+        first, later = self.sessions[0]["seconds"], [s["seconds"] for s in self.sessions[1:]]
+        if not later:
+            return f"time: {first / 60:.1f} min"
+        n = len(later)
+        return (f"time: {first / 60:.1f} min (first run) + {sum(later) / 60:.1f} min in {n} resumed "
+                f"run{'s' if n > 1 else ''} = {(first + sum(later)) / 60:.1f} min")
+
+
+def _summary_minutes(path: Path) -> float | None:
+    """The first number of summary.md's ``time:`` line (minutes), or None."""
+    import re
+
+    try:
+        m = re.search(r"^time: ([0-9.]+) min", path.read_text(), re.M)
+    except OSError:
+        return None
+    return float(m.group(1)) if m else None
 
 
 def _eval_kwargs(recipe: Recipe) -> dict:
@@ -82,16 +127,21 @@ def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
     """Run ``recipe``; returns {"rows": [...], "summary": str, "out": path}. Safe to re-run after an interruption."""
     import prunepath
-    from prunepath.evaluation.common import resolve_data_path
+    from prunepath.evaluation.common import check_text_file, resolve_data_path
     from prunepath.evaluation.perplexity import evaluate_perplexity, tokenize_text
     from prunepath.evaluation.plots import plot_frontier
     from prunepath.evaluation.reports import write_csv, write_json, write_markdown
+    from prunepath.models.registry import check_builtin_typo
 
     t0 = time.time()
+    # Checked before anything is written or loaded: the model name and the evaluation text.
+    check_builtin_typo(str(recipe.model))
+    data_path = resolve_data_path(recipe.evaluation.get("data", "wikitext-2/wiki.valid.raw"))
+    check_text_file(data_path)
     out = recipe.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    timing = _Timing(out, t0)
     write_json(out / "recipe.json", {k: v for k, v in vars(recipe).items()})
-    data_path = resolve_data_path(recipe.evaluation.get("data", "wikitext-2/wiki.valid.raw"))
     max_tokens = recipe.evaluation.get("max_tokens")
     kw = _eval_kwargs(recipe)
 
@@ -110,9 +160,11 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
             res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
             dense_row = _record("dense", res, recipe)
             write_json(dense_file, dense_row)
+            timing.save()
         _log(f"dense PPL {dense_row['ppl']:.3f}")
 
     model, tok, train_tokens = _prepare_model(recipe, model, tok, out, progress)
+    timing.save()
     method = "prunepath-sweep" if recipe.train is not None else "prunepath-untrained"
     sweep_file = out / "sweep.jsonl"
     done = {r["tau"]: r for r in _read_jsonl(sweep_file)}
@@ -126,6 +178,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
             res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
         row = _record(method, res, recipe, tau=tau, train_tokens=train_tokens)
         _append_jsonl(sweep_file, row)
+        timing.save()
         done[tau] = row
         _log(f"τ = {tau}: PPL {row['ppl']:.3f}, s_FFN {row['s_ffn']:.3f}")
     rows = sorted(done.values(), key=lambda r: -r["tau"])
@@ -150,8 +203,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
         if r is not None:
             ratio = f" ({r['ppl'] / dense_row['ppl']:.2f}x dense)" if dense_row else ""
             lines.append(f"PrunePath PPL at s_FFN {r['s_ffn']:.2f} (τ={r['tau']:g}): {r['ppl']:.2f}{ratio}")
-    lines += [f"plot: {plot}", f"table: {out / 'results.md'}",
-              f"time: {(time.time() - t0) / 60:.1f} min"]
+    lines += [f"plot: {plot}", f"table: {out / 'results.md'}", timing.line()]
     summary = "\n".join(lines)
     (out / "summary.md").write_text(summary + "\n")
     return {"rows": all_rows, "summary": summary, "out": str(out), "plot": str(plot),

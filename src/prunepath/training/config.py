@@ -164,8 +164,10 @@ class TrainConfig:
         d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
         unknown = sorted(set(d) - set(cls.keys()))
         if unknown:
-            raise PrunePathError(f"{where}: unknown setting(s) {', '.join(unknown)}; known settings: "
-                                 f"{', '.join(cls.keys())}")
+            from prunepath.errors import unknown_names_message
+
+            raise PrunePathError(f"{where}: {unknown_names_message(unknown, cls.keys())} (all settings: "
+                                 "`prunepath train --help`, keys with _ instead of -)")
         return cls(**d)
 
     @classmethod
