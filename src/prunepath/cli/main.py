@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "prunepath.cli.baseline",
     "prunepath.cli.eval",
     "prunepath.cli.sweep",
+    "prunepath.cli.allocate",
     "prunepath.cli.plot",
     "prunepath.cli.generate",
     "prunepath.cli.run",

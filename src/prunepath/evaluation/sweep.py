@@ -40,12 +40,17 @@ def sweep(
     target_sparsities: Sequence[float] | None = None,
     calib_data: Any = None,
     calib_tokens: int = 4096,
+    allocate: str = "uniform",
     progress: bool = True,
     **metric_kwargs,
 ) -> list[dict]:
     """Evaluate ``task`` on ``data`` at every τ in ``taus`` (ascending) — or at the τ calibrated for each of
     ``target_sparsities`` — on one converted model. The data is loaded / tokenized once. Each row is the task's
-    result plus ``tau`` (and ``target_sparsity``); the model's routing is restored afterwards."""
+    result plus ``tau`` (and ``target_sparsity``); the model's routing is restored afterwards.
+
+    ``allocate="greedy"`` (with ``target_sparsities``): a τ per layer for each target
+    (:func:`prunepath.evaluation.allocation.allocate_layer_tau`); rows carry ``layer_tau`` and ``tau`` None.
+    A per-layer allocation stored in the checkpoint is replaced by each point's τ."""
     import prunepath
     from prunepath.evaluation.tasks import prepare_data, run_task
 
@@ -54,6 +59,12 @@ def sweep(
                              "operating point — use `prunepath eval` for it")
     if (taus is None) == (target_sparsities is None):
         raise PrunePathError("give exactly one of taus or target_sparsities")
+    if allocate not in ("uniform", "greedy"):
+        raise PrunePathError(f"allocate must be 'uniform' or 'greedy' (got {allocate!r})")
+    if allocate == "greedy" and target_sparsities is None:
+        raise PrunePathError("allocate='greedy' needs target_sparsities (a τ per layer is chosen for each)")
+    # a stored per-layer allocation would override every τ of the sweep: each point replaces it
+    clear = {"layer_tau": {}, "allocation": {}} if model.prunepath_config.routing.allocation else {}
     cached = prepare_data(tokenizer, task, data, **metric_kwargs)
     if task in ("ppl", "recon"):
         metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
@@ -61,15 +72,23 @@ def sweep(
     if target_sparsities is not None:
         from prunepath.evaluation.calibration import find_tau_for_sparsity
         for s in sorted(set(float(x) for x in target_sparsities)):
-            cal = find_tau_for_sparsity(model, tokenizer, calib_data if calib_data is not None else
-                                        (cached if task == "ppl" else "wikitext-2/wiki.valid.raw"), s,
-                                        max_tokens=calib_tokens, progress=False)
+            src = calib_data if calib_data is not None else (cached if task == "ppl" else "wikitext-2/wiki.valid.raw")
+            if allocate == "greedy":
+                from prunepath.evaluation.allocation import allocate_layer_tau
+
+                cal = allocate_layer_tau(model, tokenizer, src, s, method="greedy", max_tokens=calib_tokens,
+                                         window=metric_kwargs.get("window") or 512, progress=False)
+                points.append((None, s, cal))
+                continue
+            with prunepath.routing(model, **clear):
+                cal = find_tau_for_sparsity(model, tokenizer, src, s, max_tokens=calib_tokens, progress=False)
             points.append((cal["tau"], s, cal))
     else:
         points = [(t, None, None) for t in validate_taus(taus)]
     rows = []
     for tau, target, cal in tqdm(points, desc=f"sweep {task}", disable=not progress, unit="τ"):
-        with prunepath.routing(model, tau=tau):
+        settings = {"tau": tau, **clear} if tau is not None else {"layer_tau": cal["layer_tau"], "allocation": {}}
+        with prunepath.routing(model, **settings):
             kw = dict(metric_kwargs)
             if task != "lm-eval":
                 kw["progress"] = progress
@@ -77,7 +96,10 @@ def sweep(
         row["tau"] = tau
         if target is not None:
             row["target_sparsity"] = target
-            row["calibration"] = {k: v for k, v in cal.items() if k != "history"}
+            row["calibration"] = {k: v for k, v in cal.items() if k not in ("history", "table")}
+            if tau is None:
+                row["allocate"] = "greedy"
+                row["layer_tau"] = {str(k): v for k, v in cal["layer_tau"].items()}
         if isinstance(data, str):
             row["data"] = data
         rows.append(row)

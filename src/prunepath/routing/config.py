@@ -22,6 +22,9 @@ class RoutingConfig:
     layer_tau: optional per-layer τ overrides {layer_index: tau}; a τ > 1 keeps that layer dense.
     method: the routing method ("prunepath", or a baseline registered in prunepath.routing.methods).
     params: method-specific settings (e.g. LTE's threshold δ), JSON-serialisable.
+    allocation: provenance of a calibrated ``layer_tau`` (prunepath.evaluation.allocation): target s_FFN, method,
+        achieved s_FFN and calibration tokens; empty when ``layer_tau`` was set by hand. Checkpoints without it
+        load with {}.
     """
 
     tau: float = 1.05
@@ -32,9 +35,11 @@ class RoutingConfig:
     layer_tau: dict[int, float] = field(default_factory=dict)
     method: str = "prunepath"
     params: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_tau = {int(i): float(t) for i, t in (self.layer_tau or {}).items()}
+        self.allocation = dict(self.allocation or {})
         self.validate()
 
     def validate(self) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from prunepath.errors import PrunePathError
 from prunepath.routing.config import RoutingConfig
 
-FIELDS = ("tau", "rule", "k", "gates", "gate_offset", "layer_tau", "method", "params")
+FIELDS = ("tau", "rule", "k", "gates", "gate_offset", "layer_tau", "method", "params", "allocation")
 
 
 def _require_converted(model: nn.Module):
@@ -33,6 +33,7 @@ def configure(
     layer_tau: dict[int, float] | None = None,
     method: str | None = None,
     params: dict | None = None,
+    allocation: dict | None = None,
 ) -> RoutingConfig:
     """Change routing on every PrunePath FFN of ``model``; arguments left as None keep their value.
 
@@ -44,7 +45,7 @@ def configure(
     current = cfg.routing
     updates = {name: value for name, value in
                dict(tau=tau, rule=rule, k=k, gates=gates, gate_offset=gate_offset, layer_tau=layer_tau,
-                    method=method, params=params).items()
+                    method=method, params=params, allocation=allocation).items()
                if value is not None}
     new = replace(current, **updates)  # __post_init__ validates
     for field_name in FIELDS:
@@ -59,7 +60,8 @@ def configure(
 def routing(model: nn.Module, **settings) -> Iterator[RoutingConfig]:
     """Temporarily change routing (``with prunepath.routing(model, tau=0.6): ...``)."""
     cfg = _require_converted(model)
-    saved = replace(cfg.routing, layer_tau=dict(cfg.routing.layer_tau), params=dict(cfg.routing.params))
+    saved = replace(cfg.routing, layer_tau=dict(cfg.routing.layer_tau), params=dict(cfg.routing.params),
+                    allocation=dict(cfg.routing.allocation))
     try:
         yield configure(model, **settings)
     finally:
