@@ -7,7 +7,8 @@ import json
 import sys
 
 from prunepath.cli.allocate import add_allocation_args, check_target
-from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
+from prunepath.cli.common import (add_device_arg, add_model_arg, check_data_arg, check_min, check_model_arg,
+                                  resolve_device)
 from prunepath.errors import PrunePathError
 
 GLUE_TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -21,7 +22,8 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
                         "from the path), rouge (XSum-style JSONL), recon (top-k reconstruction MSE), lm-eval "
                         "(lm-evaluation-harness tasks, see --lm-eval-tasks)")
     p.add_argument("--data", default=None,
-                   help="data file (a path, or relative to the shared data folder, e.g. wikitext-2/wiki.valid.raw)")
+                   help="data file: a path, or relative to a data folder ($PRUNEPATH_DATA, then the data shipped with "
+                        "PrunePath: wikitext-2/wiki.valid.raw)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's own")
     p.add_argument("--window", type=int, default=512, help="ppl/recon: tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="ppl: window step (default = window, no overlap)")
@@ -139,6 +141,36 @@ def needs_data(task: str) -> bool:
     return task != "lm-eval"
 
 
+def check_metric_args(args: argparse.Namespace) -> None:
+    """Every option of ``eval`` / ``sweep`` that can be checked without the model, checked before it loads."""
+    import math
+
+    check_model_arg(args.model)
+    check_model_arg(args.tokenizer, "--tokenizer")
+    if needs_data(args.task) and not args.data:
+        raise PrunePathError(f"--task {args.task} needs --data FILE")
+    if needs_data(args.task):
+        check_data_arg(args.data)
+    check_min(args, 1, "window", "batch_size", "limit", "max_length", "max_new_tokens", "num_beams", "k")
+    check_min(args, 2, "max_tokens", "calib_tokens")
+    check_min(args, 0, "num_fewshot")
+    if args.stride is not None and not 1 <= args.stride <= args.window:
+        raise PrunePathError(f"--stride must be between 1 and --window ({args.window}); got {args.stride}")
+    if args.gate_offset is not None and not math.isfinite(args.gate_offset):
+        raise PrunePathError(f"--gate-offset must be a finite number (got {args.gate_offset})")
+    if getattr(args, "calib_data", None):
+        from prunepath.data.corpora import corpus_names, is_corpus_name
+
+        if is_corpus_name(args.calib_data):  # a registry corpus mix, e.g. mix:sotu,moby-dick,austen,brown
+            corpus_names(args.calib_data)
+        else:
+            check_data_arg(args.calib_data, "--calib-data")
+    resolve_device(args.device)
+    kw = metric_kwargs(args)  # parses --ks / --lm-eval-tasks
+    if any(k < 1 for k in kw.get("ks") or []):
+        raise PrunePathError(f"--ks must be positive integers (got {args.ks!r})")
+
+
 def calibrate(model, tok, args: argparse.Namespace) -> dict:
     from prunepath.evaluation.calibration import find_tau_for_sparsity
 
@@ -165,8 +197,10 @@ def run(args: argparse.Namespace) -> int:
     from prunepath.evaluation.reports import run_meta, write_json
     from prunepath.evaluation.tasks import run_task
 
-    if needs_data(args.task) and not args.data:
-        raise PrunePathError(f"--task {args.task} needs --data FILE")
+    from prunepath.cli.common import check_tau
+
+    check_metric_args(args)
+    check_tau(args.tau)
     if args.target_sparsity is not None and not 0 <= args.target_sparsity < 1:
         raise PrunePathError(f"--target-sparsity must be in [0, 1) (got {args.target_sparsity})")
     if args.allocate != "uniform":

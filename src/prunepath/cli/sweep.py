@@ -36,8 +36,8 @@ def register(sub) -> None:
     p.add_argument("--dense", default=None, metavar="MODEL",
                    help="also evaluate this dense model (e.g. the one the checkpoint came from) for the dense line")
     p.add_argument("--label", default=None, help="curve label in plots (default: the model name)")
-    p.add_argument("--out", required=True, metavar="PREFIX",
-                   help="output prefix: writes PREFIX.json, PREFIX.csv, PREFIX.md, PREFIX.png (atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: writes DIR/results.{json,csv,md} and DIR/frontier.png (each atomically)")
     add_device_arg(p)
     p.set_defaults(func=run)
 
@@ -123,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", result)
     table_rows = rows + ([{**dense, "tau": None}] if dense else [])
-    write_csv(prefix + ".csv", table_rows)
-    write_markdown(prefix + ".md", table_rows, title=f"{label}: {args.task} on {args.data}")
+    write_csv(out_dir / "results.csv", table_rows)
+    write_markdown(out_dir / "results.md", table_rows, title=f"{label}: {args.task} on {args.data}")
+    wrote = "results.json, results.csv, results.md"
     try:
         plot_frontier([result], out_dir / "frontier.png", metric)
         wrote += ", frontier.png"
@@ -134,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out_dir}/: {wrote}", file=sys.stderr)
     return 0
 
-def _activation_rows(args: argparse.Namespace, model, tok, targets: list[float], kw: dict) -> list[dict]:
 
+def _activation_rows(args: argparse.Namespace, model, tok, targets: list[float], kw: dict) -> list[dict]:
     """TEAL / CATS at every target: thresholds from one calibration pass on registry text (never --data), in
     windows of the evaluation's length."""
     import prunepath
