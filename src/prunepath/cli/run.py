@@ -42,13 +42,10 @@ def _deadline(args: argparse.Namespace) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prunepath.errors import PrunePathError
     from prunepath.pipeline import load_run_recipe, run_recipe
     from prunepath.pipeline.recipe import read_recipe_mapping
 
-    from prunepath.errors import PrunePathError
-    raw = read_recipe_mapping(args.recipe)
-    study = raw.get("study")
-    if study is not None:
     from prunepath.cli.common import check_min, check_model_arg, check_out_dir
 
     check_model_arg(args.model)  # every option, before any model loads
@@ -60,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         from prunepath.pipeline.lm_study import parse_shard
 
         parse_shard(args.shard)
+    raw = read_recipe_mapping(args.recipe)
+    study = raw.get("study")
+    if study is not None:
         raw = {**raw, **{k: v for k, v in (("out", args.out), ("model", args.model)) if v}}
         raw.setdefault("name", os.path.splitext(os.path.basename(args.recipe))[0])
         raw["source"] = str(args.recipe)
