@@ -38,7 +38,7 @@ def model(tiny_model):
 
 def settings(prompts, tokens=40, **kw):
     return selfgen.SelfCorpusSettings(tokens=tokens, prompts=prompts, prompt_tokens=5, new_tokens=6,
-                                      chat_fraction=0.0, **kw)
+                                      chat_fraction=0.0, batch_size=3, **kw)
 
 
 def test_parse_spec():
@@ -79,13 +79,13 @@ def test_sample_batch_left_padding_matches_argmax_reference(model, tok):
 def test_corpus_cached_deterministic_and_resumable(model, tok, prompt_file, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEPATH_CACHE", str(tmp_path / "a"))
     st = settings(prompt_file)
-    full = selfgen.self_corpus(model, tok, st, model_name="tiny", batch_size=3, progress=False)
+    full = selfgen.self_corpus(model, tok, st, model_name="tiny", progress=False)
     rows = [json.loads(line) for line in full.read_text().splitlines()]
     assert sum(r["new_tokens"] for r in rows) >= st.tokens
     assert full.name.startswith("tiny-seed0-n40-") and full.parent.name == "selfgen"
     # cached: a second call samples nothing
     monkeypatch.setattr(selfgen, "sample_batch", lambda *a, **k: pytest.fail("sampled again"))
-    assert selfgen.self_corpus(model, tok, st, model_name="tiny", batch_size=3, progress=False) == full
+    assert selfgen.self_corpus(model, tok, st, model_name="tiny", progress=False) == full
     monkeypatch.undo()
 
     # interrupted after the first batch, then resumed in a fresh cache: the same file as uninterrupted
@@ -96,17 +96,17 @@ def test_corpus_cached_deterministic_and_resumable(model, tok, prompt_file, tmp_
         calls["n"] += 1
         return calls["n"] > 1
     with pytest.raises(selfgen.SelfCorpusInterrupted):
-        selfgen.self_corpus(model, tok, st, model_name="tiny", batch_size=3, progress=False,
+        selfgen.self_corpus(model, tok, st, model_name="tiny", progress=False,
                             should_stop=stop_after_one)
     partial = selfgen.cache_path("tiny", st).with_name(selfgen.cache_path("tiny", st).name + ".partial")
     assert {json.loads(line)["batch"] for line in partial.read_text().splitlines()} == {0}
     # a kill mid-batch leaves a half batch and a cut line: both are dropped and redone
     with open(partial, "a") as f:
         f.write(json.dumps({"id": "x", "text": "w1", "new_tokens": 1, "batch": 1, "batch_size": 3}) + "\n{\"cut")
-    resumed = selfgen.self_corpus(model, tok, st, model_name="tiny", batch_size=3, progress=False)
+    resumed = selfgen.self_corpus(model, tok, st, model_name="tiny", progress=False)
     assert resumed.read_text() == full.read_text()
     # another seed is another corpus
-    other = selfgen.self_corpus(model, tok, settings(prompt_file, seed=1), model_name="tiny", batch_size=3,
+    other = selfgen.self_corpus(model, tok, settings(prompt_file, seed=1), model_name="tiny",
                                 progress=False)
     assert other != resumed and other.read_text() != resumed.read_text()
 

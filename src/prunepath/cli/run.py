@@ -29,6 +29,9 @@ def register(sub) -> None:
                         "seconds) also works")
     g.add_argument("--train-tokens", type=int, default=None, help="token budget per trained method (lm study)")
     g.add_argument("--shard", default=None, help="i/n: run the i-th of n disjoint parts of the study (lm study)")
+    g.add_argument("--jobs", default=None,
+                   help="comma-separated job ids or wildcards to run, e.g. 'teal*,cats,train-self*' (lm study; "
+                        "default: the recipe's `jobs`, else every job)")
     g.add_argument("--merge-only", action="store_true", help="only gather finished jobs into OUT/results (lm study)")
     g.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge after running (lm study)")
     p.set_defaults(func=run)
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
             result = lm_study.run(raw, progress=args.progress, deadline=_deadline(args), device=args.device,
                                   shard=args.shard, train_tokens=args.train_tokens, merge_only=args.merge_only,
-                                  do_merge=args.merge)
+                                  do_merge=args.merge,
+                                  jobs=[j.strip() for j in args.jobs.split(",") if j.strip()] if args.jobs else None)
         elif study == "nlu":
             from prunepath.pipeline import nlu_study
 

@@ -21,8 +21,8 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--tokens", type=int, required=True, help="sampled tokens wanted (prompts not counted)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="prompts sampled at once (default 256 on a GPU, 4 "
-                                                                "on the CPU)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="prompts sampled at once (part of the corpus's identity: each batch has its own seed)")
     p.add_argument("--new-tokens", type=int, default=448, help="tokens sampled per prompt at most")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -39,10 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = selfgen.SelfCorpusSettings(tokens=args.tokens, seed=args.seed, new_tokens=args.new_tokens,
                                           temperature=args.temperature, top_p=args.top_p,
-                                          chat_fraction=args.chat_fraction)
+                                          chat_fraction=args.chat_fraction, batch_size=args.batch_size)
     settings.validate()  # before the model loads
-    if args.batch_size is not None and args.batch_size < 1:
-        raise PrunePathError("--batch-size must be >= 1")
     device = resolve_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                             ("cpu" if args.device == "auto" else args.device))
     path = selfgen.cache_path(args.model, settings)
@@ -55,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if tok is None:
         raise PrunePathError(f"{args.model} has no tokenizer")
     model.to(device)
-    path = selfgen.self_corpus(model, tok, settings, model_name=args.model, batch_size=args.batch_size,
-                               progress=args.progress)
+    path = selfgen.self_corpus(model, tok, settings, model_name=args.model, progress=args.progress)
     docs = selfgen.load_self_documents(path)
     print(f"wrote {path}: {len(docs)} documents")
     return 0

@@ -36,7 +36,7 @@ from prunepath.evaluation.reports import atomic_write_text
 STUDY_KEYS = {"study", "name", "description", "model", "out", "seed", "train_tokens", "train", "stage1_fraction",
               "variants", "tau_min_runs", "lte", "evaluation", "sweep_taus", "near_tau", "baselines",
               "generation", "topk", "density", "device", "min_job_s",
-              "save_margin_s", "min_train_s", "results_tag"}
+              "save_margin_s", "min_train_s", "results_tag", "jobs", "activation", "allocation"}
 
 
 def _log(msg: str) -> None:
@@ -90,6 +90,26 @@ def load_study(recipe: dict, *, overrides: dict | None = None) -> dict:
         raise PrunePathError(f"generation.run must be main or a swept variant ({', '.join(cfg['variants'])}); "
                              f"got {cfg['generation']['run']!r}")
     cfg["topk"] = {"max_tokens": 4096, **(cfg.get("topk") or {})}
+    # Baselines that start from a dense model prune / route the original model (``base: original``, the
+    # reference users compare with) or the dense model fine-tuned on the training text (``dense-ft``).
+    cfg["baselines"].setdefault("base", "dense-ft")
+    if cfg["baselines"]["base"] not in ("original", "dense-ft"):
+        raise PrunePathError(f"baselines.base must be original or dense-ft (got {cfg['baselines']['base']!r})")
+    # Training-free activation sparsity (TEAL, CATS) on the original model, calibrated on baselines.calib text.
+    cfg["activation"] = {"methods": [], "targets": [0.2, 0.3, 0.4, 0.5, 0.6], "calib_tokens": 16384,
+                         **(cfg.get("activation") or {})}
+    for m in cfg["activation"]["methods"]:
+        if m not in ACTIVATION_JOBS:
+            raise PrunePathError(f"activation.methods: unknown {m!r}; known: {', '.join(ACTIVATION_JOBS)}")
+    # Per-layer budgets chosen on calibration text for trained checkpoints (``runs``), at global targets.
+    cfg["allocation"] = {"runs": [], "targets": [0.3, 0.4, 0.5, 0.6], "method": "greedy", "calib_tokens": 16384,
+                         **(cfg.get("allocation") or {})}
+    for r in cfg["allocation"]["runs"]:
+        if r != "main" and r not in cfg["variants"]:
+            raise PrunePathError(f"allocation.runs: {r!r} is not a variant ({', '.join(cfg['variants'])})")
+    for v, var in cfg["variants"].items():
+        if "train_tokens" in var and int(var["train_tokens"]) < 1:
+            raise PrunePathError(f"variants.{v}.train_tokens must be >= 1")
     cfg["density"] = {"targets": [0.5, 0.7], **(cfg.get("density") or {})}
     for t in cfg["sweep_taus"]:
         if not 0 < float(t) <= 1.05:
@@ -108,6 +128,7 @@ def train_config(cfg: dict, run: str, device: str):
     from prunepath.training.config import TrainConfig, load_recipe
 
     common = dict(cfg["train"])
+    budget = int(cfg["train_tokens"])
     settings: dict = {"model": cfg["model"], "seed": cfg["seed"], **common}
     frac = float(cfg["stage1_fraction"])
     if run == "dense-ft":
@@ -126,13 +147,14 @@ def train_config(cfg: dict, run: str, device: str):
             base = {k: v for k, v in load_recipe(var.pop("recipe")).items() if k not in keep}
             settings.update(base)
         var.pop("label", None)
+        budget = int(var.pop("train_tokens", budget))
         frac = float(var.pop("stage1_fraction", frac))
         settings.update(var)
         settings["method"] = "prunepath"
         if tau_min is not None:
             settings["tau_min"] = tau_min
     tps = int(settings["batch_size"]) * int(settings.get("grad_accum", 1)) * int(settings["seq_len"])
-    steps = max(2, math.ceil(int(cfg["train_tokens"]) / tps))
+    steps = max(2, math.ceil(budget / tps))
     s1 = min(steps - 1, max(1, round(steps * frac))) if settings["method"] != "dense" else steps // 2
     settings.update(stage1_steps=s1, stage2_steps=steps - s1, device=device, progress=False)
     return TrainConfig.from_dict(settings, where=f"study train run {run}")
@@ -150,6 +172,8 @@ class Job:
 
 def build_jobs(cfg: dict) -> list[Job]:
     """Every job of the study, in priority order (most important results first; deps before dependants)."""
+    original = cfg["baselines"]["base"] == "original"
+    base_chain, base_deps = ("S", []) if original else ("A", ["train-dense-ft"])
     jobs = [Job("dense", "A", job_dense),
             Job("train-dense-ft", "A", job_train, args={"run": "dense-ft"}),
             Job("train-main", "B", job_train, args={"run": "main"}),
@@ -157,8 +181,9 @@ def build_jobs(cfg: dict) -> list[Job]:
             Job("eval-dense-ft", "A", job_eval_dense_ft, ["train-dense-ft"]),
             Job("eval-main", "B", job_eval_prunepath, ["train-main"], {"run": "main", "sweep": True}),
             Job("eval-lte", "C", job_eval_lte, ["train-lte"]),
-            Job("wanda", "A", job_wanda, ["train-dense-ft"]),
-            Job("moefication", "A", job_router_baseline, ["train-dense-ft"], {"method": "moefication"})]
+            Job("wanda", base_chain, job_wanda, base_deps),
+            Job("moefication", base_chain, job_router_baseline, base_deps, {"method": "moefication"})]
+    jobs += [Job(m, "T", job_activation, args={"method": m}) for m in cfg["activation"]["methods"]]
     chains = iter("DEFGHIJKLMNOP")
     extra = [(name, True) for name in cfg["variants"] if name != "main"]  # ablations: swept like main
     extra += [(f"taumin-{float(t):g}", False) for t in cfg["tau_min_runs"]]  # evaluated at τ_min and near it
@@ -166,13 +191,30 @@ def build_jobs(cfg: dict) -> list[Job]:
         c = next(chains)
         jobs += [Job(f"train-{run}", c, job_train, args={"run": run}),
                  Job(f"eval-{run}", c, job_eval_prunepath, [f"train-{run}"], {"run": run, "sweep": sweep})]
+    for run in cfg["allocation"]["runs"]:
+        c = next(j.chain for j in jobs if j.id == f"eval-{run}")
+        jobs.append(Job(f"alloc-{run}", c, job_allocation, [f"train-{run}"], {"run": run}))
     gen_eval = f"eval-{cfg['generation'].get('run', 'main')}"  # generation follows its checkpoint's chain
     gen_chain = next(j.chain for j in jobs if j.id == gen_eval)
-    jobs += [Job("d2dmoe", "A", job_router_baseline, ["train-dense-ft"], {"method": "d2dmoe"}),
-             Job("static", "A", job_static, ["train-dense-ft"]),
+    jobs += [Job("d2dmoe", base_chain, job_router_baseline, base_deps, {"method": "d2dmoe"}),
+             Job("static", base_chain, job_static, base_deps),
              Job("gen-xsum", gen_chain, job_gen_xsum, [gen_eval]),
              Job("gen-alpaca", gen_chain, job_gen_alpaca, [gen_eval])]
     return jobs
+
+
+def select_jobs(jobs: list[Job], patterns: list[str] | None) -> list[Job]:
+    """The jobs whose id matches one of ``patterns`` (shell wildcards; None: all). Their dependencies must be
+    finished already or selected too; a run only waits for them, it never starts unselected work."""
+    import fnmatch
+
+    if not patterns:
+        return jobs
+    chosen = [j for j in jobs if any(fnmatch.fnmatchcase(j.id, p) for p in patterns)]
+    if not chosen:
+        raise PrunePathError(f"jobs: no job matches {', '.join(patterns)}; jobs are "
+                             f"{', '.join(j.id for j in jobs)}")
+    return chosen
 
 
 def chains_of(jobs: list[Job]) -> list[str]:
@@ -345,6 +387,7 @@ def job_dense(ctx: Context, job: Job) -> dict:
 def job_train(ctx: Context, job: Job) -> dict:
     """Train one run on the study budget, resuming from its last checkpoint; stops (checkpointed) at the
     deadline."""
+    from prunepath.training.selfgen import SelfCorpusInterrupted
     from prunepath.training.trainer import TrainingStopped, _checkpoints, train_from_config
 
     run = job.args["run"]
@@ -371,6 +414,8 @@ def job_train(ctx: Context, job: Job) -> dict:
                                    should_stop=lambda: ctx.left() < margin)
     except TrainingStopped as stop:
         raise DeadlineReached(f"{job.id} checkpointed at step {stop.step}") from None
+    except SelfCorpusInterrupted as stop:
+        raise DeadlineReached(f"{job.id}: self-distillation corpus {stop}") from None
     return {"records": [], "train": {"run": run, "method": cfg.method, "tokens": result.tokens,
                                      "budget": int(ctx.cfg["train_tokens"]),
                                      "steps": result.steps, "seconds_total": round(result.seconds, 1),
@@ -440,9 +485,11 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
         with prunepath.routing(model, tau=tau):
             return ctx.ppl(model, tok)
 
+    struct = _structure(model)
+
     def make_row(tau, res):
         row = ctx.record("prunepath-sweep", res, tau=tau, tau_min=tau_min, variant=variant,
-                         train_tokens=train_tokens, run=run)
+                         train_tokens=train_tokens, run=run, **struct)
         row["_active_hist"] = res.get("active_hist")
         row["_num_experts"] = res.get("num_experts")
         return row
@@ -460,6 +507,15 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
         out["density"] = _density(ctx, rows)
         out["topk"] = _topk(ctx, model, tok, "prunepath", {"tau": 1.05}, run)
     return out
+
+
+def _structure(model) -> dict:
+    """Expert size and the router's share of the FFN bytes (read by every token), for the records."""
+    from prunepath.stats import router_byte_fraction
+
+    cfg = model.prunepath_config
+    return {"neurons_per_expert": int(cfg.neurons_per_expert), "num_experts": int(cfg.num_experts),
+            "router_bytes_frac": round(router_byte_fraction(model), 6)}
 
 
 def _density(ctx: Context, rows: list[dict]) -> list[dict]:
@@ -527,14 +583,25 @@ def job_eval_lte(ctx: Context, job: Job) -> dict:
                                                                    "params": {"soft": False, "threshold": 0.0}}, "lte")}
 
 
+def _base_model(ctx: Context, to_device: bool = True):
+    """The dense model the pruning / router baselines start from (``baselines.base``), its training tokens and
+    the results' variant label."""
+    if ctx.cfg["baselines"]["base"] == "original":
+        model, tok = ctx.load_base()
+        if not to_device:
+            model.cpu()
+        return model, tok, 0, "original"
+    model, tok = ctx.load_ckpt("dense-ft", to_device=to_device)
+    return model, tok, ctx.train_tokens("dense-ft"), "dense-finetuned"
+
+
 def job_wanda(ctx: Context, job: Job) -> dict:
     import torch
 
     from prunepath.baselines.calibration import token_batches
     from prunepath.baselines.wanda import apply_wanda, input_norms, target_linears
 
-    model, tok = ctx.load_ckpt("dense-ft")
-    tt = ctx.train_tokens("dense-ft")
+    model, tok, tt, base = _base_model(ctx)
     mods = target_linears(model, "ffn")
     saved = {n: m.weight.detach().clone() for n, m in mods.items()}
     state: dict = {}
@@ -552,21 +619,21 @@ def job_wanda(ctx: Context, job: Job) -> dict:
 
     def make_row(s, res):
         return ctx.record("wanda", res, knob={"weight_sparsity": s}, weight_sparsity=res["_achieved"],
-                          train_tokens=tt, variant="on dense-finetuned",
+                          train_tokens=tt, variant=f"on {base}",
                           note="s_ffn = FFN weight sparsity (unstructured; no speed-up)")
 
     rows = _sweep(ctx, job, [float(s) for s in ctx.cfg["baselines"]["wanda"]], apply, make_row)
     return {"records": [_strip(r) for r in rows]}
 
 
-def _converted_dense_ft(ctx: Context):
+def _converted_base(ctx: Context):
     import prunepath
 
-    model, tok = ctx.load_ckpt("dense-ft", to_device=False)  # cluster on the CPU, then move
+    model, tok, tt, base = _base_model(ctx, to_device=False)  # cluster on the CPU, then move
     npe = int(ctx.cfg["train"].get("neurons_per_expert", 32))
     prunepath.moefy(model, neurons_per_expert=npe, seed=int(ctx.cfg["seed"]), progress=False)
     model.to(ctx.torch_device()).eval()
-    return model, tok
+    return model, tok, tt, base
 
 
 def job_router_baseline(ctx: Context, job: Job) -> dict:
@@ -576,7 +643,7 @@ def job_router_baseline(ctx: Context, job: Job) -> dict:
     from prunepath.baselines.knobs import knob_for_sparsity
 
     method = job.args["method"]
-    model, tok = _converted_dense_ft(ctx)
+    model, tok, tt, base = _converted_base(ctx)
     inputs = _calib_inputs(ctx, model, tok)
     b = ctx.cfg["baselines"]
     ctx.check(float(ctx.cfg["min_job_s"]))
@@ -585,7 +652,6 @@ def job_router_baseline(ctx: Context, job: Job) -> dict:
                               lr=float(b["fit_lr"]), inputs=inputs, seed=int(ctx.cfg["seed"]), progress=False)
     fit_s = round(time.time() - t, 1)
     fit_loss = sum(info["final_loss"]) / len(info["final_loss"])
-    tt = ctx.train_tokens("dense-ft")
 
     def apply(target):
         knob, s_cal = knob_for_sparsity(model, inputs, method, float(target))
@@ -598,13 +664,13 @@ def job_router_baseline(ctx: Context, job: Job) -> dict:
         return ctx.record("moefication-topk" if method == "moefication" else method, res, knob=st,
                           k=st.get("k"), tau=st.get("tau"), target_s_ffn=float(target),
                           s_ffn_calibration=res["_s_cal"], fit_final_loss_mean=fit_loss, fit_s=fit_s,
-                          train_tokens=tt, variant="router fitted on frozen dense-finetuned")
+                          train_tokens=tt, variant=f"router fitted on frozen {base}")
 
     rows = _sweep(ctx, job, [float(t) for t in b["targets"]], apply, make_row)
     out = {"records": [_strip(r) for r in rows]}
     if method == "moefication":
         e = model.prunepath_config.num_experts
-        out["topk"] = _topk(ctx, model, tok, "moefication", {"method": "moefication", "k": e}, "dense-ft + fit")
+        out["topk"] = _topk(ctx, model, tok, "moefication", {"method": "moefication", "k": e}, f"{base} + fit")
     return out
 
 
@@ -614,11 +680,10 @@ def job_static(ctx: Context, job: Job) -> dict:
     from prunepath.baselines.calibration import expert_mass
     from prunepath.baselines.static import prune_experts
 
-    model, tok = _converted_dense_ft(ctx)
     import prunepath
 
+    model, tok, tt, base = _converted_base(ctx)
     state: dict = {}
-    tt = ctx.train_tokens("dense-ft")
 
     def apply(s):
         if "mass" not in state:
@@ -631,9 +696,74 @@ def job_static(ctx: Context, job: Job) -> dict:
 
     def make_row(s, res):
         return ctx.record("static", res, knob={"sparsity": s}, target_s_ffn=float(s), train_tokens=tt,
-                          variant="experts pruned on dense-finetuned")
+                          variant=f"experts pruned on {base}")
 
     rows = _sweep(ctx, job, [float(t) for t in ctx.cfg["baselines"]["targets"]], apply, make_row)
+    return {"records": [_strip(r) for r in rows]}
+
+
+ACTIVATION_JOBS = {"teal": ("teal", "uniform"), "teal-greedy": ("teal", "greedy"), "cats": ("cats", None)}
+
+
+def job_activation(ctx: Context, job: Job) -> dict:
+    """TEAL (uniform or greedy allocation) or CATS on the original model: thresholds calibrated once on the
+    calibration text for every target; s_FFN is the measured fraction of FFN bytes not read per token."""
+    from prunepath.baselines import activation
+
+    method, allocation = ACTIVATION_JOBS[job.args["method"]]
+    model, tok = ctx.load_base()
+    a = ctx.cfg["activation"]
+    state: dict = {}
+
+    def apply(target):
+        if "stats" not in state:
+            t = time.time()
+            state["stats"] = activation.collect_activation_stats(
+                model, tok, ctx.calib_texts(), max_tokens=int(a["calib_tokens"]), progress=False)
+            state["calib_s"] = round(time.time() - t, 1)
+        spec = activation.teal_thresholds(state["stats"], float(target), allocation=allocation) \
+            if method == "teal" else activation.cats_thresholds(state["stats"], float(target))
+        activation.apply_activation_sparsity(model, spec)
+        return ctx.ppl(model, tok)
+
+    def make_row(target, res):
+        return ctx.record(job.args["method"], res, target_s_ffn=float(target), knob={"target": float(target)},
+                          variant="training-free, on original" + (f", {allocation} allocation" if allocation else ""),
+                          calib_tokens=int(a["calib_tokens"]), calib_s=state.get("calib_s"),
+                          note="s_ffn = measured fraction of FFN weight bytes not read per token")
+
+    rows = _sweep(ctx, job, [float(t) for t in a["targets"]], apply, make_row)
+    return {"records": [_strip(r) for r in rows]}
+
+
+def job_allocation(ctx: Context, job: Job) -> dict:
+    """Per-layer τ chosen on calibration text for each global target s_FFN (``allocation.method``), evaluated."""
+    import prunepath
+    from prunepath.evaluation.allocation import allocate_layer_tau
+
+    run = job.args["run"]
+    model, tok = ctx.load_ckpt(run)
+    al = ctx.cfg["allocation"]
+    info = json.loads((ctx.ckpt(run) / "train_result.json").read_text())
+    calib = ctx.calib_texts()
+
+    def apply(target):
+        t = time.time()
+        chosen = allocate_layer_tau(model, tok, calib, float(target), method=str(al["method"]),
+                                    max_tokens=int(al["calib_tokens"]), progress=False)
+        with prunepath.routing(model, layer_tau=chosen["layer_tau"]):
+            res = ctx.ppl(model, tok)
+        return {**res, "_alloc": {"layer_tau": chosen["layer_tau"], "s_ffn_calibration": chosen.get("s_ffn"),
+                                  "alloc_s": round(time.time() - t, 1)}}
+
+    struct = _structure(model)
+
+    def make_row(target, res):
+        return ctx.record("prunepath-alloc", res, target_s_ffn=float(target), run=run, **struct,
+                          variant=f"{_variant_label(ctx, run)}, {al['method']} per-layer τ",
+                          train_tokens=int(info.get("tokens", 0)), **res["_alloc"])
+
+    rows = _sweep(ctx, job, [float(t) for t in al["targets"]], apply, make_row)
     return {"records": [_strip(r) for r in rows]}
 
 
@@ -845,10 +975,10 @@ def merge(cfg: dict, out: Path) -> dict:
 
 def run(recipe: dict, *, progress: bool = True, deadline: float | None = None, device: str | None = None,
         shard: str | None = None, train_tokens: int | None = None, out: str | None = None,
-        merge_only: bool = False, do_merge: bool = True) -> dict:
+        merge_only: bool = False, do_merge: bool = True, jobs: list[str] | None = None) -> dict:
     """Run (this shard of) the LM study; returns {"ran", "left", "stopped", "merged", "out"}. ``deadline`` is
     an absolute ``time.time()``; re-running the same command continues where it stopped."""
-    cfg = load_study(recipe, overrides={"train_tokens": train_tokens, "out": out, "device": device})
+    cfg = load_study(recipe, overrides={"train_tokens": train_tokens, "out": out, "device": device, "jobs": jobs})
     od = out_dir(cfg)
     od.mkdir(parents=True, exist_ok=True)
     if not merge_only:
@@ -856,7 +986,7 @@ def run(recipe: dict, *, progress: bool = True, deadline: float | None = None, d
     result: dict = {"ran": [], "left": [], "stopped": None, "out": str(od)}
     if not merge_only:
         i, n = parse_shard(shard)
-        jobs = shard_jobs(build_jobs(cfg), i, n)
+        jobs = shard_jobs(select_jobs(build_jobs(cfg), cfg.get("jobs")), i, n)
         _log(f"shard {i}/{n}: {len(jobs)} jobs ({', '.join(j.id for j in jobs)}); out {od}; "
              f"{'no deadline' if deadline is None else f'{deadline - time.time():.0f} s to the deadline'}")
         ctx = Context(cfg, od, cfg["device"], deadline, progress)

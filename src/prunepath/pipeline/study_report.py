@@ -21,28 +21,60 @@ from pathlib import Path
 
 from prunepath.evaluation.reports import atomic_write_text, write_json
 
-CURVES = [  # (method, variant or None, label, style)
+# Known curves: (method, variant or None, label, style); every other (method, variant) in the results gets a
+# curve too, labelled by its variant (see ``curves``).
+KNOWN = [
     ("prunepath-sweep", "warmstart+offset", "PrunePath (warm start + gate offset), τ sweep", "o-"),
     ("prunepath-sweep", "paper-defaults", "PrunePath (paper defaults), τ sweep", "o--"),
     ("prunepath-sweep", "warmstart+offset+distill", "PrunePath (+ distillation α 0.8), τ sweep", "o:"),
     ("prunepath-sweep", "warmstart+offset+distill(1.0)", "PrunePath (+ distillation α 1.0), τ sweep", "o:"),
-    ("prunepath-sweep", "warmstart+offset+distill+router-distill", "PrunePath (+ distillation + router distill), τ sweep",
-     "o-."),
+    ("prunepath-sweep", "warmstart+offset+distill+router-distill", "PrunePath (+ distillation α 0.8 + router distill), "
+     "τ sweep", "o-."),
     ("prunepath-sweep", "warmstart+offset+distill+router-distill(4)",
-     "PrunePath (+ distillation + router distill ×4), τ sweep", "o-."),
+     "PrunePath (+ distillation α 0.8 + router distill ×4), τ sweep", "o-."),
     ("prunepath", None, "PrunePath trained to τ_min (at τ_min ± 0.05)", "*"),
+    ("teal", None, "TEAL (training-free, uniform)", "P-"),
+    ("teal-greedy", None, "TEAL (training-free, greedy allocation)", "P--"),
+    ("cats", None, "CATS (training-free)", "X-"),
     ("lte", None, "LTE (trained), δ sweep", "s-"),
     ("moefication-topk", None, "MoEfication top-k", "^-"),
     ("d2dmoe", None, "D2DMoE", "v-"),
     ("wanda", None, "Wanda (weight sparsity)", "x-"),
     ("static", None, "static expert pruning", "d-"),
 ]
+METHOD_ORDER = ["prunepath-alloc", "prunepath-sweep", "prunepath", "teal", "teal-greedy", "cats", "lte",
+                "moefication-topk", "d2dmoe", "wanda", "static"]
 TARGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+# Issue 13's targets, as a ratio to the original model: with every expert on, at s_FFN 0.4 and at 0.5.
+GOALS = (("all experts on", None, 1.02), ("s_FFN 0.4", 0.4, 1.10), ("s_FFN 0.5", 0.5, 1.20))
+TRAINING_FREE = ("teal", "teal-greedy", "cats")
 
 
-def curve(rows: list[dict], method: str, variant: str | None) -> list[dict]:
+def curves(rows: list[dict]) -> list[tuple[str, str | None, str, str]]:
+    """Every curve in the results: the known ones first (in their order), then the other variants."""
+    out = [c for c in KNOWN if any(r["method"] == c[0] and (c[1] is None or r.get("variant") == c[1]) for r in rows)]
+    seen = {(m, v) for m, v, _, _ in out}
+    split = {m for m, v, _, _ in KNOWN if v is not None}  # methods whose curves are per variant
+    styles = iter(["o-", "s-.", "D-", "h--", "p-.", "o--", "s:", "D:", "h-"] * 4)
+    for method in METHOD_ORDER:
+        for v in dict.fromkeys(r.get("variant") for r in rows if r["method"] == method):
+            key = (method, v if method in split or method == "prunepath-alloc" else None)
+            if key in seen or (method not in split and method != "prunepath-alloc" and (method, None) in seen):
+                continue
+            seen.add(key)
+            what = "per-layer τ (greedy), target sweep" if method == "prunepath-alloc" else "τ sweep"
+            label = f"PrunePath ({v}), {what}" if method.startswith("prunepath") else f"{method} ({v})"
+            out.append((method, key[1], label, next(styles)))
+    return out
+
+
+def curve(rows: list[dict], method: str, variant: str | None, *, with_router: bool = False) -> list[dict]:
+    """The points of one curve sorted by s_FFN; ``with_router`` moves PrunePath points left by the router's
+    bytes (a router is read for every token), so the s axis counts every FFN-side byte a token reads."""
     pts = [r for r in rows if r["method"] == method and (variant is None or r.get("variant") == variant)
            and r.get("ppl") is not None and math.isfinite(r["ppl"])]
+    if with_router:
+        pts = [{**r, "s_ffn": r["s_ffn"] - float(r.get("router_bytes_frac") or 0.0)} for r in pts]
     return sorted(pts, key=lambda r: r["s_ffn"])
 
 
@@ -82,58 +114,80 @@ def _n(v) -> str:
     return f"{v:,}" if isinstance(v, int) else "?"
 
 
-def frontier_table(rows: list[dict]) -> str:
-    ft = _ref(rows, "dense-finetuned")
-    base = ft["ppl"] if ft else None
-    head = "| method | " + " | ".join(f"s={t:.1f}" for t in TARGETS) + " |"
-    lines = [head, "|" + "---|" * (len(TARGETS) + 1)]
-    for method, variant, label, _ in CURVES:
-        pts = curve(rows, method, variant)
+def _cell(v: float | None, orig: float | None, ft: float | None) -> str:
+    if v is None:
+        return "–"
+    ratios = [f"{v / orig:.2f}×" if orig else None, f"{v / ft:.2f}× ft" if ft else None]
+    return f"{v:.2f} (" + ", ".join(r for r in ratios if r) + ")" if any(ratios) else f"{v:.2f}"
+
+
+def frontier_table(rows: list[dict], *, with_router: bool = False) -> str:
+    """PPL at fixed s_FFN for every curve, with the ratio to the original model first and to the dense
+    fine-tuned model second."""
+    orig, ft = _ref(rows, "dense"), _ref(rows, "dense-finetuned")
+    o, f = (orig or {}).get("ppl"), (ft or {}).get("ppl")
+    head = "| method | all experts on | " + " | ".join(f"s={t:.1f}" for t in TARGETS) + " |"
+    lines = [head, "|" + "---|" * (len(TARGETS) + 2)]
+    for method, variant, label, _ in curves(rows):
+        pts = curve(rows, method, variant, with_router=with_router)
         if not pts or method == "prunepath":
             continue
-        cells = []
-        for t in TARGETS:
-            v = ppl_at(pts, t)
-            cells.append("–" if v is None else f"{v:.2f}" + (f" ({v / base:.2f}×)" if base else ""))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        on = next((p["ppl"] for p in pts if p.get("tau") is not None and p["tau"] > 1), None)
+        cells = [_cell(ppl_at(pts, t), o, f) for t in TARGETS]
+        lines.append(f"| {label} | {_cell(on, o, f)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def records_table(rows: list[dict]) -> str:
-    ft = _ref(rows, "dense-finetuned")
-    lines = ["| method | variant | knob | s_FFN | PPL | × dense-ft | train tokens | eval tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+    orig, ft = _ref(rows, "dense"), _ref(rows, "dense-finetuned")
+    lines = ["| method | variant | knob | s_FFN | router bytes | PPL | × original | × dense-ft | train tokens | "
+             "eval tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], str(r.get("variant")), r["s_ffn"])):
         knob = r.get("knob") or ({"tau": r["tau"]} if r.get("tau") is not None else {})
         if r["method"] == "prunepath" and r.get("tau_min") is not None:
             knob = {"tau_min": r["tau_min"], "tau": r["tau"]}
         knob_s = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in knob.items())
-        ratio = f"{r['ppl'] / ft['ppl']:.2f}" if ft else "–"
-        lines.append(f"| {r['method']} | {r.get('variant') or ''} | {knob_s} | {r['s_ffn']:.3f} | {r['ppl']:.2f} | "
-                     f"{ratio} | {r.get('train_tokens', 0):,} | {r.get('eval_tokens', 0):,} |")
+        ro = f"{r['ppl'] / orig['ppl']:.2f}" if orig else "–"
+        rf = f"{r['ppl'] / ft['ppl']:.2f}" if ft else "–"
+        rb = f"{r['router_bytes_frac']:.4f}" if r.get("router_bytes_frac") is not None else ""
+        lines.append(f"| {r['method']} | {r.get('variant') or ''} | {knob_s} | {r['s_ffn']:.3f} | {rb} | "
+                     f"{r['ppl']:.2f} | {ro} | {rf} | {r.get('train_tokens', 0):,} | {r.get('eval_tokens', 0):,} |")
     return "\n".join(lines)
 
 
 def targets_check(rows: list[dict]) -> str:
-    """The issue's two targets, for every PrunePath τ-sweep setting in the results; the best one decides."""
-    ft = _ref(rows, "dense-finetuned")
-    variants = list(dict.fromkeys(r.get("variant") for r in rows if r["method"] == "prunepath-sweep"))
-    if not ft or not variants:
-        return "(no dense-finetuned or PrunePath sweep yet)"
-    out = []
-    for s, goal in ((0.5, 1.3), (0.4, 1.15)):
-        got = {v: ppl_at(curve(rows, "prunepath-sweep", v), s) for v in variants}
-        got = {v: p for v, p in got.items() if p is not None}
-        if not got:
-            out.append(f"- s_FFN {s}: not reached by any sweep")
-            continue
-        best = min(got, key=got.get)
-        ratio = got[best] / ft["ppl"]
-        others = "; ".join(f"{v}: {p:.2f}" for v, p in got.items() if v != best)
-        out.append(f"- s_FFN {s}: PrunePath ({best}) PPL {got[best]:.2f} = {ratio:.2f}× dense fine-tuned "
-                   f"({ft['ppl']:.2f}); target ≤ {goal}× — {'met' if ratio <= goal else 'missed'}"
-                   + (f" (other settings: {others})" if others else ""))
-    return "\n".join(out)
+    """Issue 13's targets for every trained PrunePath setting (τ sweep and per-layer allocation), against the
+    ORIGINAL model; and whether each is below TEAL and CATS at s 0.3–0.6 at equal FFN bytes (router counted)."""
+    orig = _ref(rows, "dense")
+    cands = [c for c in curves(rows) if c[0] in ("prunepath-sweep", "prunepath-alloc")]
+    if not orig or not cands:
+        return "(no original-model record or PrunePath curve yet)"
+    o = orig["ppl"]
+    free = {m: curve(rows, m, None) for m in TRAINING_FREE if curve(rows, m, None)}
+    lines = ["| setting | " + " | ".join(f"{g[0]} (≤ {g[2]}×)" for g in GOALS) + " | below " +
+             " and ".join(free) + " at s 0.3–0.6 (router counted) |", "|---" * (len(GOALS) + 2) + "|"]
+    for method, variant, label, _ in cands:
+        pts = curve(rows, method, variant)
+        on_pts = curve(rows, "prunepath-sweep", variant)
+        cells = []
+        for name, s, goal in GOALS:
+            if s is None:
+                v = next((p["ppl"] for p in on_pts if p.get("tau") is not None and p["tau"] > 1), None)
+            else:
+                v = ppl_at(pts, s)
+            cells.append("–" if v is None else f"{v / o:.3f}× {'met' if v / o <= goal else 'missed'}")
+        rpts = curve(rows, method, variant, with_router=True)
+        verdict = []
+        for s in (0.3, 0.4, 0.5, 0.6):
+            mine = ppl_at(rpts, s)
+            theirs = {m: ppl_at(p, s) for m, p in free.items()}
+            if mine is None or not theirs or any(v is None for v in theirs.values()):
+                verdict.append(f"{s}: –")
+            else:
+                best = min(theirs.values())
+                verdict.append(f"{s}: {'yes' if mine < best else 'no'} ({mine / o:.2f}× vs {best / o:.2f}×)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + "; ".join(verdict) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], out_png: Path, title: str) -> Path:
@@ -142,27 +196,27 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
-    for method, variant, label, style in CURVES:
+    fig, ax = plt.subplots(figsize=(8.0, 5.2), dpi=120)
+    for method, variant, label, style in curves(rows):
         pts = curve(rows, method, variant)
         pts = [p for p in pts if p["s_ffn"] > 0 or method.startswith("prunepath")]
         if pts:
             ax.plot([p["s_ffn"] for p in pts], [p["ppl"] for p in pts], style, ms=5 if style != "*" else 9,
                     label=label, lw=1.2)
-    for method, ls in (("dense", ":"), ("dense-finetuned", "--")):
+    for method, ls, name in (("dense", "-", "original model"), ("dense-finetuned", "--", "dense fine-tuned")):
         r = _ref(rows, method)
         if r:
-            ax.axhline(r["ppl"], color="k", ls=ls, lw=1, label=f"{method} ({r['ppl']:.2f})")
-    ft = _ref(rows, "dense-finetuned")
-    if ft:
-        ax.set_ylim(top=min(ax.get_ylim()[1], ft["ppl"] * 20), bottom=ft["ppl"] * 0.9)
+            ax.axhline(r["ppl"], color="k", ls=ls, lw=1, label=f"{name} ({r['ppl']:.2f})")
+    orig = _ref(rows, "dense")
+    if orig:
+        ax.set_ylim(top=min(ax.get_ylim()[1], orig["ppl"] * 20), bottom=orig["ppl"] * 0.9)
     ax.set_yscale("log")
-    ax.set_xlabel("s_FFN (fraction of FFN compute skipped; Wanda: weight sparsity)")
+    ax.set_xlabel("s_FFN (fraction of FFN weight bytes a token does not read; Wanda: weight sparsity)")
     ax.set_ylabel("WikiText-2 validation PPL (lower is better)")
     ax.set_xlim(-0.02, 0.95)
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6.5, loc="upper left")
+    ax.legend(fontsize=5.5, loc="upper left")
     fig.tight_layout()
     from prunepath.evaluation.plots import save_figure
 
@@ -256,8 +310,11 @@ def build(results: Path, tag: str, docs: Path, img: Path) -> dict:
              f"Training budget per trained method: {_n(meta.get('train_tokens_budget'))} tokens of "
              f"`{(meta.get('train') or {}).get('data', '?')}`; evaluation: WikiText-2 validation, "
              f"{rows[0]['eval_tokens'] if rows else '?'} tokens, window {rows[0].get('window') if rows else '?'}.", "",
-             f"![frontier]({os.path.relpath(png, docs / 'results')})", "", "## PPL at fixed s_FFN (interpolated in log PPL; × dense "
-             "fine-tuned)", "", frontier_table(rows), "", "## Targets (issue 7)", "", targets_check(rows), "",
+             f"![frontier]({os.path.relpath(png, docs / 'results')})", "",
+             "## PPL at fixed s_FFN (interpolated in log PPL; × the original model, × dense fine-tuned)", "",
+             frontier_table(rows), "", "## The same with PrunePath's router bytes counted (s − router bytes)", "",
+             frontier_table(rows, with_router=True), "", "## Targets (issue 13, against the original model)", "",
+             targets_check(rows), "",
              "## Every measured point", "", records_table(rows)]
     topk_p = results / f"topk-{tag}.json"
     if topk_p.exists():

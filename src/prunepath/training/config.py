@@ -83,6 +83,9 @@ class TrainConfig:
     # weight of a KL from each token's true expert-output-norm shares (the warm-start target, recomputed on the
     # current weights every step, temperature warmstart_temperature) to the router softmax (0: off)
     router_distill: float = 0.0
+    # self-distillation corpus (``data: self:N[+corpus]``): prompt_tokens, new_tokens, temperature, top_p,
+    # chat_fraction, prompts (source of prompt passages), batch_size — see prunepath.training.selfgen
+    self_corpus: dict = field(default_factory=dict)
     # bookkeeping
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2

@@ -72,7 +72,6 @@ def _self_texts(cfg, tokenizer, n_tokens: int, model, split: str, should_stop=No
     import prunepath  # the front door (routing); imported late because it imports this package
 
     opts = dict(cfg.self_corpus or {})
-    batch_size = opts.pop("batch_size", None)
     unknown = set(opts) - set(selfgen.SelfCorpusSettings.__dataclass_fields__) - {"tokens"}
     if unknown:
         raise PrunePathError(f"self_corpus: unknown key(s) {', '.join(sorted(unknown))}; known: prompt_tokens, "
@@ -89,8 +88,8 @@ def _self_texts(cfg, tokenizer, n_tokens: int, model, split: str, should_stop=No
         ctx = prunepath.routing(model, rule="all", gates=False) if prunepath.is_converted(model) \
             else contextlib.nullcontext()
         with ctx:
-            path = selfgen.self_corpus(model, tokenizer, settings, model_name=cfg.model, batch_size=batch_size,
-                                       progress=cfg.progress, should_stop=should_stop)
+            path = selfgen.self_corpus(model, tokenizer, settings, model_name=cfg.model, progress=cfg.progress,
+                                       should_stop=should_stop)
     docs = selfgen.load_self_documents(path)
     texts = [d["text"] for d in split_documents(docs, split, cfg.valid_fraction, cfg.seed)]
     return texts, {"self_corpus": str(path), "self_docs": len(docs)}

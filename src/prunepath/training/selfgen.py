@@ -62,6 +62,7 @@ class SelfCorpusSettings:
     temperature: float = 1.0
     top_p: float = 0.95
     chat_fraction: float = 0.25
+    batch_size: int = 64                                # prompts per batch (each batch has its own seed)
     seed: int = 0
 
     def validate(self) -> None:
@@ -73,6 +74,8 @@ class SelfCorpusSettings:
             raise PrunePathError("self-corpus sampling needs temperature > 0 and top_p in (0, 1]")
         if not 0 <= self.chat_fraction <= 1:
             raise PrunePathError("self-corpus chat_fraction must be in [0, 1]")
+        if self.batch_size < 1:
+            raise PrunePathError("self-corpus batch_size must be >= 1")
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -195,7 +198,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def self_corpus(model: nn.Module, tokenizer, settings: SelfCorpusSettings, *, model_name: str,
-                batch_size: int | None = None, progress: bool = True,
+                progress: bool = True,
                 should_stop: Callable[[], bool] | None = None) -> Path:
     """Sample (or find cached) the self-distillation corpus of ``model``; returns the JSONL path.
 
@@ -211,7 +214,7 @@ def self_corpus(model: nn.Module, tokenizer, settings: SelfCorpusSettings, *, mo
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(final.name + ".partial")
-    bs = batch_size or (256 if next(model.parameters()).device.type == "cuda" else 4)
+    bs = settings.batch_size
     # Keep whole batches only (a kill can cut one short): each batch has a fixed seed and is redone whole.
     rows = _read_rows(partial)
     per_batch: dict[int, int] = {}
