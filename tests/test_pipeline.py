@@ -77,10 +77,40 @@ def test_run_with_training(setup, capsys):
         evaluation={"task": "ppl", "data": str(data), "window": 64}, sweep={"taus": [1.05, 0.5]})
     assert main(["run", str(recipe), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "dense PPL" in out and "PrunePath PPL at s_FFN" in out
+    assert "original model (dense) PPL" in out and "PrunePath PPL at s_FFN" in out
+    assert "x the original" in out
     rows = json.loads((tmp / "out" / "results.json").read_text())
     assert rows[1]["method"] == "prunepath-sweep" and rows[1]["train_tokens"] > 0
     assert (tmp / "out" / "model" / "prunepath_config.json").exists()
+
+
+def test_run_with_teal_curve_on_the_original_model(setup, monkeypatch):
+    """sweep.teal: TEAL on the untouched original model at each target, on the same tokens, before conversion;
+    its rows join the results and the plot, the summary compares at equal s_FFN, and a re-run reuses them."""
+    tmp, model_dir, data, train_text = setup
+    recipe = write_recipe(
+        tmp / "r.yaml", name="t", model=str(model_dir), out=str(tmp / "out"), convert={"neurons_per_expert": 8},
+        evaluation={"task": "ppl", "data": str(data), "window": 64},
+        train={"task": "lm", "data": str(train_text), "stage1_steps": 1, "stage2_steps": 1, "tau_min": 0.5,
+               "seq_len": 32, "batch_size": 2, "device": "cpu", "progress": False, "max_eval_tokens": 64},
+        sweep={"taus": [1.05, 0.7, 0.4], "teal": [0.2, 0.5], "teal_calib_tokens": 128,
+               "summary_sparsities": [0.3]})
+    result = run_recipe(load_run_recipe(recipe), progress=False)
+    teal = [r for r in result["rows"] if r["method"] == "teal"]
+    dense = next(r for r in result["rows"] if r["method"] == "dense")
+    assert [r["target_s_ffn"] for r in teal] == [0.2, 0.5]
+    assert 0.1 < teal[0]["s_ffn"] < teal[1]["s_ffn"] < 0.7  # measured, close to the targets
+    assert all(r["eval_tokens"] == dense["eval_tokens"] for r in teal)
+    assert teal[1]["ppl"] != dense["ppl"]  # the sparsity changes the outputs (a random model: either way)
+    # the conversion / training started from the original weights (TEAL's wrappers were removed)
+    model, _ = prunepath.load(tmp / "out" / "model")
+    assert not any(type(m).__name__ == "ActivationSparseFFN" for m in model.modules())
+    assert "x the original" in result["summary"]
+    import prunepath.baselines.activation as act
+
+    monkeypatch.setattr(act, "collect_activation_stats", lambda *a, **k: pytest.fail("TEAL recomputed"))
+    again = run_recipe(load_run_recipe(recipe), progress=False)
+    assert [r["ppl"] for r in again["rows"] if r["method"] == "teal"] == [r["ppl"] for r in teal]
 
 
 @pytest.mark.parametrize("body,message", [
@@ -89,6 +119,7 @@ def test_run_with_training(setup, capsys):
     (dict(name="x", train={"tau_min": 1.2}), "tau-min must be in"),
     (dict(name="x", convert={"neurons": 3}), "unknown setting"),
     (dict(name="x", evaluation={"task": "rouge"}), "support evaluation task 'ppl'"),
+    (dict(name="x", sweep={"taus": [1.05], "teal": [1.2]}), "sweep.teal"),
 ])
 def test_bad_recipes(tmp_path, body, message):
     with pytest.raises(PrunePathError, match=message):

@@ -249,3 +249,52 @@ def test_study_recipe_has_the_distillation_variant():
     assert all(getattr(main, k) == getattr(dist, k) for k in same)  # only the distillation differs
     ids = [j.id for j in lm_study.build_jobs(cfg)]
     assert ids.index("train-distill") < ids.index("eval-distill")
+
+
+def test_round4_jobs_original_base_selection_and_budgets(study):
+    """Round 4: pruning / router baselines start from the original model (no dense-ft dependency), TEAL / CATS
+    and per-layer allocation are jobs, a variant may set its own token budget, --jobs selects by wildcard."""
+    tmp, recipe = study
+    recipe = {**recipe, "baselines": {**recipe["baselines"], "base": "original"},
+              "variants": {**recipe["variants"], "big": {"label": "big", "tau_min": 0.6, "train_tokens": 512}},
+              "activation": {"methods": ["teal", "cats"], "targets": [0.3, 0.5], "calib_tokens": 128},
+              "allocation": {"runs": ["big"], "targets": [0.4], "calib_tokens": 128}}
+    cfg = lm_study.load_study(recipe)
+    jobs = {j.id: j for j in lm_study.build_jobs(cfg)}
+    for b in ("wanda", "moefication", "d2dmoe", "static"):
+        assert jobs[b].deps == [] and jobs[b].chain != jobs["train-dense-ft"].chain
+    assert jobs["alloc-big"].deps == ["train-big"] and jobs["alloc-big"].chain == jobs["train-big"].chain
+    assert {"teal", "cats"} <= set(jobs)
+    big = lm_study.train_config(cfg, "big", "cpu")
+    assert big.total_steps * big.tokens_per_step == 512
+    assert lm_study.train_config(cfg, "main", "cpu").total_steps * big.tokens_per_step == 256
+    picked = lm_study.select_jobs(list(jobs.values()), ["teal", "*-big", "wanda"])
+    assert [j.id for j in picked] == [j for j in jobs if j in ("teal", "train-big", "eval-big", "alloc-big", "wanda")]
+    with pytest.raises(PrunePathError, match="no job matches"):
+        lm_study.select_jobs(list(jobs.values()), ["nope*"])
+    for bad, msg in (({"activation": {"methods": ["tael"]}}, "activation.methods"),
+                     ({"allocation": {"runs": ["ghost"]}}, "allocation.runs"),
+                     ({"baselines": {"base": "finetuned"}}, "baselines.base")):
+        with pytest.raises(PrunePathError, match=msg):
+            lm_study.load_study({**recipe, **bad})
+
+    result = lm_study.run(recipe, progress=False,
+                          jobs=["dense", "teal", "cats", "wanda", "moefication", "d2dmoe", "static", "*-big"])
+    assert not result["failed"], result["left"]
+    rows = json.loads((tmp / "out" / "results" / "lm-tiny.json").read_text())
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    dense = by["dense"][0]
+    for m in ("teal", "cats"):
+        assert [r["target_s_ffn"] for r in by[m]] == [0.3, 0.5]
+        assert all(r["eval_tokens"] == dense["eval_tokens"] and 0.15 < r["s_ffn"] < 0.65 for r in by[m])
+    assert by["wanda"][0]["variant"] == "on original" and by["wanda"][0]["train_tokens"] == 0
+    for m in ("moefication-topk", "d2dmoe", "static"):
+        assert by[m] and all(r["variant"].endswith("original") for r in by[m]), m
+    sweep = by["prunepath-sweep"]
+    assert all(r["neurons_per_expert"] == 8 and 0 < r["router_bytes_frac"] < 0.2 for r in sweep)
+    assert sweep[0]["train_tokens"] == 512
+    alloc = by["prunepath-alloc"]
+    assert len(alloc) == 1 and abs(alloc[0]["s_ffn_calibration"] - 0.4) <= 0.05 and alloc[0]["layer_tau"]
+    assert "train-dense-ft" not in result["ran"]  # not selected, never started

@@ -30,6 +30,28 @@ def nearest_sparsity(rows: list[dict], target: float) -> dict | None:
     return min(rows, key=lambda r: abs(r["s_ffn"] - target)) if rows else None
 
 
+def value_at_sparsity(rows: list[dict], s: float, key: str = "ppl") -> float | None:
+    """``key`` at s_FFN ``s``, interpolated linearly in log(value) between the measured points that bracket it
+    (None outside them); on a non-monotone curve the lowest bracketing value is used."""
+    import math
+
+    pts = sorted((r for r in rows if r.get(key) is not None and math.isfinite(r[key]) and r[key] > 0),
+                 key=lambda r: r["s_ffn"])
+    best = None
+    for a, b in zip(pts, pts[1:]):
+        if a["s_ffn"] <= s <= b["s_ffn"]:
+            if b["s_ffn"] == a["s_ffn"]:
+                v = min(a[key], b[key])
+            else:
+                w = (s - a["s_ffn"]) / (b["s_ffn"] - a["s_ffn"])
+                v = math.exp((1 - w) * math.log(a[key]) + w * math.log(b[key]))
+            best = v if best is None else min(best, v)
+    for p in pts:
+        if abs(p["s_ffn"] - s) < 1e-9:
+            best = p[key] if best is None else min(best, p[key])
+    return best
+
+
 def sweep(
     model: nn.Module,
     tokenizer,

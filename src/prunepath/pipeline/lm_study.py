@@ -719,7 +719,8 @@ def job_activation(ctx: Context, job: Job) -> dict:
         if "stats" not in state:
             t = time.time()
             state["stats"] = activation.collect_activation_stats(
-                model, tok, ctx.calib_texts(), max_tokens=int(a["calib_tokens"]), progress=False)
+                model, tok, ctx.calib_texts(), max_tokens=int(a["calib_tokens"]),
+                seq_len=int(ctx.cfg["evaluation"]["window"]), progress=False)
             state["calib_s"] = round(time.time() - t, 1)
         spec = activation.teal_thresholds(state["stats"], float(target), allocation=allocation) \
             if method == "teal" else activation.cats_thresholds(state["stats"], float(target))
@@ -750,7 +751,8 @@ def job_allocation(ctx: Context, job: Job) -> dict:
     def apply(target):
         t = time.time()
         chosen = allocate_layer_tau(model, tok, calib, float(target), method=str(al["method"]),
-                                    max_tokens=int(al["calib_tokens"]), progress=False)
+                                    max_tokens=int(al["calib_tokens"]),
+                                    window=int(ctx.cfg["evaluation"]["window"]), progress=False)
         with prunepath.routing(model, layer_tau=chosen["layer_tau"]):
             res = ctx.ppl(model, tok)
         return {**res, "_alloc": {"layer_tau": chosen["layer_tau"], "s_ffn_calibration": chosen.get("s_ffn"),

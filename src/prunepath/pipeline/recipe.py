@@ -20,7 +20,7 @@ from prunepath.errors import PrunePathError
 from prunepath.models.registry import DEFAULT_MODEL
 
 EVALUATION_KEYS = ("task", "data", "max_tokens", "window", "stride", "batch_size")
-SWEEP_KEYS = ("taus", "dense", "summary_sparsities")
+SWEEP_KEYS = ("taus", "dense", "summary_sparsities", "teal", "teal_calib_tokens")
 
 
 @dataclass
@@ -54,6 +54,9 @@ class Recipe:
         for s in self.sweep.get("summary_sparsities", []):
             if not 0 <= float(s) < 1:
                 raise PrunePathError(f"summary_sparsities must be in [0, 1) (got {s})")
+        for s in self.sweep.get("teal", []) or []:
+            if not 0 < float(s) < 1:
+                raise PrunePathError(f"sweep.teal: every target sparsity must be in (0, 1) (got {s})")
         unknown = set(self.convert) - {"neurons_per_expert", "num_experts", "seed", "clustering"}
         if unknown:
             from prunepath.errors import unknown_names_message

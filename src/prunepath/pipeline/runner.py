@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.sweep import nearest_sparsity
+from prunepath.evaluation.sweep import nearest_sparsity, value_at_sparsity
 from prunepath.pipeline.recipe import Recipe
 
 
@@ -98,6 +98,41 @@ def _record(method: str, res: dict, recipe: Recipe, *, tau=None, train_tokens: i
             "mean_active": res.get("mean_active"), "per_layer_s_ffn": res.get("per_layer_s_ffn")}
 
 
+def _teal_rows(recipe: Recipe, model, tok, ids, out: Path, kw: dict, progress: bool) -> list[dict]:
+    """TEAL (training-free, uniform thresholds calibrated on the training text's corpus) on the original model at
+    ``sweep.teal`` targets, on the same evaluation tokens; one line per finished target in out/teal.jsonl."""
+    targets = [float(t) for t in recipe.sweep.get("teal") or []]
+    if not targets:
+        return []
+    from prunepath.baselines import activation
+    from prunepath.baselines.compare import calibration_texts
+    from prunepath.data.corpora import is_corpus_name
+    from prunepath.data.text import load_texts
+    from prunepath.evaluation.perplexity import evaluate_perplexity
+
+    path = out / "teal.jsonl"
+    done = {r["target_s_ffn"]: r for r in _read_jsonl(path)}
+    todo = [t for t in targets if t not in done]
+    if todo:
+        src = str((recipe.train or {}).get("data") or "mix:sotu,moby-dick,austen,brown")
+        # calibration text is training text (the corpus's training split), never the evaluation text
+        texts = calibration_texts(src)[0] if is_corpus_name(src) else load_texts(src, "train")
+        stats = activation.collect_activation_stats(model, tok, texts,
+                                                    max_tokens=int(recipe.sweep.get("teal_calib_tokens", 4096)),
+                                                    seq_len=int(kw.get("window", 512)), progress=progress)
+        try:
+            for t in todo:
+                activation.apply_activation_sparsity(model, activation.teal_thresholds(stats, t))
+                res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
+                row = {**_record("teal", res, recipe), "target_s_ffn": t}
+                _append_jsonl(path, row)
+                done[t] = row
+                _log(f"TEAL target {t}: PPL {row['ppl']:.3f} at measured s_FFN {row['s_ffn']:.3f}")
+        finally:
+            activation.remove_activation_sparsity(model)  # the original model goes on to conversion / training
+    return sorted((done[t] for t in targets), key=lambda r: r["s_ffn"])
+
+
 def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
     """The PrunePath model to sweep: trained per the recipe, or converted untrained; resumes finished work."""
     import prunepath
@@ -163,6 +198,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
             timing.save()
         _log(f"dense PPL {dense_row['ppl']:.3f}")
 
+    teal_rows = _teal_rows(recipe, model, tok, ids, out, kw, progress) if not prunepath.is_converted(model) else []
+    timing.save()
     model, tok, train_tokens = _prepare_model(recipe, model, tok, out, progress)
     timing.save()
     method = "prunepath-sweep" if recipe.train is not None else "prunepath-untrained"
@@ -182,13 +219,15 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
         done[tau] = row
         _log(f"τ = {tau}: PPL {row['ppl']:.3f}, s_FFN {row['s_ffn']:.3f}")
     rows = sorted(done.values(), key=lambda r: -r["tau"])
-    all_rows = ([dense_row] if dense_row else []) + rows
+    all_rows = ([dense_row] if dense_row else []) + rows + teal_rows
     write_json(out / "results.json", all_rows)
     columns = ["method", "tau", "s_ffn", "ppl", "eval_tokens", "train_tokens"]
     write_csv(out / "results.csv", all_rows, columns)
     write_markdown(out / "results.md", all_rows, title=f"{recipe.name}: {all_rows[0]['model']}", columns=columns)
-    plot = plot_frontier({"rows": rows, "dense": dense_row, "label": method}, out / "frontier.png", "ppl",
-                         title=f"{recipe.name}: WikiText-2 PPL vs s_FFN")
+    runs = [{"rows": rows, "dense": dense_row, "label": method}]
+    if teal_rows:
+        runs.append({"rows": teal_rows, "dense": None, "label": "TEAL on the original model (training-free)"})
+    plot = plot_frontier(runs, out / "frontier.png", "ppl", title=f"{recipe.name}: WikiText-2 PPL vs s_FFN")
 
     lines = [f"# {recipe.name}", "", f"model: {all_rows[0]['model']}",
              f"evaluation: perplexity on {rows[0]['eval_tokens'] if rows else '?'} tokens of {data_path.name} "
@@ -196,13 +235,21 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
     if train_tokens:
         lines.append(f"training: {train_tokens} tokens ({recipe.train.get('data')})")
     if dense_row:
-        lines.append(f"dense PPL: {dense_row['ppl']:.2f}")
+        lines.append(f"original model (dense) PPL: {dense_row['ppl']:.2f}")
     sparse_rows = [r for r in rows if r["s_ffn"] > 0]
+    orig = dense_row["ppl"] if dense_row else None
+    all_on = next((r for r in rows if r["tau"] > 1), None)
+    if all_on is not None:
+        lines.append(f"PrunePath with every expert on (τ={all_on['tau']:g}): {all_on['ppl']:.2f}"
+                     + (f" ({all_on['ppl'] / orig:.2f}x the original)" if orig else ""))
     for target in recipe.sweep.get("summary_sparsities", [0.2, 0.35, 0.5]):
         r = nearest_sparsity(sparse_rows, float(target))
         if r is not None:
-            ratio = f" ({r['ppl'] / dense_row['ppl']:.2f}x dense)" if dense_row else ""
-            lines.append(f"PrunePath PPL at s_FFN {r['s_ffn']:.2f} (τ={r['tau']:g}): {r['ppl']:.2f}{ratio}")
+            ratio = f" ({r['ppl'] / orig:.2f}x the original)" if orig else ""
+            teal = value_at_sparsity(teal_rows, r["s_ffn"])
+            vs = (f"; TEAL at the same s_FFN: {teal:.2f}" + (f" ({teal / orig:.2f}x)" if orig else "")) \
+                if teal is not None else ""
+            lines.append(f"PrunePath PPL at s_FFN {r['s_ffn']:.2f} (τ={r['tau']:g}): {r['ppl']:.2f}{ratio}{vs}")
     lines += [f"plot: {plot}", f"table: {out / 'results.md'}", timing.line()]
     summary = "\n".join(lines)
     (out / "summary.md").write_text(summary + "\n")

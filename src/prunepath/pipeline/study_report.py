@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from prunepath.evaluation.reports import atomic_write_text, write_json
+from prunepath.evaluation.sweep import value_at_sparsity
 
 # Known curves: (method, variant or None, label, style); every other (method, variant) in the results gets a
 # curve too, labelled by its variant (see ``curves``).
@@ -79,21 +80,8 @@ def curve(rows: list[dict], method: str, variant: str | None, *, with_router: bo
 
 
 def ppl_at(points: list[dict], s: float) -> float | None:
-    """PPL at s_FFN ``s`` by linear interpolation of log PPL between measured points (None outside them).
-    On a non-monotone curve the best (lowest) PPL at any bracketing pair is used."""
-    best = None
-    for a, b in zip(points, points[1:]):
-        if a["s_ffn"] <= s <= b["s_ffn"]:
-            if b["s_ffn"] == a["s_ffn"]:
-                v = min(a["ppl"], b["ppl"])
-            else:
-                w = (s - a["s_ffn"]) / (b["s_ffn"] - a["s_ffn"])
-                v = math.exp((1 - w) * math.log(a["ppl"]) + w * math.log(b["ppl"]))
-            best = v if best is None else min(best, v)
-    for p in points:
-        if abs(p["s_ffn"] - s) < 1e-9:
-            best = p["ppl"] if best is None else min(best, p["ppl"])
-    return best
+    """PPL at s_FFN ``s`` (log-linear interpolation between measured points; None outside them)."""
+    return value_at_sparsity(points, s, "ppl")
 
 
 def _ref(rows: list[dict], method: str) -> dict | None:
