@@ -15,10 +15,10 @@ WORK="${STUDY_WORK:-$HOLD/study-r4}"
 DEADLINE_S="${R4_DEADLINE_S:-560}"
 MARGIN="${R4_MARGIN_S:-30}"
 LIGHT="${R4_LIGHT:-dense,teal,teal-greedy,cats,wanda,moefication,d2dmoe,static}"
-# 16 and 32 neurons/expert at 2x10^7 tokens each (the device budget of 2026-12-03 fitted two such runs; the
-# second seed self-rd-n16-s1 and the 64-neuron variant are in the recipe for the next budget)
+# 16 neurons/expert at 2x10^7 tokens and 32 at 10^7 (what the device budget of 2026-12-03 fitted; the second seed
+# self-rd-n16-s1 and the 64-neuron variant are in the recipe for the next budget)
 TRAIN="${R4_TRAIN:-train-self-rd-n16,train-self-rd-n32,eval-self-rd-n16,eval-self-rd-n32,alloc-self-rd-n16,alloc-self-rd-n32}"
-SELF_TOKENS="${R4_SELF_TOKENS:-2000000}"
+SELF_TOKENS="${R4_SELF_TOKENS:-1000000}"
 export PRUNEPATH_DATA="$DATA_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK/logs" "$OUT/r4"
 
