@@ -51,8 +51,9 @@ def test_build_writes_tables_plot_and_rouge(tmp_path):
     out = study_report.build(res, "x", tmp_path / "docs", tmp_path / "docs" / "img")
     md = (tmp_path / "docs" / "results" / "study-lm-x.md").read_text()
     assert (tmp_path / "docs" / "img" / "study-lm-x.png").stat().st_size > 1000
-    assert "1.22×" in md  # 22 / 18 at s = 0.5
-    assert "s_FFN 0.5: PrunePath (warmstart+offset) PPL 22.00 = 1.22× dense fine-tuned (18.00); target ≤ 1.3× — met" in md
+    assert "22.00 (1.10×, 1.22× ft)" in md  # 22 against the original (20) and against dense fine-tuned (18)
+    at4 = math.exp(math.log(20.0) * 2 / 3 + math.log(22.0) / 3)  # between s 0.35 and 0.5
+    assert f"| PrunePath (warm start + gate offset), τ sweep | 0.925× met | {at4 / 20:.3f}× met | 1.100× met |" in md
     gen = json.loads((tmp_path / "docs" / "results" / "gen-x.json").read_text())
     by = {s["system"]: s for s in gen["xsum"]["systems"]}
     assert by["dense"]["rougeL"] == pytest.approx(1.0) and by["prunepath@0.6"]["rougeL"] == 0.0
@@ -71,17 +72,25 @@ def test_topk_table_names_failed_routers():
     assert "| prunepath | 1.000 | 0.500 |" in mixed and "moefication: failed, `RuntimeError('devices')`" in mixed
 
 
-def test_targets_check_takes_the_best_sweep_setting():
+def test_targets_check_against_the_original_and_the_training_free_baselines():
+    """Issue 13's targets are ratios to the ORIGINAL model (not dense fine-tuned), for every trained setting;
+    the last column compares with the best training-free curve at equal FFN bytes, router bytes counted."""
     rows = _rows()
     base = {k: rows[0][k] for k in ("model", "eval_tokens", "seed", "window")}
-    for tau, s, p in ((1.05, 0.0, 18.2), (0.7, 0.4, 19.0), (0.5, 0.6, 21.0)):  # better at 0.4 and 0.5
+    for tau, s, p in ((1.05, 0.0, 20.3), (0.7, 0.4, 21.0), (0.5, 0.6, 23.0)):
         rows.append({**base, "method": "prunepath-sweep", "variant": "distill", "s_ffn": s, "ppl": p, "tau": tau,
-                     "train_tokens": 500})
-    text = study_report.targets_check(rows)
-    lines = text.splitlines()
-    assert lines[0].startswith("- s_FFN 0.5: PrunePath (distill) PPL")
-    want = math.exp(0.5 * math.log(19.0) + 0.5 * math.log(21.0))  # log-linear between s 0.4 and 0.6
-    assert f"PPL {want:.2f} = {want / 18.0:.2f}×" in lines[0] and "(other settings: warmstart+offset: 22.00)" in lines[0]
-    assert lines[1].startswith("- s_FFN 0.4: PrunePath (distill) PPL 19.00 = 1.06×") and lines[1].count("met") == 1
-    no_sweep = [r for r in rows if r["method"] != "prunepath-sweep"]
-    assert study_report.targets_check(no_sweep) == "(no dense-finetuned or PrunePath sweep yet)"
+                     "train_tokens": 500, "router_bytes_frac": 0.05})
+    for s, p in ((0.2, 20.5), (0.45, 21.5), (0.7, 40.0)):
+        rows.append({**base, "method": "teal", "s_ffn": s, "ppl": p, "tau": None, "train_tokens": 0})
+    lines = study_report.targets_check(rows).splitlines()
+    assert "below the best of TEAL" in lines[0]
+    row = next(x for x in lines if x.startswith("| PrunePath (distill)"))
+    assert "1.015× met" in row and "1.050× met" in row  # 20.3 / 20 with every expert on; 21 / 20 at s 0.4
+    at5 = math.exp(0.5 * math.log(21.0) + 0.5 * math.log(23.0))  # log-linear between s 0.4 and 0.6
+    assert f"{at5 / 20:.3f}× met" in row
+    # router counted: PrunePath's 0.4 point moves to 0.35; at s 0.4 it is then between 21 and 23, TEAL 21.2
+    mine = math.exp(math.log(21.0) + (0.4 - 0.35) / 0.2 * (math.log(23.0) - math.log(21.0)))
+    teal = math.exp(math.log(20.5) + (0.4 - 0.2) / 0.25 * (math.log(21.5) - math.log(20.5)))
+    assert f"0.4: {'yes' if mine < teal else 'no'} ({mine / 20:.2f}× vs {teal / 20:.2f}×)" in row
+    no_orig = [r for r in rows if r["method"] != "dense"]
+    assert study_report.targets_check(no_orig) == "(no original-model record or PrunePath curve yet)"

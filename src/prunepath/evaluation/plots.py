@@ -87,7 +87,7 @@ def plot_frontier(result_files_or_rows: Sequence[Any] | Any, out_png: str | os.P
     if logy:
         ax.set_yscale("log")
     better = METRIC_DIRECTION.get(metric)
-    ax.set_xlabel("s_FFN (fraction of FFN experts inactive)")
+    ax.set_xlabel("s_FFN (fraction of FFN weight bytes a token does not read)")
     ax.set_ylabel(f"{metric}" + (f" ({better} is better)" if better else ""))
     ax.set_xlim(left=-0.02)
     ax.grid(alpha=0.3)

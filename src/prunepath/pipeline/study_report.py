@@ -52,18 +52,30 @@ TRAINING_FREE = ("teal", "teal-greedy", "cats")
 
 
 def curves(rows: list[dict]) -> list[tuple[str, str | None, str, str]]:
-    """Every curve in the results: the known ones first (in their order), then the other variants."""
-    out = [c for c in KNOWN if any(r["method"] == c[0] and (c[1] is None or r.get("variant") == c[1]) for r in rows)]
+    """Every curve in the results: the known ones first (in their order), then the other variants. A method
+    measured on several bases (e.g. Wanda on the original and on the dense fine-tuned model) gets one curve per
+    variant."""
+    several = {m for m in {r["method"] for r in rows} if len({r.get("variant") for r in rows if r["method"] == m}) > 1}
+    out = []
+    for m, v, label, style in KNOWN:
+        if v is None and m in several and not m.startswith("prunepath"):
+            out += [(m, var, f"{label} ({var})", style) for var in
+                    dict.fromkeys(r.get("variant") for r in rows if r["method"] == m)]
+        elif any(r["method"] == m and (v is None or r.get("variant") == v) for r in rows):
+            out.append((m, v, label, style))
     seen = {(m, v) for m, v, _, _ in out}
     split = {m for m, v, _, _ in KNOWN if v is not None}  # methods whose curves are per variant
     styles = iter(["o-", "s-.", "D-", "h--", "p-.", "o--", "s:", "D:", "h-"] * 4)
+    covered = {m for m, v, _, _ in out if v is not None and m not in split}
     for method in METHOD_ORDER:
+        if method in covered:
+            continue
         for v in dict.fromkeys(r.get("variant") for r in rows if r["method"] == method):
             key = (method, v if method in split or method == "prunepath-alloc" else None)
             if key in seen or (method not in split and method != "prunepath-alloc" and (method, None) in seen):
                 continue
             seen.add(key)
-            what = "per-layer τ (greedy), target sweep" if method == "prunepath-alloc" else "τ sweep"
+            what = "target sweep" if method == "prunepath-alloc" else "τ sweep"
             label = f"PrunePath ({v}), {what}" if method.startswith("prunepath") else f"{method} ({v})"
             out.append((method, key[1], label, next(styles)))
     return out
@@ -152,8 +164,10 @@ def targets_check(rows: list[dict]) -> str:
         return "(no original-model record or PrunePath curve yet)"
     o = orig["ppl"]
     free = {m: curve(rows, m, None) for m in TRAINING_FREE if curve(rows, m, None)}
-    lines = ["| setting | " + " | ".join(f"{g[0]} (≤ {g[2]}×)" for g in GOALS) + " | below " +
-             " and ".join(free) + " at s 0.3–0.6 (router counted) |", "|---" * (len(GOALS) + 2) + "|"]
+    names = {"teal": "TEAL", "teal-greedy": "TEAL-greedy", "cats": "CATS"}
+    vs = ("below the best of " + ", ".join(names[m] for m in free)) if free else "below training-free (none measured)"
+    lines = ["| setting | " + " | ".join(f"{g[0]} (≤ {g[2]}×)" for g in GOALS) + f" | {vs} at s 0.3–0.6 "
+             "(router counted) |", "|---" * (len(GOALS) + 2) + "|"]
     for method, variant, label, _ in cands:
         pts = curve(rows, method, variant)
         on_pts = curve(rows, "prunepath-sweep", variant)
@@ -168,8 +182,8 @@ def targets_check(rows: list[dict]) -> str:
         verdict = []
         for s in (0.3, 0.4, 0.5, 0.6):
             mine = ppl_at(rpts, s)
-            theirs = {m: ppl_at(p, s) for m, p in free.items()}
-            if mine is None or not theirs or any(v is None for v in theirs.values()):
+            theirs = {m: v for m, v in ((m, ppl_at(p, s)) for m, p in free.items()) if v is not None}
+            if mine is None or not theirs:
                 verdict.append(f"{s}: –")
             else:
                 best = min(theirs.values())
@@ -178,14 +192,26 @@ def targets_check(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Curves left out of the plot (the tables keep them): superseded PrunePath settings, LTE (off the scale) and
+# the baselines built on the dense fine-tuned model (the original model is the reference).
+PLOT_SKIP_VARIANTS = ("warmstart+offset", "paper-defaults", "warmstart+offset+distill",
+                      "warmstart+offset+distill(1.0)", "warmstart+offset+distill+router-distill(4)")
+
+
+def _plotted(method: str, variant: str | None) -> bool:
+    if method == "lte" or method == "prunepath" or (variant or "") in PLOT_SKIP_VARIANTS:
+        return False
+    return "dense-finetuned" not in (variant or "")
+
+
 def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.0, 5.2), dpi=120)
-    for method, variant, label, style in curves(rows):
+    fig, ax = plt.subplots(figsize=(10.5, 5.4), dpi=120)
+    for method, variant, label, style in [c for c in curves(rows) if _plotted(c[0], c[1])]:
         pts = curve(rows, method, variant)
         pts = [p for p in pts if p["s_ffn"] > 0 or method.startswith("prunepath")]
         if pts:
@@ -204,8 +230,8 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     ax.set_xlim(-0.02, 0.95)
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=5.5, loc="upper left")
-    fig.tight_layout()
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.subplots_adjust(left=0.09, right=0.56, top=0.93, bottom=0.1)
     from prunepath.evaluation.plots import save_figure
 
     return save_figure(fig, out_png)
@@ -294,9 +320,10 @@ def build(results: Path, tag: str, docs: Path, img: Path) -> dict:
                f"{rows[0]['model'] if rows else tag}: WikiText-2 validation ({rows[0]['eval_tokens'] if rows else '?'} "
                f"tokens) PPL vs s_FFN")
     written["plot"] = str(png)
+    budgets = sorted({int(r.get("train_tokens") or 0) for r in rows} - {0})
     parts = [f"# LM study: {rows[0]['model'] if rows else tag}", "",
-             f"Training budget per trained method: {_n(meta.get('train_tokens_budget'))} tokens of "
-             f"`{(meta.get('train') or {}).get('data', '?')}`; evaluation: WikiText-2 validation, "
+             f"Training tokens per trained method: {_n(budgets)} (see each record's `train_tokens` and `variant`); "
+             f"evaluation: WikiText-2 validation, "
              f"{rows[0]['eval_tokens'] if rows else '?'} tokens, window {rows[0].get('window') if rows else '?'}.", "",
              f"![frontier]({os.path.relpath(png, docs / 'results')})", "",
              "## PPL at fixed s_FFN (interpolated in log PPL; × the original model, × dense fine-tuned)", "",
