@@ -143,3 +143,23 @@ def test_training_data_mixes_self_corpus_and_text(model, tok, prompt_file, tmp_p
                         model=model)
     with pytest.raises(PrunePathError, match="self:N"):
         build_task_data(TrainConfig(model="tiny", task="classify", data="self:40", device="cpu"), tok, model=model)
+
+
+def test_cli_checks_before_loading(monkeypatch, capsys, tmp_path):
+    """`prunepath self-corpus` rejects a size <= 0 and bad sampling settings before any model loads, and reports a
+    cached corpus without loading one."""
+    import prunepath
+    from prunepath.cli.main import main
+
+    monkeypatch.setenv("PRUNEPATH_CACHE", str(tmp_path))
+    monkeypatch.setattr(prunepath, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    for args, msg in ((["--tokens", "0"], "> 0"), (["--tokens", "10", "--top-p", "0"], "top_p"),
+                      (["--tokens", "10", "--batch-size", "0"], "batch_size")):
+        assert main(["self-corpus", "--model", "smollm2-135m", *args]) == 2
+        assert msg in capsys.readouterr().err
+    st = selfgen.SelfCorpusSettings(tokens=10)
+    path = selfgen.cache_path("smollm2-135m", st)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"id": "a", "text": "x", "new_tokens": 10, "batch": 0, "batch_size": 1}) + "\n")
+    assert main(["self-corpus", "--model", "smollm2-135m", "--tokens", "10", "--batch-size", "64"]) == 0
+    assert "cached" in capsys.readouterr().out
