@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunepath.routing.ffn import prunepath_modules
+
 
 @dataclass
 class SparsityStats:
@@ -54,8 +56,6 @@ def router_byte_fraction(model: nn.Module) -> float:
     """Router weights as a fraction of the FFN weights of a converted model (biases ignored): what PrunePath
     reads on top of its active experts, e.g. Linear(576, 48) against a gated 1536-wide FFN of 3·576·1536
     weights = 48 / (3·1536) ≈ 1.04 % for SmolLM2-135M at 32 neurons per expert. Same dtype, so bytes = counts."""
-    from prunepath.conversion.moefy import prunepath_modules
-
     mods = prunepath_modules(model)
     if not mods:
         raise ValueError("router_byte_fraction needs a converted model (prunepath.moefy first)")
@@ -64,12 +64,17 @@ def router_byte_fraction(model: nn.Module) -> float:
     return router / ffn
 
 
+def activation_modules(model: nn.Module) -> list[nn.Module]:
+    """The TEAL / CATS wrappers of ``model`` (modules that record a per-token s_FFN in ``last_s_ffn``, i.e.
+    :class:`prunepath.baselines.activation.ActivationSparseFFN`) in layer order; empty when none."""
+    return sorted((m for m in model.modules() if hasattr(m, "last_s_ffn") and hasattr(m, "layer_index")),
+                  key=lambda m: m.layer_index)
+
+
 def activation_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, *,
                            keep_device: bool = False) -> list[torch.Tensor]:
     """TEAL / CATS: per-(kept)-token s_FFN of the last forward, one 1-D float tensor per layer (moved to the CPU
     unless ``keep_device``)."""
-    from prunepath.baselines.activation import activation_modules
-
     out = []
     for m in activation_modules(model):
         if m.last_s_ffn is None:
@@ -86,8 +91,6 @@ def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None, *,
                   keep_device: bool = False) -> list[torch.Tensor]:
     """Active-expert count per (kept) token, one 1-D tensor per layer, from the last forward (moved to the CPU
     unless ``keep_device``)."""
-    from prunepath.conversion.moefy import prunepath_modules
-
     out = []
     for m in prunepath_modules(model):
         if m.last_active is None:

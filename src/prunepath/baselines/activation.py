@@ -36,7 +36,10 @@ from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
 from prunepath.models.adapters import Adapter, DenseFFN, FFNSite, adapter_by_name, adapter_for, needs_bos
+from prunepath.stats import activation_modules as stats_activation_modules
 from prunepath.stats import activation_s_ffn
+from prunepath.baselines.calibration import token_batches
+from prunepath.checkpoint import atomic_replace_dir
 
 METHODS = ("teal", "cats")
 ALLOCATIONS = ("uniform", "greedy")
@@ -290,7 +293,7 @@ class ActivationSparseFFN(nn.Module):
 
 def activation_modules(model: nn.Module) -> list[ActivationSparseFFN]:
     """The installed wrappers in layer order (empty when none)."""
-    return sorted((m for m in model.modules() if isinstance(m, ActivationSparseFFN)), key=lambda m: m.layer_index)
+    return [m for m in stats_activation_modules(model) if isinstance(m, ActivationSparseFFN)]
 
 
 def _install(model: nn.Module, adapter: Adapter) -> list[ActivationSparseFFN]:
@@ -362,7 +365,6 @@ def calibration_batches(model: nn.Module, tokenizer, texts: Sequence[str], *, ma
                         batch_size: int = 4) -> list[torch.Tensor]:
     """[batch, seq_len] id tensors from ``texts`` (EOS between documents), BOS first in each row when the model
     needs it (as evaluation windows have)."""
-    from prunepath.baselines.calibration import token_batches
 
     if not texts or not any(isinstance(t, str) and t.strip() for t in texts):
         raise PrunePathError("the calibration text is missing or empty; pass documents (e.g. --calib-data "
@@ -533,7 +535,6 @@ def greedy_allocation(stats: ActivationStats, target: float, step: float = GREED
 def save_activation_model(model: nn.Module, tokenizer, out: str | Path, spec: ActivationSparsity) -> Path:
     """The original dense model (``save_pretrained`` + tokenizer) plus ``prunepath_activation.json``, written
     atomically; ``prunepath.load_model(out)`` re-applies the thresholds."""
-    from prunepath.checkpoint import atomic_replace_dir
 
     final = Path(out).expanduser().resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -575,37 +576,3 @@ def thresholds_for(stats: ActivationStats, method: str, sparsity: float,
     """:func:`teal_thresholds` or :func:`cats_thresholds` by name."""
     check_target(method, sparsity, allocation)
     return cats_thresholds(stats, sparsity) if method == "cats" else teal_thresholds(stats, sparsity, allocation)
-
-
-def activation_sweep(model: nn.Module, tokenizer, task: str, data: Any, method: str, targets: Sequence[float], *,
-                     calib_texts: Sequence[str], allocation: str = "uniform", calib_tokens: int = 16384,
-                     seq_len: int = 512, progress: bool = True, **metric_kwargs) -> list[dict]:
-    """Evaluate ``task`` at each target s_FFN of TEAL / CATS, calibrating once (the data is prepared once too).
-    Each row is the task's result plus ``target_sparsity``, ``method`` and ``allocation``; the model is left as
-    it was (without wrappers)."""
-    from prunepath.evaluation.tasks import prepare_data, run_task
-
-    targets = sorted(set(float(t) for t in targets))
-    for t in targets:
-        check_target(method, t, allocation)
-    remove_activation_sparsity(model)
-    stats = collect_activation_stats(model, tokenizer, calib_texts, max_tokens=calib_tokens, seq_len=seq_len,
-                                     progress=progress)
-    cached = prepare_data(tokenizer, task, data, **metric_kwargs)
-    if task in ("ppl", "recon"):
-        metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
-    rows = []
-    try:
-        for t in targets:
-            apply_activation_sparsity(model, thresholds_for(stats, method, t, allocation))
-            kw = dict(metric_kwargs)
-            if task != "lm-eval":
-                kw["progress"] = progress
-            row = run_task(model, tokenizer, task, cached, **kw)
-            row.update(target_sparsity=t, method=method, allocation=allocation, tau=None)
-            if isinstance(data, str):
-                row["data"] = data
-            rows.append(row)
-    finally:
-        remove_activation_sparsity(model)
-    return rows

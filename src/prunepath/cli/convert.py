@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prunepath.cli.common import add_model_arg, check_min, check_model_arg, check_out_dir, check_tau
+import prunepath
 
 
 def register(sub) -> None:
@@ -25,8 +26,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import prunepath
-
     check_model_arg(args.model)
     check_min(args, 1, "neurons_per_expert", "num_experts")
     check_tau(args.tau)

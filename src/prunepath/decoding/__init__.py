@@ -14,6 +14,10 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.conversion.moefy import is_converted
+from prunepath.decoding.engine import DecodeEngine
+from prunepath.kernels._common import interpreting
+from prunepath.routing.control import routing as routing_ctx
 
 __all__ = ["DecodeEngine", "generate"]
 
@@ -22,13 +26,11 @@ KERNELS = ("auto", "triton", "torch")
 
 def __getattr__(name: str):
     if name == "DecodeEngine":
-        from prunepath.decoding.engine import DecodeEngine
         return DecodeEngine
     raise AttributeError(name)
 
 
 def _engine_for(model: nn.Module, batch: int, max_len: int, device: torch.device, ffn: str):
-    from prunepath.decoding.engine import DecodeEngine
     cache = getattr(model, "_prunepath_engines", None)
     if cache is None:
         cache = {}
@@ -57,8 +59,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
     on the GPU, keep the model in host memory and pass ``device="cuda"``. The engine is cached on the model
     (one per batch size and device); τ changes between calls reuse its captured graph.
     """
-    from prunepath.conversion.moefy import is_converted
-    from prunepath.routing.control import routing as routing_ctx
 
     if kernels not in KERNELS:
         raise PrunePathError(f"kernels must be one of {', '.join(KERNELS)} (got {kernels!r})")
@@ -67,7 +67,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PrunePathError(f"--device {dev} asked for a GPU but none is available here; use --device cpu")
-    from prunepath.kernels._common import interpreting
     use_engine = kernels == "triton" or (kernels == "auto" and dev.type == "cuda")
     if kernels == "triton" and dev.type != "cuda" and not interpreting():
         raise PrunePathError("--kernels triton needs a GPU: use --device cuda, or set TRITON_INTERPRET=1 to "

@@ -21,6 +21,12 @@ from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
 from prunepath.kernels.layout import PackedFFN, detect_activation, pack_ffn
 from prunepath.routing.config import RoutingConfig
+from prunepath.models.adapters import adapter_for
+from prunepath.routing.ffn import is_converted, prunepath_modules
+
+# The Triton kernel modules (kernels.decode_ops / dense / ffn) import triton at their top: they are imported
+# inside the functions that build GPU paths, so that the engine's CPU path and importing prunepath never need
+# Triton (the documented in-function imports of the package).
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
@@ -100,9 +106,6 @@ class DecodeEngine:
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  graphs: bool | None = None, ffn_tuning: dict | None = None, crossover: int = 2,
                  prefill: str = "dense") -> None:
-        from prunepath.conversion.moefy import is_converted, prunepath_modules
-        from prunepath.models.adapters import adapter_for
-
         cfg = model.config
         mt = getattr(cfg, "model_type", None)
         if mt not in SUPPORTED:

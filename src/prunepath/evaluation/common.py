@@ -6,85 +6,16 @@ from __future__ import annotations
 import os
 import platform
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
-
-
-def shared_data_dir() -> Path:
-    """The shared data folder: ``$PRUNEPATH_DATA`` or ``<repo>/../shared/data`` (as laid out in CI)."""
-    env = os.environ.get("PRUNEPATH_DATA")
-    if env:
-        return Path(env)
-    return repo_shared_data_dir()
-
-
-def repo_shared_data_dir() -> Path:
-    """``<repo>/../shared/data``: the data folder beside a checkout (absent in a plain clone or install)."""
-    return (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
-
-
-def builtin_data_dir() -> Path:
-    """Data shipped inside the package (package data): ``wikitext-2/wiki.valid.raw``, with its attribution."""
-    return Path(__file__).resolve().parents[1] / "data" / "builtin"
-
-
-def data_search_paths() -> list[Path]:
-    """Folders searched, in order, for a relative data path that does not exist as given: ``$PRUNEPATH_DATA``
-    (when set), the data shipped with the package, then ``<repo>/../shared/data``."""
-    env = os.environ.get("PRUNEPATH_DATA")
-    paths = ([Path(env).expanduser()] if env else []) + [builtin_data_dir(), repo_shared_data_dir()]
-    return list(dict.fromkeys(paths))
-
-
-def resolve_data_path(path: str | os.PathLike) -> Path:
-    """A data file given as a path, or relative to a data folder (e.g. ``wikitext-2/wiki.valid.raw``, shipped
-    with the package); see :func:`data_search_paths`."""
-    p = Path(path).expanduser()
-    if p.exists():
-        return p
-    searched = data_search_paths()
-    if not p.is_absolute():
-        for root in searched:
-            if (root / p).exists():
-                return root / p
-    where = "" if p.is_absolute() else " or under " + ", ".join(str(r) for r in searched)
-    raise PrunePathError(
-        f"data file not found: {p} (looked for it as given{where}). Pass an existing file, or a path relative to "
-        "one of those folders: wikitext-2/wiki.valid.raw ships with PrunePath; for other data sets (GLUE TSVs, "
-        "XSum / Alpaca samples) set PRUNEPATH_DATA to a folder laid out as <set>/<file>, e.g. sst2/glue/dev.tsv "
-        "(where to get each: docs/evaluation.md, section Data)")
-
-
-def check_text_file(path: str | os.PathLike, sample_bytes: int = 1 << 16) -> None:
-    """Reject a file that is not text: it must decode as UTF-8 and not be mostly control bytes (checked on its
-    first ``sample_bytes``). Every reader of raw-text data calls this before reading."""
-    p = Path(path)
-    with open(p, "rb") as fh:
-        head = fh.read(sample_bytes)
-    if not head:
-        return
-    why = None
-    if b"\x00" in head:
-        why = "it contains NUL bytes"
-    else:
-        try:
-            head.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            # A multi-byte character cut by the sample's end is fine; anything earlier is not UTF-8.
-            if exc.start < len(head) - 3:
-                why = f"it is not UTF-8 (byte {exc.start} is 0x{head[exc.start]:02x})"
-        if why is None:
-            control = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13) or b == 127)
-            if control > 0.1 * len(head):
-                why = f"{control / len(head):.0%} of its first {len(head)} bytes are control characters"
-    if why:
-        raise PrunePathError(f"{p} looks binary, not like a text file ({why}); pass a UTF-8 text file (e.g. "
-                             "wikitext-2/wiki.valid.raw), or a JSON / JSONL file where the task takes one")
+from prunepath.io import (  # noqa: F401  (re-exported: data paths live in io)
+    shared_data_dir, repo_shared_data_dir, builtin_data_dir, data_search_paths, resolve_data_path, check_text_file)
+from prunepath.stats import activation_s_per_token
+from prunepath.stats import active_counts
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -210,8 +141,6 @@ class ActiveMeter:
 
     def update(self, model: nn.Module, token_mask: torch.Tensor | None = None) -> None:
         if self.activation:
-            from prunepath.stats import activation_s_per_token
-
             per_layer = activation_s_per_token(model, token_mask, keep_device=True)
             sums = torch.stack([s.double().sum() for s in per_layer]).cpu().tolist()  # one host read per forward
             self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
@@ -220,7 +149,6 @@ class ActiveMeter:
         if not self.converted:
             self.tokens += int(token_mask.sum()) if token_mask is not None else 0
             return
-        from prunepath.stats import active_counts
 
         counts = active_counts(model, token_mask)
         if self.sums is None:

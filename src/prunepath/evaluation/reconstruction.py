@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.common import check_token_ids, prepare_model
 from prunepath.routing.methods import get_method
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.evaluation.perplexity import tokenize_text
 
 
 def default_ks(num_experts: int) -> list[int]:
@@ -87,8 +89,6 @@ def topk_reconstruction(
     """One row per k: ``mse`` (mean over tokens, layers and hidden units of (y_topk − y_all)²), ``rel_mse``
     (divided by the mean y_all²) and ``per_layer_mse``. FFN inputs come from a forward pass of the model with
     its current routing (use τ > 1 for all-expert inputs)."""
-    from prunepath.conversion.moefy import prunepath_modules
-    from prunepath.evaluation.perplexity import tokenize_text
 
     ffns = prunepath_modules(model)
     if not ffns:

@@ -9,6 +9,7 @@ from prunepath.kernels.experts import ExpertRunner
 from prunepath.kernels.layout import PackedFFN, _act_reference
 from prunepath.kernels.route import Router
 from prunepath.routing.config import RoutingConfig
+from prunepath.kernels.dense import GatedDense
 
 
 # One definition of each activation for every PyTorch path (reference and cuBLAS fallback).
@@ -64,7 +65,6 @@ class SparseFFN:
         self.router = None
         self.dense = None
         if mode == "dense":
-            from prunepath.kernels.dense import GatedDense
             self.dense = GatedDense(packed, rule=routing.rule, tau=tau, k=k, gates=routing.gates,
                                     gate_offset=routing.gate_offset, **dn)
         else:

@@ -32,6 +32,35 @@ from typing import Callable
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.sweep import nearest_sparsity
 from prunepath.evaluation.reports import atomic_write_text
+from prunepath.baselines import activation
+from prunepath.baselines import fitting
+from prunepath.baselines.calibration import collect_ffn_inputs, token_batches
+from prunepath.baselines.calibration import expert_mass
+from prunepath.baselines.knobs import knob_for_sparsity
+from prunepath.baselines.static import prune_experts
+from prunepath.baselines.wanda import input_norms, target_linears
+from prunepath.calibration import calibration_texts
+from prunepath.data.corpora import is_corpus_name
+from prunepath.data.instruct import load_examples
+from prunepath.data.lm import build_instruct_dataset
+from prunepath.data.text import load_texts
+from prunepath.evaluation.allocation import allocate_layer_tau
+from prunepath.evaluation.common import ActiveMeter, pad_id
+from prunepath.evaluation.common import resolve_data_path
+from prunepath.evaluation.generation import greedy_batch, stop_ids, uses_chat_template
+from prunepath.evaluation.perplexity import tokenize_text
+from prunepath.evaluation.reconstruction import topk_reconstruction
+from prunepath.evaluation.reports import write_json
+from prunepath.models.adapters import needs_bos
+from prunepath.stats import router_byte_fraction
+from prunepath.training.config import TrainConfig, load_recipe
+from prunepath.training.selfgen import SelfCorpusInterrupted
+from prunepath.training.trainer import TrainingStopped, _checkpoints, train_from_config
+from prunepath.training.trainer import evaluate
+from prunepath.evaluation import perplexity
+from prunepath.evaluation import generation
+from prunepath.baselines import wanda
+import prunepath
 
 STUDY_KEYS = {"study", "name", "description", "model", "out", "seed", "train_tokens", "train", "stage1_fraction",
               "variants", "tau_min_runs", "lte", "evaluation", "sweep_taus", "near_tau", "baselines",
@@ -125,7 +154,6 @@ def out_dir(cfg: dict) -> Path:
 
 def train_config(cfg: dict, run: str, device: str):
     """The TrainConfig of training run ``run`` (dense-ft, lte, main, paper, taumin-X) on the study budget."""
-    from prunepath.training.config import TrainConfig, load_recipe
 
     common = dict(cfg["train"])
     budget = int(cfg["train_tokens"])
@@ -293,8 +321,6 @@ class Context:
     # shared inputs
     def eval_ids(self):
         if self._ids is None:
-            from prunepath.evaluation.common import resolve_data_path
-            from prunepath.evaluation.perplexity import tokenize_text
 
             _, tok = self.load_base(tokenizer_only=True)
             ev = self.cfg["evaluation"]
@@ -303,15 +329,12 @@ class Context:
 
     def calib_texts(self) -> list[str]:
         if self._calib is None:
-            from prunepath.data.corpora import is_corpus_name
 
             src = str(self.cfg["baselines"]["calib"])
             if is_corpus_name(src):  # round-robin over the corpora's training documents
-                from prunepath.baselines.compare import calibration_texts
 
                 self._calib, _ = calibration_texts(src)
             else:
-                from prunepath.data.text import load_texts
 
                 self._calib = load_texts(src, "train", seed=int(self.cfg["seed"]))
         return self._calib
@@ -322,7 +345,6 @@ class Context:
         return self._display
 
     def load_base(self, tokenizer_only: bool = False):
-        import prunepath
 
         model, tok = prunepath.load_model(self.cfg["model"])
         self._display = getattr(model, "prunepath_display_name", None) or str(self.cfg["model"])
@@ -332,7 +354,6 @@ class Context:
         return model.to(self.torch_device()).eval(), tok
 
     def load_ckpt(self, run: str, to_device: bool = True):
-        import prunepath
 
         path = self.ckpt(run)
         if (path / "prunepath_config.json").exists():
@@ -352,11 +373,10 @@ class Context:
         return torch.device(self.device)
 
     def ppl(self, model, tok) -> dict:
-        from prunepath.evaluation.perplexity import evaluate_perplexity
 
         ev = self.cfg["evaluation"]
         t = time.time()
-        res = evaluate_perplexity(model, tok, self.eval_ids(), window=int(ev["window"]),
+        res = perplexity.evaluate_perplexity(model, tok, self.eval_ids(), window=int(ev["window"]),
                                   batch_size=int(ev["batch_size"]), progress=False)
         res["eval_s"] = round(time.time() - t, 2)
         return res
@@ -387,8 +407,6 @@ def job_dense(ctx: Context, job: Job) -> dict:
 def job_train(ctx: Context, job: Job) -> dict:
     """Train one run on the study budget, resuming from its last checkpoint; stops (checkpointed) at the
     deadline."""
-    from prunepath.training.selfgen import SelfCorpusInterrupted
-    from prunepath.training.trainer import TrainingStopped, _checkpoints, train_from_config
 
     run = job.args["run"]
     ctx.check(float(ctx.cfg.get("min_train_s", 0)))  # data + warm start + a first checkpoint must fit
@@ -469,7 +487,6 @@ def _variant_label(ctx: Context, run: str) -> str:
 def job_eval_prunepath(ctx: Context, job: Job) -> dict:
     """A trained PrunePath checkpoint: the τ sweep (``sweep``) and its τ_min ± near_tau; the main run also gives
     the density profile and the top-k reconstruction."""
-    import prunepath
 
     run = job.args["run"]
     model, tok = ctx.load_ckpt(run)
@@ -511,7 +528,6 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
 
 def _structure(model) -> dict:
     """Expert size and the router's share of the FFN bytes (read by every token), for the records."""
-    from prunepath.stats import router_byte_fraction
 
     cfg = model.prunepath_config
     return {"neurons_per_expert": int(cfg.neurons_per_expert), "num_experts": int(cfg.num_experts),
@@ -532,8 +548,6 @@ def _density(ctx: Context, rows: list[dict]) -> list[dict]:
 
 def _topk(ctx: Context, model, tok, router: str, dense_routing: dict, source: str) -> list[dict]:
     """Top-k reconstruction of one router, FFN inputs from an all-expert forward."""
-    import prunepath
-    from prunepath.evaluation.reconstruction import topk_reconstruction
 
     try:
         with prunepath.routing(model, **dense_routing):
@@ -546,7 +560,6 @@ def _topk(ctx: Context, model, tok, router: str, dense_routing: dict, source: st
 
 
 def _calib_inputs(ctx: Context, model, tok):
-    from prunepath.baselines.calibration import collect_ffn_inputs, token_batches
 
     b = ctx.cfg["baselines"]
     batches = token_batches(tok, ctx.calib_texts(), seq_len=int(b["calib_seq_len"]), max_tokens=int(b["calib_tokens"]))
@@ -555,8 +568,6 @@ def _calib_inputs(ctx: Context, model, tok):
 
 
 def job_eval_lte(ctx: Context, job: Job) -> dict:
-    import prunepath
-    from prunepath.baselines.knobs import knob_for_sparsity
 
     model, tok = ctx.load_ckpt("lte")
     inputs = _calib_inputs(ctx, model, tok)
@@ -598,8 +609,6 @@ def _base_model(ctx: Context, to_device: bool = True):
 def job_wanda(ctx: Context, job: Job) -> dict:
     import torch
 
-    from prunepath.baselines.calibration import token_batches
-    from prunepath.baselines.wanda import apply_wanda, input_norms, target_linears
 
     model, tok, tt, base = _base_model(ctx)
     mods = target_linears(model, "ffn")
@@ -614,7 +623,7 @@ def job_wanda(ctx: Context, job: Job) -> dict:
         with torch.no_grad():
             for n, m in mods.items():
                 m.weight.copy_(saved[n])
-        info = apply_wanda(model, tok, [], float(s), norms=state["norms"], progress=False)
+        info = wanda.apply_wanda(model, tok, [], float(s), norms=state["norms"], progress=False)
         return ctx.ppl(model, tok) | {"_achieved": info["sparsity"]}
 
     def make_row(s, res):
@@ -627,7 +636,6 @@ def job_wanda(ctx: Context, job: Job) -> dict:
 
 
 def _converted_base(ctx: Context):
-    import prunepath
 
     model, tok, tt, base = _base_model(ctx, to_device=False)  # cluster on the CPU, then move
     npe = int(ctx.cfg["train"].get("neurons_per_expert", 32))
@@ -638,9 +646,6 @@ def _converted_base(ctx: Context):
 
 def job_router_baseline(ctx: Context, job: Job) -> dict:
     """MoEfication top-k (k sweep) or D2DMoE (τ sweep): router fitted on the frozen dense-finetuned model."""
-    import prunepath
-    from prunepath.baselines import fitting
-    from prunepath.baselines.knobs import knob_for_sparsity
 
     method = job.args["method"]
     model, tok, tt, base = _converted_base(ctx)
@@ -677,10 +682,7 @@ def job_router_baseline(ctx: Context, job: Job) -> dict:
 def job_static(ctx: Context, job: Job) -> dict:
     import torch
 
-    from prunepath.baselines.calibration import expert_mass
-    from prunepath.baselines.static import prune_experts
 
-    import prunepath
 
     model, tok, tt, base = _converted_base(ctx)
     state: dict = {}
@@ -708,7 +710,6 @@ ACTIVATION_JOBS = {"teal": ("teal", "uniform"), "teal-greedy": ("teal", "greedy"
 def job_activation(ctx: Context, job: Job) -> dict:
     """TEAL (uniform or greedy allocation) or CATS on the original model: thresholds calibrated once on the
     calibration text for every target; s_FFN is the measured fraction of FFN bytes not read per token."""
-    from prunepath.baselines import activation
 
     method, allocation = ACTIVATION_JOBS[job.args["method"]]
     model, tok = ctx.load_base()
@@ -739,8 +740,6 @@ def job_activation(ctx: Context, job: Job) -> dict:
 
 def job_allocation(ctx: Context, job: Job) -> dict:
     """Per-layer τ chosen on calibration text for each global target s_FFN (``allocation.method``), evaluated."""
-    import prunepath
-    from prunepath.evaluation.allocation import allocate_layer_tau
 
     run = job.args["run"]
     model, tok = ctx.load_ckpt(run)
@@ -792,13 +791,8 @@ def _systems(ctx: Context):
 
 def job_gen_xsum(ctx: Context, job: Job) -> dict:
     """Greedy summaries (ROUGE is scored on another machine from the predictions)."""
-    import prunepath
     import torch
 
-    from prunepath.data.instruct import load_examples
-    from prunepath.evaluation.common import ActiveMeter, pad_id
-    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, stop_ids, uses_chat_template
-    from prunepath.models.adapters import needs_bos
 
     g = ctx.cfg["generation"]
     examples = load_examples(g["xsum"])[: int(g["xsum_docs"])]
@@ -819,7 +813,7 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
                 # a system may take minutes: stop before the deadline, not after it (the system is redone on resume)
                 ctx.check(3 * (time.time() - t) * batch / i if i else 0.0)
                 chunk = examples[i:i + batch]
-                prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, chat) for ex in chunk]
+                prompts = [generation._prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, chat) for ex in chunk]
                 outs = greedy_batch(model, prompts, int(g["max_new_tokens"]), stops,
                                     pad=pad_id(tok), prefill_meter=pre, decode_meter=meter)
                 for j, (ex, out) in enumerate(zip(chunk, outs)):
@@ -841,15 +835,8 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
 
 def job_gen_alpaca(ctx: Context, job: Job) -> dict:
     """Prompt-masked instruction loss on the Alpaca sample and a few greedy generations, dense vs sparse."""
-    import prunepath
     import torch
 
-    from prunepath.data.instruct import load_examples
-    from prunepath.data.lm import build_instruct_dataset
-    from prunepath.evaluation.common import pad_id
-    from prunepath.evaluation.generation import _prompt_ids, greedy_batch, stop_ids, uses_chat_template
-    from prunepath.models.adapters import needs_bos
-    from prunepath.training.trainer import evaluate
 
     g = ctx.cfg["generation"]
     examples = load_examples(g["alpaca"])
@@ -869,7 +856,7 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
         with ctxm, torch.inference_mode():
             ev = evaluate(model, ds, "instruct", batch_size=8, device=ctx.torch_device())
             # through the chat template, as XSum: the bare prompt gets end-of-turn at once
-            prompts = [_prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
+            prompts = [generation._prompt_ids(tok, ex, int(g["max_input_tokens"]), bos, uses_chat_template(tok))
                        for ex in gen_ex]
             outs = greedy_batch(model, prompts, int(g["max_new_tokens"]) * 2, stop_ids(tok), pad=pad_id(tok))
             gens = [{"prompt": ex["prompt"], "response": tok.decode(out, skip_special_tokens=True).strip(),
@@ -929,7 +916,6 @@ def run_jobs(ctx: Context, jobs: list[Job]) -> dict:
 def merge(cfg: dict, out: Path) -> dict:
     """Gather every finished job into OUT/results/: lm-<model>.json (records), topk, density profiles,
     generation outputs, training summaries and per-job timings."""
-    from prunepath.evaluation.reports import write_json
 
     jobs = build_jobs(cfg)
     tag = str(cfg.get("results_tag") or cfg["name"].replace("study-lm-", ""))

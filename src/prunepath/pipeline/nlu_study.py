@@ -28,6 +28,21 @@ from pathlib import Path
 import torch
 
 from prunepath.errors import PrunePathError
+from prunepath.conversion.clustering import cluster_neurons, resolve_expert_count
+from prunepath.data.glue import GlueData, load_glue
+from prunepath.data.glue import TASKS
+from prunepath.evaluation.classification import evaluate_classification
+from prunepath.evaluation.common import shared_data_dir
+from prunepath.evaluation.plots import save_figure
+from prunepath.evaluation.reports import atomic_write_text
+from prunepath.models.adapters import adapter_for
+from prunepath.models.loading import display_name
+from prunepath.training.config import TrainConfig
+from prunepath.training.data import encode_classification
+from prunepath.training.config import load_recipe
+from prunepath.training.trainer import train
+from prunepath.baselines import wanda
+import prunepath
 
 TASK_FILES = {"sst2": ("stsa.binary.train", "stsa.binary.dev"), "mrpc": ("train.tsv", "dev.tsv"),
               "rte": ("train.tsv", "dev.tsv"), "cola": ("in_domain_train.tsv", "in_domain_dev.tsv")}
@@ -109,7 +124,6 @@ def validate_recipe(recipe: dict) -> dict:
             r[k].update(v)
         else:
             r[k] = v
-    from prunepath.data.glue import TASKS
 
     if not r["tasks"] or any(t not in TASKS for t in r["tasks"]):
         raise PrunePathError(f"NLU recipe: tasks must be a non-empty list from {', '.join(TASKS)} (got {r['tasks']})")
@@ -157,7 +171,6 @@ def _data_dir(r: dict) -> Path:
         return Path(r["data_dir"]).expanduser()
     if os.environ.get("DATA_DIR"):
         return Path(os.environ["DATA_DIR"])
-    from prunepath.evaluation.common import shared_data_dir
 
     return Path(shared_data_dir())
 
@@ -166,7 +179,6 @@ def load_task(r: dict, task: str):
     """(train GlueData, dev GlueData, subsampled?) for ``task`` from the data folder."""
     import random
 
-    from prunepath.data.glue import GlueData, load_glue
 
     root = _data_dir(r) / task
     tr_name, dev_name = TASK_FILES[task]
@@ -189,8 +201,6 @@ def load_task(r: dict, task: str):
 
 # ---- model helpers -----------------------------------------------------------------------------------------------
 def _load_base(r: dict, num_labels: int = 2):
-    import prunepath
-
     torch.manual_seed(r["seed"])  # the new classification head (and pooler if absent) is seeded
     model, tok = prunepath.load_model(r["model"], task="classify", num_labels=num_labels)
     if tok is None:
@@ -205,8 +215,6 @@ def _unwrap_autocast(model) -> None:
 
 def cluster_permutations(model, neurons_per_expert: int, seed: int = 0) -> list[torch.Tensor]:
     """Balanced k-means permutations of every FFN of a dense ``model`` (what moefy would use)."""
-    from prunepath.conversion.clustering import cluster_neurons, resolve_expert_count
-    from prunepath.models.adapters import adapter_for
 
     adapter = adapter_for(model)
     perms = []
@@ -240,8 +248,6 @@ class Study:
 
     # ---- bookkeeping
     def save(self) -> None:
-        from prunepath.evaluation.reports import atomic_write_text
-
         text = json.dumps(self.records, indent=1, default=float) + "\n"
         atomic_write_text(self.records_path, text)
         if self.r["results"]:
@@ -263,8 +269,6 @@ class Study:
         return True
 
     def model_name(self) -> str:
-        from prunepath.models.loading import display_name
-
         return self.r["display_name"] or display_name(self.r["model"])
 
     def task_data(self, task: str):
@@ -280,8 +284,6 @@ class Study:
         return copy.deepcopy(self.base)
 
     def evaluate(self, model, task: str) -> dict:
-        from prunepath.evaluation.classification import evaluate_classification
-
         _, dev, _ = self.task_data(task)
         t = time.time()
         res = evaluate_classification(model, self.tok, dev, task, batch_size=self.r["eval_batch_size"],
@@ -317,10 +319,6 @@ class Study:
 
     # ---- training
     def _train(self, model, task: str, method: str, steps1: int, steps2: int, **kw):
-        from prunepath.training.config import TrainConfig
-        from prunepath.training.data import encode_classification
-        from prunepath.training.trainer import train
-
         train_data, _, _ = self.task_data(task)
         ds = encode_classification(train_data.texts, train_data.labels, self.tok, self.r["seq_len"])
         cfg = TrainConfig(model=self.r["model"], task="classify", method=method, stage1_steps=steps1,
@@ -404,8 +402,6 @@ class Study:
                                        lr=self.r["dense"]["lr"])])
 
     def _prunepath(self, task: str, variant: str) -> None:
-        import prunepath
-
         unit = f"{task}/prunepath" if variant == "finetuned" else f"{task}/ablation"
         if unit in self.done or not self.has_finetuned(task):
             return
@@ -441,8 +437,6 @@ class Study:
         self.commit(unit, recs)
 
     def phase_lte(self, task: str) -> None:
-        import prunepath
-
         unit = f"{task}/lte"
         if unit in self.done or not self.has_finetuned(task):
             return
@@ -468,8 +462,6 @@ class Study:
         self.commit(unit, recs)
 
     def phase_wanda(self, task: str) -> None:
-        from prunepath.baselines.wanda import apply_wanda
-
         unit = f"{task}/wanda"
         if unit in self.done or not self.has_finetuned(task):
             return
@@ -483,7 +475,7 @@ class Study:
         recs = []
         for s in sp:
             m = self.finetuned_model(task).to(self.device)
-            out = apply_wanda(m, self.tok, calib, s, max_tokens=int(self.r["wanda"]["calib_tokens"]),
+            out = wanda.apply_wanda(m, self.tok, calib, s, max_tokens=int(self.r["wanda"]["calib_tokens"]),
                               seq_len=self.r["seq_len"], progress=False, norms=norms)
             norms = out["norms"]
             res = self.evaluate(m, task)
@@ -605,7 +597,6 @@ def plot_records(records: list[dict], out_png: str | os.PathLike) -> Path:
         ax.axis("off")
     fig.suptitle(records[0].get("model", ""), fontsize=9)
     fig.tight_layout()
-    from prunepath.evaluation.plots import save_figure
 
     return save_figure(fig, out_png, dpi=110)
 
@@ -632,8 +623,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not a.recipe:
             p.error("give a recipe (or --report RECORDS)")
-        from prunepath.training.config import load_recipe
-
         recipe = load_recipe(a.recipe)
         recipe.setdefault("source", a.recipe)
         if a.device:

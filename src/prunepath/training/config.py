@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from prunepath.errors import PrunePathError
+from prunepath.errors import unknown_names_message
 
 TASKS = ("lm", "classify", "instruct")
 SCHEDULES = ("linear", "fixed")
@@ -167,8 +168,6 @@ class TrainConfig:
         d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
         unknown = sorted(set(d) - set(cls.keys()))
         if unknown:
-            from prunepath.errors import unknown_names_message
-
             raise PrunePathError(f"{where}: {unknown_names_message(unknown, cls.keys())} (all settings: "
                                  "`prunepath train --help`, keys with _ instead of -)")
         return cls(**d)

@@ -11,6 +11,8 @@ from typing import Callable
 
 from torch import nn
 
+from prunepath.routing.control import configure
+
 StageHook = Callable[..., None]
 _HOOKS: dict[str, StageHook] = {}
 
@@ -22,11 +24,6 @@ def register_stage_hook(method: str, fn: StageHook) -> None:
 
 
 def get_stage_hook(method: str) -> StageHook | None:
-    if method not in _HOOKS:
-        try:
-            import prunepath.baselines  # noqa: F401
-        except ImportError:
-            pass
     return _HOOKS.get(method)
 
 
@@ -62,12 +59,8 @@ def layer_taus(stage: int, step: int, total_steps: int, cfg, num_layers: int) ->
 
 
 def prunepath_stage_hook(model: nn.Module, stage: int, step: int, total_steps: int, cfg) -> None:
-    import prunepath
-
     num_layers = model.prunepath_config.num_layers
-    prunepath.configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
+    configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
                         layer_tau=layer_taus(stage, step, total_steps, cfg, num_layers),
                         gate_offset=float(cfg.gate_offset))
 
-
-register_stage_hook("prunepath", prunepath_stage_hook)

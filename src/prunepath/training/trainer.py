@@ -25,6 +25,17 @@ from prunepath.stats import s_ffn_tensor
 from prunepath.training.config import TrainConfig
 from prunepath.training.losses import call_aux_loss, distill_kl, get_aux_loss, router_distill_kl, routing_terms
 from prunepath.training.schedule import get_stage_hook, resolve_layers
+from prunepath.baselines import prepare_for_training
+from prunepath.checkpoint import save
+from prunepath.conversion.moefy import moefy
+from prunepath.io import atomic_write_text
+from prunepath.models.adapters import needs_bos
+from prunepath.routing.control import configure
+from prunepath.routing.ffn import is_converted
+from prunepath.routing.ffn import prunepath_modules
+from prunepath.stats import active_counts
+from prunepath.training import calibration as cal
+from prunepath.training.data import build_task_data
 
 STATE_NAME = "trainer_state.json"
 LOG_NAME = "train_log.jsonl"
@@ -111,13 +122,12 @@ def _distill_teacher(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
         return None
     import copy
 
-    import prunepath
 
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    if prunepath.is_converted(teacher):
-        prunepath.configure(teacher, rule="all", gates=False)
+    if is_converted(teacher):
+        configure(teacher, rule="all", gates=False)
     return teacher
 
 
@@ -169,8 +179,6 @@ def _checkpoints(root: Path) -> list[Path]:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    from prunepath.evaluation.reports import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
@@ -179,15 +187,13 @@ def evaluate(model: nn.Module, dataset, task: str, *, batch_size: int = 4, devic
              max_batches: int | None = None, progress: bool = False) -> dict:
     """LM / instruct: mean token loss and perplexity; classify: accuracy. Plus s_FFN over non-pad tokens at
     the model's current routing."""
-    import prunepath
-    from prunepath.stats import active_counts
 
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     tot_loss, tot_tok, correct, seen = 0.0, 0, 0, 0
     counts: list[list[torch.Tensor]] = []
-    converted = prunepath.is_converted(model)
+    converted = is_converted(model)
     n = len(dataset)
     batches = range(0, n, batch_size)
     if max_batches is not None:
@@ -230,12 +236,10 @@ def evaluate(model: nn.Module, dataset, task: str, *, batch_size: int = 4, devic
 def prepare_model(model: nn.Module, cfg: TrainConfig, train_data, *, progress: bool = True) -> dict:
     """Convert a plain model (``--neurons-per-expert``, ``--clustering``) and apply the calibration options
     (always-on experts, sensitivity-based dense layers, router warm start). Returns what was decided."""
-    import prunepath
-    from prunepath.training import calibration as cal
 
     info: dict = {}
     if cfg.method == "dense":
-        if prunepath.is_converted(model):
+        if is_converted(model):
             raise PrunePathError("method 'dense' fine-tunes an unconverted model; pass the original model "
                                  "(the paper clusters the task-fine-tuned dense weights afterwards)")
         return info
@@ -247,27 +251,26 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_data, *, progress: b
             batches = cal.calibration_batches(train_data, cfg.calib_tokens, batch_size=max(1, cfg.batch_size))
         return batches
 
-    if not prunepath.is_converted(model):
+    if not is_converted(model):
         acts = None
         if cfg.clustering == "coactivation":
             acts = cal.collect_ffn_activations(model, calib(), cfg.calib_tokens, progress=progress)
         npe = None if cfg.num_experts is not None else cfg.neurons_per_expert
-        prunepath.moefy(model, neurons_per_expert=npe, num_experts=cfg.num_experts, seed=cfg.seed,
+        moefy(model, neurons_per_expert=npe, num_experts=cfg.num_experts, seed=cfg.seed,
                         clustering=cfg.clustering, progress=progress, calibration_activations=acts)
         info["converted"] = {"num_experts": model.prunepath_config.num_experts,
                              "neurons_per_expert": model.prunepath_config.neurons_per_expert,
                              "clustering": cfg.clustering}
     if cfg.method not in ("prunepath", "dense"):
         # A baseline installs its own router / routing before the optimiser exists (e.g. LTE's sigmoid router).
-        from prunepath.baselines import prepare_for_training
 
         prepare_for_training(model, cfg)
         return info
-    prunepath.configure(model, tau=cfg.tau_warmup, gate_offset=float(cfg.gate_offset))
+    configure(model, tau=cfg.tau_warmup, gate_offset=float(cfg.gate_offset))
     needs_inputs = cfg.always_on or cfg.warmstart_steps
     inputs = None
     if needs_inputs:
-        ffns = prunepath.prunepath_modules(model)
+        ffns = prunepath_modules(model)
         inputs = cal.collect_ffn_inputs(model, ffns, calib(), progress)
     if cfg.always_on:
         info["always_on"] = cal.select_always_on(model, calib(), cfg.always_on, inputs=inputs)
@@ -295,7 +298,6 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
     e.g. a deadline check) is asked after every step; when it returns True a checkpoint is saved and
     :class:`TrainingStopped` is raised.
     """
-    import prunepath
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -337,29 +339,28 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
         # Options decided by calibration are restored, not recomputed (weights + buffers come from the state).
         cfg.dense_layers = state.get("derived", {}).get("dense_layers", cfg.dense_layers)
         calib_info = state.get("calibration", {})
-        if cfg.method != "dense" and not prunepath.is_converted(model):
+        if cfg.method != "dense" and not is_converted(model):
             npe = None if cfg.num_experts is not None else cfg.neurons_per_expert
-            prunepath.moefy(model, neurons_per_expert=npe, num_experts=cfg.num_experts, seed=cfg.seed,
+            moefy(model, neurons_per_expert=npe, num_experts=cfg.num_experts, seed=cfg.seed,
                             clustering="random", progress=False)  # structure only; weights come from the state
             model.prunepath_config.clustering = cfg.clustering
         if cfg.method not in ("prunepath", "dense"):
             # A baseline's own router (e.g. LTE's Linear with bias) must exist before the state is loaded,
             # exactly as prepare_model installs it on a fresh start; its weights then come from the state.
-            from prunepath.baselines import prepare_for_training
 
             prepare_for_training(model, cfg)
     else:
         calib_info = prepare_model(model, cfg, train_data, progress=cfg.progress and is_main)
 
-    converted = prunepath.is_converted(model)
-    ffns = prunepath.prunepath_modules(model) if converted else []
+    converted = is_converted(model)
+    ffns = prunepath_modules(model) if converted else []
     aux_fn = get_aux_loss(cfg.method) if converted else None
     hook = get_stage_hook(cfg.method) if converted else None
     if converted and cfg.method not in ("prunepath",) and hook is None and aux_fn is None:
         raise PrunePathError(f"method {cfg.method!r} has no stage hook or loss registered; known methods register "
                              "them in prunepath.training (prunepath) or prunepath.baselines")
     if cfg.method != "prunepath" and converted:
-        prunepath.configure(model, method=cfg.method, params=dict(cfg.method_params) or None)
+        configure(model, method=cfg.method, params=dict(cfg.method_params) or None)
     for f in ffns:
         f.capture_router_logits = aux_fn is not None
         f.capture_norm_target = cfg.warmstart_temperature if cfg.router_distill else None
@@ -562,14 +563,13 @@ def _save_checkpoint(accelerator, out: Path, step: int, mb: int, tokens: int, se
 def _save_final(model: nn.Module, tokenizer, out: Path, cfg: TrainConfig, result: TrainResult) -> None:
     """Write the trained model into ``out`` itself: staged in a temp dir, files moved in, the file that makes the
     directory loadable (prunepath_config.json / config.json) last."""
-    import prunepath
 
     staging = out / ".final.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     extra = {"training": cfg.to_dict(), "result": {k: v for k, v in result.to_dict().items() if k != "calibration"}}
-    if prunepath.is_converted(model):
-        prunepath.save(model, staging, tokenizer=tokenizer, extra=extra)
+    if is_converted(model):
+        save(model, staging, tokenizer=tokenizer, extra=extra)
         last = "prunepath_config.json"
     else:
         staging.mkdir(parents=True)
@@ -588,8 +588,6 @@ def train_from_config(model: nn.Module, tokenizer, cfg: TrainConfig, *,
                       out_dir: str | os.PathLike | None = None, should_stop=None) -> TrainResult:
     """Build ``cfg``'s task data (exactly the tokens the steps need, per process) and :func:`train` on it —
     what ``prunepath train`` and ``prunepath run`` both do."""
-    from prunepath.models.adapters import needs_bos
-    from prunepath.training.data import build_task_data
 
     check_task(model, cfg.task)
     if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
