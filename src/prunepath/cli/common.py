@@ -11,6 +11,7 @@ from prunepath.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from prunepath.data.corpora import is_corpus_name
 from prunepath.evaluation.common import check_text_file, resolve_data_path
 from prunepath.models.registry import check_builtin_typo
+from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau
 
 
 def add_model_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -35,9 +36,9 @@ def parse_taus(text: str) -> list[float]:
         taus = [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError as exc:
         raise PrunePathError(f"--taus must be a comma-separated list of numbers (got {text!r})") from exc
-    bad = [t for t in taus if not t > 0 or t > 2]
+    bad = [t for t in taus if not is_valid_tau(t, TAU_SWEEP_MAX)]
     if not taus or bad:
-        raise PrunePathError(f"every τ must be in (0, 2] (1.05 keeps all experts); got {text!r}")
+        raise PrunePathError(f"every τ must be in (0, 2] ({TAU_ALL} keeps all experts); got {text!r}")
     return taus
 
 

@@ -17,6 +17,7 @@ from prunepath.evaluation.reports import rows_to_markdown, run_meta, write_csv, 
 from prunepath.evaluation.sweep import sweep
 from prunepath.evaluation.tasks import METRICS, run_task
 import prunepath
+from prunepath.routing.config import TAU_ALL
 
 
 def register(sub) -> None:
@@ -27,7 +28,7 @@ def register(sub) -> None:
     add_model_arg(p, required=True)
     add_metric_args(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--taus", default=None, help="comma-separated τ values in (0, 2], e.g. 0.3,0.5,0.7,0.9,1.05")
+    g.add_argument("--taus", default=None, help=f"comma-separated τ values in (0, 2], e.g. 0.3,0.5,0.7,0.9,{TAU_ALL}")
     g.add_argument("--target-sparsities", "--sparsities", default=None,
                    help="comma-separated s_FFN targets in [0, 1); τ is calibrated for each (bisection), or with "
                         "--method teal|cats the activation thresholds (one calibration pass for all)")

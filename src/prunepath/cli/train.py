@@ -15,8 +15,9 @@ from prunepath.training.config import TrainConfig, load_recipe
 from prunepath.training.data import glue_num_labels
 from prunepath.training.trainer import _write_json_atomic
 from prunepath.training.trainer import train_from_config
-from prunepath.evaluation import perplexity
 import prunepath
+from prunepath.routing.config import TAU_ALL
+from prunepath.evaluation import perplexity
 
 S = argparse.SUPPRESS  # flags not given do not override the recipe
 
@@ -44,7 +45,7 @@ def _int_list(text: str) -> list[int]:
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train routers and backbone (PrunePath schedule), or dense fine-tuning",
-        description="Train a PrunePath model: stage 1 all-expert warm-up at τ=1.05, stage 2 lowers τ to τ_min "
+        description=f"Train a PrunePath model: stage 1 all-expert warm-up at τ={TAU_ALL}, stage 2 lowers τ to τ_min "
                     "(linear over rounds, or fixed). A plain model is converted first. Output: a "
                     "prunepath.load-able directory with a JSONL log and resumable checkpoints.",
         argument_default=S)
@@ -66,7 +67,7 @@ def register(sub) -> None:
     g.add_argument("--num-experts", type=int)
     g.add_argument("--clustering", choices=["kmeans", "random", "coactivation"])
     g = p.add_argument_group("schedule and losses")
-    g.add_argument("--stage1-steps", type=int, help="all-expert warm-up steps at τ=1.05 (default 100)")
+    g.add_argument("--stage1-steps", type=int, help=f"all-expert warm-up steps at τ={TAU_ALL} (default 100)")
     g.add_argument("--stage2-steps", type=int, help="sparse steps (default 100)")
     g.add_argument("--tau-min", type=float, help="final τ (default 0.7)")
     g.add_argument("--tau-schedule", choices=["linear", "fixed"])

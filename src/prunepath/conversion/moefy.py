@@ -92,7 +92,7 @@ def moefy(
     """Convert every FFN of ``model`` (in place) into PrunePath experts and return the model.
 
     Experts come from balanced k-means of the L2-normalised W_gate (gated) / W_1 (plain) rows, ``seed`` makes
-    it deterministic. The router is zero-initialised; routing starts at τ = 1.05 (all experts, sigmoid gates).
+    it deterministic. The router is zero-initialised; routing starts at τ = ``TAU_ALL`` (all experts, sigmoid gates).
     ``clustering="coactivation"`` needs ``calibration_activations`` (one [tokens, d_ff] tensor per layer).
     ``permutations`` (one neuron order per layer, e.g. clustered from *another* model's weights) replaces the
     clustering; ``clustering`` is then only the label stored in the config.

@@ -126,7 +126,8 @@ class DecodeEngine:
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         self.model_type, self.batch, self.max_len = mt, batch, max_len
         self.converted = is_converted(model)
-        self.routing: RoutingConfig = model.prunepath_config.routing if self.converted else RoutingConfig()
+        # The engine's own copy of the routing settings: set_tau changes the engine, never the model's config.
+        self.routing: RoutingConfig = model.prunepath_config.routing.copy() if self.converted else RoutingConfig()
         kw = {"dtype": self.dtype, "device": self.device}
         self.ffn_tuning = dict(ffn_tuning or {})
 
@@ -225,10 +226,10 @@ class DecodeEngine:
         return (mode, r.rule, r.gates, r.gate_offset, r.method)
 
     def sync_routing(self, routing: RoutingConfig | None = None, ffn: str = "auto") -> None:
-        """Adopt ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate setting or
-        FFN path rebuilds the layer FFNs (the next step recaptures)."""
+        """Adopt a copy of ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate
+        setting or FFN path rebuilds the layer FFNs (the next step recaptures)."""
         if routing is not None:
-            self.routing = routing
+            self.routing = routing.copy()
         mode = self.resolve_mode(ffn)
         if self._signature(mode) != self._sig:
             self.set_ffn_mode(ffn)

@@ -49,12 +49,13 @@ from prunepath.evaluation.perplexity import tokenize_text
 from prunepath.routing.control import configure
 from prunepath.routing.methods import get_method
 from prunepath.routing.control import routing_scope
+from prunepath.routing.config import TAU_ALL
 
 METHODS = ("greedy", "uniform")
 #: dense, then 0.975 … 0.025 in steps of 0.025, then one expert per token (τ → 0)
-DEFAULT_TAU_GRID: tuple[float, ...] = (1.05,) + tuple(round(0.975 - 0.025 * i, 3) for i in range(39)) + (1e-6,)
+DEFAULT_TAU_GRID: tuple[float, ...] = (TAU_ALL,) + tuple(round(0.975 - 0.025 * i, 3) for i in range(39)) + (1e-6,)
 TOP1_TAU = 1e-6
-DENSE_TAU = 1.05
+DENSE_TAU = TAU_ALL
 
 
 # ---- calibration tokens --------------------------------------------------------------------------------------

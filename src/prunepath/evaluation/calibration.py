@@ -14,6 +14,7 @@ from prunepath.models.adapters import needs_bos
 from prunepath.evaluation.perplexity import plan_windows, window_batches
 from prunepath.evaluation.perplexity import tokenize_text
 from prunepath.routing.control import routing_scope
+from prunepath.routing.config import TAU_ALL
 
 
 @torch.inference_mode()
@@ -83,7 +84,7 @@ def find_tau_for_sparsity(
         if abs(best[1] - target) <= tol / 2:
             break
         if target < s_hi:  # sparser than wanted even at τ = 1: only τ > 1 (all experts) is denser
-            best = (1.05, s_at(1.05))
+            best = (TAU_ALL, s_at(TAU_ALL))
             break
         mid = 0.5 * (lo + hi)
         s = s_at(mid)

@@ -15,6 +15,7 @@ from prunepath.routing.ffn import is_converted
 from prunepath.routing.control import routing_scope
 from prunepath.baselines.activation import (apply_activation_sparsity, check_target, collect_activation_stats,
                                             remove_activation_sparsity, thresholds_for)
+from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau
 
 # Keys that are large per-run details; kept in the rows (JSON) but not printed in tables.
 DETAIL_KEYS = ("active_hist", "predictions", "samples", "per_layer_active", "per_layer_s_ffn")
@@ -26,9 +27,9 @@ def validate_taus(taus: Sequence[float]) -> list[float]:
         vals = [float(t) for t in taus]
     except (TypeError, ValueError) as exc:
         raise PrunePathError(f"taus must be numbers (got {taus!r})") from exc
-    bad = [t for t in vals if not 0 < t <= 2]
+    bad = [t for t in vals if not is_valid_tau(t, TAU_SWEEP_MAX)]
     if not vals or bad:
-        raise PrunePathError(f"every τ must be in (0, 2] (1.05 keeps all experts); got {list(taus)}")
+        raise PrunePathError(f"every τ must be in (0, 2] ({TAU_ALL} keeps all experts); got {list(taus)}")
     return sorted(set(vals))
 
 

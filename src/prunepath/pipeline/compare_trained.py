@@ -26,6 +26,7 @@ from prunepath.baselines.knobs import knob_for_sparsity
 from prunepath.data.lm import build_lm_dataset
 from prunepath.training.config import TrainConfig
 from prunepath.training.trainer import train
+from prunepath.routing.config import TAU_ALL
 from prunepath.evaluation import perplexity
 
 
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [x.to(a.device) for x in collect_ffn_inputs(
             model, token_batches(tok, calib, max_tokens=a.calib_tokens), progress=False)]
         if method == "prunepath":
-            prunepath.configure(model, tau=1.05)
-            evaluate(f"{name}@trained", name, model, {**info, "knob": {"tau": 1.05}})
+            prunepath.configure(model, tau=TAU_ALL)
+            evaluate(f"{name}@trained", name, model, {**info, "knob": {"tau": TAU_ALL}})
             for t in targets:
                 tau, s_cal = knob_for_sparsity(model, inputs, "prunepath", t)
                 prunepath.configure(model, tau=tau)

@@ -57,10 +57,11 @@ from prunepath.training.config import TrainConfig, load_recipe
 from prunepath.training.selfgen import SelfCorpusInterrupted
 from prunepath.training.trainer import TrainingStopped, _checkpoints, train_from_config
 from prunepath.training.trainer import evaluate
+import prunepath
+from prunepath.routing.config import TAU_ALL, is_valid_tau, validate_tau
 from prunepath.evaluation import perplexity
 from prunepath.evaluation import generation
 from prunepath.baselines import wanda
-import prunepath
 
 STUDY_KEYS = {"study", "name", "description", "model", "out", "seed", "train_tokens", "train", "stage1_fraction",
               "variants", "tau_min_runs", "lte", "evaluation", "sweep_taus", "near_tau", "baselines",
@@ -106,7 +107,7 @@ def load_study(recipe: dict, *, overrides: dict | None = None) -> dict:
     cfg["lte"] = {"method_params": {"eta": 0.5}, **(cfg.get("lte") or {})}
     cfg["evaluation"] = {"data": "wikitext-2/wiki.valid.raw", "max_tokens": 131072, "window": 512,
                          "batch_size": 16, **(cfg.get("evaluation") or {})}
-    cfg.setdefault("sweep_taus", [1.05, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4])
+    cfg.setdefault("sweep_taus", [TAU_ALL, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4])
     cfg.setdefault("near_tau", [-0.05, 0.0, 0.05])
     cfg["baselines"] = {"calib": cfg["train"]["data"], "calib_tokens": 32768, "calib_seq_len": 256, "fit_steps": 200, "fit_batch": 1024,
                         "fit_lr": 3e-3, "targets": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
@@ -141,8 +142,7 @@ def load_study(recipe: dict, *, overrides: dict | None = None) -> dict:
             raise PrunePathError(f"variants.{v}.train_tokens must be >= 1")
     cfg["density"] = {"targets": [0.5, 0.7], **(cfg.get("density") or {})}
     for t in cfg["sweep_taus"]:
-        if not 0 < float(t) <= 1.05:
-            raise PrunePathError(f"sweep_taus: every τ must be in (0, 1.05] (got {t})")
+        validate_tau(t, TAU_ALL, message=f"sweep_taus: every τ must be in (0, {TAU_ALL}] (got {t})")
     if int(cfg["train_tokens"]) < 1:
         raise PrunePathError("train_tokens must be >= 1")
     return cfg
@@ -494,7 +494,7 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
     tcfg = json.loads((ctx.ckpt(run) / "train_config.json").read_text())
     tau_min = float(tcfg["tau_min"])
     variant, train_tokens = _variant_label(ctx, run), int(info.get("tokens", 0))
-    near = sorted({round(tau_min + d, 4) for d in ctx.cfg["near_tau"] if 0 < tau_min + d <= 1.05}, reverse=True)
+    near = sorted({round(tau_min + d, 4) for d in ctx.cfg["near_tau"] if is_valid_tau(tau_min + d, TAU_ALL)}, reverse=True)
     points = sorted({float(t) for t in ctx.cfg["sweep_taus"]} | set(near), reverse=True) if job.args["sweep"] \
         else near
 
@@ -522,7 +522,7 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
     out: dict = {"records": records}
     if run == "main":
         out["density"] = _density(ctx, rows)
-        out["topk"] = _topk(ctx, model, tok, "prunepath", {"tau": 1.05}, run)
+        out["topk"] = _topk(ctx, model, tok, "prunepath", {"tau": TAU_ALL}, run)
     return out
 
 

@@ -41,8 +41,9 @@ from prunepath.training.config import TrainConfig
 from prunepath.training.data import encode_classification
 from prunepath.training.config import load_recipe
 from prunepath.training.trainer import train
-from prunepath.baselines import wanda
 import prunepath
+from prunepath.routing.config import TAU_ALL
+from prunepath.baselines import wanda
 
 TASK_FILES = {"sst2": ("stsa.binary.train", "stsa.binary.dev"), "mrpc": ("train.tsv", "dev.tsv"),
               "rte": ("train.tsv", "dev.tsv"), "cola": ("in_domain_train.tsv", "in_domain_dev.tsv")}
@@ -75,7 +76,7 @@ DEFAULTS: dict = {
                   "lr_router": 1e-3},
     "lte": {"stage1_steps": 150, "stage2_steps": 150, "lr_backbone": 3e-5, "lr_router": 1e-3, "eta": 0.01,
             "thresholds": [0.3, 0.5, 0.7, 0.8, 0.9]},
-    "taus": [1.05, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
+    "taus": [TAU_ALL, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
     "wanda": {"sparsities": [0.3, 0.5, 0.6, 0.7, 0.8], "calib_tokens": 8192},
     "deadline_margin_s": 10.0,
     "keep_finetuned": True,

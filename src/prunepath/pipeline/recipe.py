@@ -21,6 +21,7 @@ from prunepath.models.registry import DEFAULT_MODEL
 from prunepath.errors import unknown_names_message
 from prunepath.evaluation.sweep import validate_taus
 from prunepath.training.config import TrainConfig
+from prunepath.routing.config import TAU_ALL
 
 EVALUATION_KEYS = ("task", "data", "max_tokens", "window", "stride", "batch_size")
 SWEEP_KEYS = ("taus", "dense", "summary_sparsities", "teal", "teal_calib_tokens")
@@ -35,7 +36,7 @@ class Recipe:
     train: dict | None = None
     evaluation: dict = field(default_factory=lambda: {"task": "ppl", "data": "wikitext-2/wiki.valid.raw",
                                                       "max_tokens": 16384, "window": 512})
-    sweep: dict = field(default_factory=lambda: {"taus": [1.05, 0.9, 0.8, 0.7, 0.6, 0.5], "dense": True})
+    sweep: dict = field(default_factory=lambda: {"taus": [TAU_ALL, 0.9, 0.8, 0.7, 0.6, 0.5], "dense": True})
     description: str = ""
     source: str | None = None  # the file it came from
 

@@ -19,6 +19,7 @@ from prunepath.training.losses import router_distill_kl
 from prunepath.conversion.moefy import prunepath_modules
 from prunepath.models.adapters import adapter_for
 from prunepath.routing.control import routing_scope
+from prunepath.routing.config import TAU_ALL
 
 
 @torch.no_grad()
@@ -133,14 +134,14 @@ def layer_sensitivity(model: nn.Module, batches: list[dict], tau: float, progres
 
     was_training = model.training
     model.eval()
-    dense = {i: 1.05 for i in range(num_layers)}
-    with routing_scope(model, tau=1.05, layer_tau={}):
+    dense = {i: TAU_ALL for i in range(num_layers)}
+    with routing_scope(model, tau=TAU_ALL, layer_tau={}):
         base = loss()
     out = []
     for layer in tqdm(range(num_layers), desc="layer sensitivity", disable=not progress, unit="layer"):
         lt = dict(dense)
         lt[layer] = tau
-        with routing_scope(model, tau=1.05, layer_tau=lt):
+        with routing_scope(model, tau=TAU_ALL, layer_tau=lt):
             out.append(loss() - base)
     model.train(was_training)
     return out

@@ -1,6 +1,6 @@
 """Routing schedules: a stage hook per method, called before each step's forward to set routing.
 
-PrunePath (PAPER.md §4): stage 1 is an all-expert warm-up at τ = 1.05; stage 2 lowers τ linearly from 1.0 to
+PrunePath (PAPER.md §4): stage 1 is an all-expert warm-up at τ = ``TAU_ALL``; stage 2 lowers τ linearly from 1.0 to
 τ_min over T rounds (a round is an equal share of the stage-2 steps, the last round runs at τ_min), or holds
 τ_min fixed (the authors' release).
 """
@@ -12,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from prunepath.routing.control import configure
+from prunepath.routing.config import TAU_ALL
 
 StageHook = Callable[..., None]
 _HOOKS: dict[str, StageHook] = {}
@@ -46,7 +47,7 @@ def resolve_layers(layers, num_layers: int) -> list[int]:
 
 
 def layer_taus(stage: int, step: int, total_steps: int, cfg, num_layers: int) -> dict[int, float]:
-    """Per-layer τ: dense layers stay at 1.05; layers with their own τ_min follow their own schedule."""
+    """Per-layer τ: dense layers stay at ``TAU_ALL``; layers with their own τ_min follow their own schedule."""
     out: dict[int, float] = {}
     if stage == 1:
         return out
@@ -54,7 +55,7 @@ def layer_taus(stage: int, step: int, total_steps: int, cfg, num_layers: int) ->
         layer = int(layer) % num_layers
         out[layer] = t_min if t_min > 1 else scheduled_tau(stage, step, total_steps, cfg, tau_min=t_min)
     for layer in resolve_layers(cfg.dense_layers, num_layers):
-        out[layer] = 1.05
+        out[layer] = TAU_ALL
     return out
 
 
