@@ -1,6 +1,6 @@
 """Checkpoints saved before the issue-14 redesign still load and give the same numbers.
 
-``tests/data/ckpt-main-8de57bb-llama`` was saved by the code at the branch point (main 8de57bb; generated from main 2c22cfb, whose src/ is identical) from the tiny
+``tests/fixtures/ckpt-main-8de57bb-llama`` was saved by the code at the branch point (main 8de57bb; generated from main 2c22cfb, whose src/ is identical) from the tiny
 random Llama of conftest (moefy 8 neurons per expert, seed 0, τ 0.7); ``…expected.pt`` holds its logits and
 s_FFN on fixed ids, computed by that code."""
 
@@ -10,7 +10,7 @@ import torch
 
 import prunepath
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def test_checkpoint_saved_by_the_branch_point_loads_with_the_same_outputs():
