@@ -289,6 +289,30 @@ class _Path:
 
 
 # ---- the public entry point ----------------------------------------------------------------------------------
+def _layer_tables(model: nn.Module, ffns: list, taus: list[float], ids: torch.Tensor, window: int, bos_id, pad: int,
+                  progress: bool) -> list[dict]:
+    """Each layer's s_FFN and relative error over the τ grid, on the inputs of one dense forward."""
+    accs = [_LayerAccumulator(f, taus) for f in ffns]
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(acc):
+        def hook(_mod, args):
+            x = args[0]
+            m = current["mask"]
+            acc.add(x[m] if x.shape[:-1] == m.shape else x.reshape(-1, x.shape[-1]))
+        return hook
+
+    with torch.inference_mode(), routing_scope(model, tau=DENSE_TAU, layer_tau={}, allocation={}):
+        handles = [f.register_forward_pre_hook(hook_for(a)) for f, a in zip(ffns, accs)]
+        try:
+            _run_windows(model, ids, window, bos_id, pad, before=lambda m: current.__setitem__("mask", m),
+                         progress=progress, desc="allocation: per-layer table")
+        finally:
+            for h in handles:
+                h.remove()
+    return [a.table() for a in accs]
+
+
 def allocate_layer_tau(
     model: nn.Module,
     tokenizer,
@@ -347,25 +371,7 @@ def allocate_layer_tau(
         return out
 
     # 1. the per-layer table, on the inputs of a dense forward
-    accs = [_LayerAccumulator(f, taus) for f in ffns]
-    current: dict[str, torch.Tensor] = {}
-
-    def hook_for(acc):
-        def hook(_mod, args):
-            x = args[0]
-            m = current["mask"]
-            acc.add(x[m] if x.shape[:-1] == m.shape else x.reshape(-1, x.shape[-1]))
-        return hook
-
-    with torch.inference_mode(), routing_scope(model, tau=DENSE_TAU, layer_tau={}, allocation={}):
-        handles = [f.register_forward_pre_hook(hook_for(a)) for f, a in zip(ffns, accs)]
-        try:
-            _run_windows(model, ids, window, bos_id, pad, before=lambda m: current.__setitem__("mask", m),
-                         progress=progress, desc="allocation: per-layer table")
-        finally:
-            for h in handles:
-                h.remove()
-    tables = [a.table() for a in accs]
+    tables = _layer_tables(model, ffns, taus, ids, window, bos_id, pad, progress)
     s_tab = torch.tensor([t["s_ffn"] for t in tables], dtype=torch.float64)
     e_tab = torch.tensor([t["rel_error"] for t in tables], dtype=torch.float64)
     s_max = float(s_tab[:, -1].mean())  # one expert per token (+ always-on) everywhere: exact, not a prediction

@@ -53,7 +53,7 @@ class Results:
         tmp.replace(self.path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="docs/results/baselines-smollm2-135m.json")
@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lte-delta-sweep", default="0.2", help="η values whose δ is also swept to the targets")
     p.add_argument("--methods", default="dense,prunepath,lte,moefication,d2dmoe,static,wanda")
     p.add_argument("--neurons-per-expert", type=int, default=32)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
