@@ -18,6 +18,7 @@ from prunepath.conversion.moefy import is_converted
 from prunepath.decoding.engine import DecodeEngine
 from prunepath.kernels._common import interpreting
 from prunepath.routing.control import routing as routing_ctx
+from prunepath.models.arch import DECODE_MODEL_TYPES
 
 __all__ = ["DecodeEngine", "generate"]
 
@@ -83,7 +84,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
         torch.manual_seed(seed)
     eos = getattr(tokenizer, "eos_token_id", None)
     settings = {"tau": tau} if tau is not None else {}
-    supported = getattr(getattr(model, "config", None), "model_type", None) in ("llama", "mistral", "qwen2", "gpt2")
+    supported = getattr(getattr(model, "config", None), "model_type", None) in DECODE_MODEL_TYPES
     method = model.prunepath_config.routing.method if is_converted(model) else "prunepath"
     why = (f"the decode engine does not support {model.config.model_type!r} models" if not supported else
            f"the decode kernels implement the prunepath routing method, not {method!r}" if method != "prunepath"
