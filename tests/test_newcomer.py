@@ -16,7 +16,7 @@ import yaml
 import prunepath
 from prunepath import PrunePathError
 from prunepath.cli.main import build_parser, main
-from prunepath.evaluation import common
+from prunepath import io as common  # data paths and text checks live in prunepath.io (were in evaluation.common)
 from test_eval_fixtures import one_thread, random_text, save_tiny_llama  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ budget τ, and turn τ at run time on one checkpoint::
     print(prunepath.sparsity(model).s_ffn)
 """
 
+from prunepath._version import __version__
 from prunepath.checkpoint import load, save
 from prunepath.conversion.clustering import balanced_kmeans, cluster_neurons
 from prunepath.conversion.moefy import PrunePathConfig, is_converted, moefy, prunepath_modules
@@ -19,15 +20,17 @@ from prunepath.models.adapters import supported_model_types
 from prunepath.models.loading import load_model
 from prunepath.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from prunepath.routing.config import RoutingConfig
-from prunepath.routing.control import configure, routing
+from prunepath.routing.control import configure, routing_scope
 from prunepath.routing.ffn import PrunePathFFN
 from prunepath.routing.selection import select_experts
 from prunepath.stats import SparsityStats, sparsity
+from prunepath import registrations  # noqa: F401,E402  (fills the method registries, once)
+from prunepath import routing  # noqa: E402  (the subpackage; callable as the old ``prunepath.routing(model, ...)``)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BUILTIN_MODELS", "DEFAULT_MODEL", "PrunePathConfig", "PrunePathError", "PrunePathFFN", "RoutingConfig",
     "SparsityStats", "balanced_kmeans", "cluster_neurons", "configure", "is_converted", "load", "load_model",
-    "moefy", "prunepath_modules", "routing", "save", "select_experts", "sparsity", "supported_model_types",
+    "moefy", "prunepath_modules", "routing", "routing_scope", "save", "select_experts", "sparsity",
+    "supported_model_types",
 ]

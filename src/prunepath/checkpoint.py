@@ -16,7 +16,6 @@ What a save guarantees (docs/training.md, "Guarantees"):
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -31,6 +30,10 @@ from torch import nn
 
 from prunepath.conversion.moefy import PrunePathConfig, install_structure
 from prunepath.errors import PrunePathError
+from prunepath.io import (  # noqa: F401  (re-exported: the atomic directory replacement lives in io)
+    current_umask, apply_default_modes, _fsync_path, _fsync_tree, _exchange, atomic_replace_dir, _pid_alive, _remove_stale_temporaries)
+from prunepath._version import __version__
+from prunepath.conversion.moefy import prunepath_modules
 
 CONFIG_NAME = "prunepath_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -43,141 +46,12 @@ REMOTE_AUTO_CLASSES = {"ForCausalLM": "AutoModelForCausalLM",
                        "Model": "AutoModel"}
 
 
-# ---- file modes and durable, atomic directory replacement ----------------------------------------------------
-def current_umask() -> int:
-    """The process umask, read without changing it where the kernel reports it (no window in which another
-    thread would create files with umask 0)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def apply_default_modes(root: Path) -> None:
-    """Give ``root`` and everything under it the modes a plain mkdir / open(…, "w") would have given (0777 / 0666
-    minus the umask): tempfile.mkdtemp makes 0700 directories and safetensors writes 0600 files."""
-    mask = current_umask()
-    os.chmod(root, 0o777 & ~mask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            p = os.path.join(dirpath, d)
-            if not os.path.islink(p):
-                os.chmod(p, 0o777 & ~mask)
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            if not os.path.islink(p):
-                os.chmod(p, 0o666 & ~mask)
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` so that the rename that publishes it is durable."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for f in filenames:
-            p = Path(dirpath, f)
-            if not p.is_symlink():
-                _fsync_path(p)
-        _fsync_path(Path(dirpath))
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-def atomic_replace_dir(staging: Path, final: Path) -> None:
-    """Move a completed ``staging`` directory to ``final``; an old PrunePath checkpoint there is replaced only
-    after the new one is complete (one atomic swap where the kernel supports it). Any other existing non-empty
-    directory is left untouched (error). Modes follow the umask; contents are flushed before the rename."""
-    staging, final = Path(staging), Path(final)
-    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or (final / CONFIG_NAME).exists())):
-        raise PrunePathError(f"{final} exists and is not a PrunePath checkpoint; choose another output path "
-                             "(PrunePath never overwrites other files)")
-    apply_default_modes(staging)
-    _fsync_tree(staging)
-    if final.exists():
-        if not any(final.iterdir()):
-            final.rmdir()
-        elif _exchange(staging, final):  # staging now holds the old checkpoint
-            _fsync_path(final.parent)
-            shutil.rmtree(staging, ignore_errors=True)
-            return
-        else:  # no atomic swap: a short window in which only .NAME.old-PID holds the old checkpoint (load says so)
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            staging.rename(final)
-            _fsync_path(final.parent)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    staging.rename(final)
-    _fsync_path(final.parent)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(final: Path) -> None:
-    """Delete what an interrupted save to ``final`` left behind (its process is gone): ``.NAME.tmp-PID-…``
-    staging directories, and ``.NAME.old-PID`` copies once ``final`` is a complete checkpoint again."""
-    if not final.parent.is_dir():
-        return
-    pat = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)(-.*)?$")
-    for p in final.parent.iterdir():
-        m = pat.match(p.name)
-        if not m or not p.is_dir() or _pid_alive(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and not (final / CONFIG_NAME).exists():
-            continue  # the only copy of the previous checkpoint (read_config points the user to it)
-        shutil.rmtree(p, ignore_errors=True)
-
-
 # ---- plain-transformers loading ----------------------------------------------------------------------------
 def remote_code_support(model: nn.Module, cfg: PrunePathConfig) -> tuple[str, str] | str:
     """``(auto class, base class name)`` when plain transformers can load this model through prunepath_hf.py,
     else the reason it cannot (a string)."""
     import transformers
 
-    from prunepath.conversion.moefy import prunepath_modules
 
     cls = type(model).__name__
     if cfg.adapter != "gated-mlp":
@@ -252,7 +126,6 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, extra: di
     """Save a converted model to ``path`` (written to a temporary directory, swapped in when complete)."""
     from safetensors.torch import save_model
 
-    import prunepath
 
     cfg: PrunePathConfig | None = getattr(model, "prunepath_config", None)
     if cfg is None:
@@ -274,7 +147,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, extra: di
         meta = cfg.to_dict()
         meta["model_class"] = type(model).__name__
         meta["source_display_name"] = getattr(model, "prunepath_display_name", None)
-        meta["prunepath_version"] = prunepath.__version__
+        meta["prunepath_version"] = __version__
         meta["weights_sha256"] = _sha256(staging / WEIGHTS_NAME)
         if extra:
             meta["extra"] = extra
@@ -333,11 +206,9 @@ def read_config(path: str | os.PathLike) -> dict:
         raise PrunePathError(f"{root / CONFIG_NAME} is corrupt (not a JSON object); re-create the checkpoint")
     version = meta.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        import prunepath
-
         by = meta.get("prunepath_version") or "version"
         raise PrunePathError(f"{root} was saved by a newer prunepath {by} (checkpoint format {version}; this is "
-                             f"prunepath {prunepath.__version__}, which reads format {FORMAT_VERSION}); upgrade "
+                             f"prunepath {__version__}, which reads format {FORMAT_VERSION}); upgrade "
                              "prunepath to load it")
     return meta
 

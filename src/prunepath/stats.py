@@ -1,13 +1,18 @@
 """Sparsity statistics of the last forward pass (PAPER.md §3.5), and every s_FFN count: PrunePath's inactive
-experts, TEAL / CATS activation sparsity (:func:`activation_s_ffn`) and the router's extra bytes
-(:func:`router_byte_fraction`)."""
+experts, TEAL / CATS activation sparsity (:func:`activation_s_ffn`), the router's extra bytes
+(:func:`router_byte_fraction`), and the meter that accumulates s_FFN over the tokens a metric scores
+(:class:`ActiveMeter`, :func:`track_active`; evaluation and the studies use it)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
+
+from prunepath.routing.ffn import prunepath_modules
 
 
 @dataclass
@@ -54,8 +59,6 @@ def router_byte_fraction(model: nn.Module) -> float:
     """Router weights as a fraction of the FFN weights of a converted model (biases ignored): what PrunePath
     reads on top of its active experts, e.g. Linear(576, 48) against a gated 1536-wide FFN of 3·576·1536
     weights = 48 / (3·1536) ≈ 1.04 % for SmolLM2-135M at 32 neurons per expert. Same dtype, so bytes = counts."""
-    from prunepath.conversion.moefy import prunepath_modules
-
     mods = prunepath_modules(model)
     if not mods:
         raise ValueError("router_byte_fraction needs a converted model (prunepath.moefy first)")
@@ -64,12 +67,17 @@ def router_byte_fraction(model: nn.Module) -> float:
     return router / ffn
 
 
+def activation_modules(model: nn.Module) -> list[nn.Module]:
+    """The TEAL / CATS wrappers of ``model`` (modules that record a per-token s_FFN in ``last_s_ffn``, i.e.
+    :class:`prunepath.baselines.activation.ActivationSparseFFN`) in layer order; empty when none."""
+    return sorted((m for m in model.modules() if hasattr(m, "last_s_ffn") and hasattr(m, "layer_index")),
+                  key=lambda m: m.layer_index)
+
+
 def activation_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, *,
                            keep_device: bool = False) -> list[torch.Tensor]:
     """TEAL / CATS: per-(kept)-token s_FFN of the last forward, one 1-D float tensor per layer (moved to the CPU
     unless ``keep_device``)."""
-    from prunepath.baselines.activation import activation_modules
-
     out = []
     for m in activation_modules(model):
         if m.last_s_ffn is None:
@@ -86,8 +94,6 @@ def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None, *,
                   keep_device: bool = False) -> list[torch.Tensor]:
     """Active-expert count per (kept) token, one 1-D tensor per layer, from the last forward (moved to the CPU
     unless ``keep_device``)."""
-    from prunepath.conversion.moefy import prunepath_modules
-
     out = []
     for m in prunepath_modules(model):
         if m.last_active is None:
@@ -130,3 +136,89 @@ def sparsity(model: nn.Module, token_mask: torch.Tensor | None = None) -> Sparsi
         tokens=int(counts[0].numel()) if counts else 0, per_layer_active=per_layer,
         per_layer_s_ffn=[1.0 - a / e for a in per_layer],
     )
+
+
+class ActiveMeter:
+    """Accumulates per-layer active-expert counts over many forwards (mean and histogram per layer).
+
+    ``update(model, mask)`` reads the counts of the last forward for the tokens where ``mask`` is True; a dense
+    (unconverted) model is accepted and reports s_ffn = 0, or with TEAL / CATS applied the mean over tokens and
+    layers of the measured fraction of FFN weight bytes not read (:func:`activation_s_ffn`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = getattr(model, "prunepath_config", None)
+        self.converted = cfg is not None
+        self.num_experts = cfg.num_experts if cfg is not None else 0
+        # Wanda (static unstructured pruning) reports its weight sparsity as s_FFN, as the paper does.
+        self.static_sparsity = getattr(model, "prunepath_static_sparsity", None)
+        # TEAL / CATS on a dense model: per-token s_FFN recorded by each wrapped FFN.
+        self.activation = not self.converted and getattr(model, "prunepath_activation", None) is not None
+        self.sums: list[float] | None = None
+        self.hist: list[torch.Tensor] | None = None
+        self.tokens = 0
+
+    def update(self, model: nn.Module, token_mask: torch.Tensor | None = None) -> None:
+        if self.activation:
+            per_layer = activation_s_per_token(model, token_mask, keep_device=True)
+            sums = torch.stack([s.double().sum() for s in per_layer]).cpu().tolist()  # one host read per forward
+            self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
+            self.tokens += int(per_layer[0].numel()) if per_layer else 0
+            return
+        if not self.converted:
+            self.tokens += int(token_mask.sum()) if token_mask is not None else 0
+            return
+
+        counts = active_counts(model, token_mask)
+        if self.sums is None:
+            self.sums = [0.0] * len(counts)
+            self.hist = [torch.zeros(self.num_experts + 1, dtype=torch.long) for _ in counts]
+        for i, c in enumerate(counts):
+            self.sums[i] += float(c.double().sum())
+            self.hist[i] += torch.bincount(c.long(), minlength=self.num_experts + 1)[: self.num_experts + 1]
+        self.tokens += int(counts[0].numel()) if counts else 0
+
+    def result(self) -> dict:
+        """s_ffn, mean_active (experts per token per layer), per-layer means / s_FFN, and per-layer histograms
+        (``active_hist[layer][k]`` = tokens with k active experts)."""
+        if self.activation:
+            per_layer = [s / self.tokens for s in self.sums] if self.sums and self.tokens else []
+            return {"s_ffn": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+                    "s_ffn_kind": "activation (FFN weight bytes not read)", "mean_active": None, "num_experts": 0,
+                    "per_layer_active": [], "per_layer_s_ffn": per_layer, "active_hist": [],
+                    "stat_tokens": self.tokens}
+        if not self.converted and self.static_sparsity is not None:
+            return {"s_ffn": float(self.static_sparsity), "s_ffn_kind": "weights (unstructured)",
+                    "mean_active": None, "num_experts": 0, "per_layer_active": [], "per_layer_s_ffn": [],
+                    "active_hist": [], "stat_tokens": self.tokens}
+        if not self.converted or not self.sums or self.tokens == 0:
+            return {"s_ffn": 0.0, "mean_active": None, "num_experts": self.num_experts, "per_layer_active": [],
+                    "per_layer_s_ffn": [], "active_hist": [], "stat_tokens": self.tokens}
+        e = self.num_experts
+        per_layer = [s / self.tokens for s in self.sums]
+        mean_active = sum(per_layer) / len(per_layer)
+        return {"s_ffn": 1.0 - mean_active / e, "mean_active": mean_active, "num_experts": e,
+                "per_layer_active": per_layer, "per_layer_s_ffn": [1.0 - a / e for a in per_layer],
+                "active_hist": [h.tolist() for h in self.hist], "stat_tokens": self.tokens}
+
+
+@contextmanager
+def track_active(model: nn.Module, meter: ActiveMeter, skip_first: bool = False) -> Iterator[ActiveMeter]:
+    """Update ``meter`` after every forward of ``model`` (e.g. inside ``generate``), all positions counted.
+    ``skip_first`` leaves out the first forward (the prompt's prefill), i.e. counts only decode steps."""
+    if not meter.converted and not meter.activation:
+        yield meter
+        return
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += 1
+        if skip_first and calls[0] == 1:
+            return
+        meter.update(model)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield meter
+    finally:
+        handle.remove()

@@ -1,6 +1,6 @@
 """Baselines run by the same tool on the same experts: LTE, MoEfication top-k, D2DMoE dynamic-k, Wanda and static
-expert pruning (docs/baselines.md). Importing this package registers their routing methods, routers and (when
-the trainer is installed) LTE's auxiliary losses and stage hook.
+expert pruning (docs/baselines.md). Their routing methods, routers, and LTE's auxiliary losses and stage hook are
+registered by :mod:`prunepath.registrations` (imported once by the front door).
 
     prepare(model, "lte")                     # LTE router, soft routing (stage 1 of training)
     prepare(model, "moefication", k=12)       # MoEfication router, top-k (fit it: fitting.fit_router)
@@ -16,7 +16,7 @@ from typing import Sequence
 
 from torch import nn
 
-from prunepath.baselines import d2dmoe, lte, moefication, static  # noqa: F401  (registration on import)
+from prunepath.baselines import d2dmoe, lte, moefication, static  # noqa: F401  (the submodules, as attributes)
 from prunepath.baselines import wanda  # noqa: F401
 from prunepath.baselines.fitting import fit_router
 from prunepath.baselines.static import prune_experts
@@ -25,6 +25,9 @@ from prunepath.baselines.activation import (ActivationSparsity, ActivationStats,
                                             cats_thresholds, collect_activation_stats, remove_activation_sparsity,
                                             teal_thresholds)
 from prunepath.errors import PrunePathError
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.routing.control import configure
+from prunepath.routing.control import set_router
 
 METHODS = ("prunepath", "lte", "moefication", "d2dmoe", "static", "wanda")
 
@@ -51,8 +54,6 @@ def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[st
     - teal / cats: on the dense model, calibrate thresholds on ``texts`` for target s_FFN ``sparsity`` (TEAL
       uniform; for greedy or to reuse one calibration call the functions of :mod:`.activation` directly).
     """
-    from prunepath.routing.control import configure
-    from prunepath.routing.routers import set_router
 
     converted = getattr(model, "prunepath_config", None) is not None
     if method == "wanda":
@@ -87,7 +88,6 @@ def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[st
         else:
             set_router(model, method, **(router_kwargs or {}))
             if method == "moefication":
-                from prunepath.conversion.moefy import prunepath_modules
                 for ffn in prunepath_modules(model):
                     ffn.router.init_from_centroids(ffn)
         configure(model, method=method, k=k, tau=tau)
@@ -98,8 +98,6 @@ def prepare_for_training(model: nn.Module, cfg) -> nn.Module:
     """What the trainer must do for a baseline ``cfg.method`` on a converted model *before* it builds the
     optimiser: LTE gets its own router (``method_params["init_bias"]``, default 0) and soft routing. The other
     baselines are not trained by the trainer (fit_router / apply_wanda / prune_experts instead)."""
-    from prunepath.routing.control import configure
-    from prunepath.routing.routers import set_router
 
     method = cfg.method
     if method not in TRAINABLE:

@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 from prunepath.routing.config import RoutingConfig
-from prunepath.routing.methods import register_method
-from prunepath.routing.routers import register_router
 
 DEFAULT_WIDTH = 128
 
@@ -46,6 +44,3 @@ def dynamic_k_method(scores: torch.Tensor, routing: RoutingConfig, layer_index: 
     mask = (pred >= thr) | always_on
     return mask.to(torch.float32), mask
 
-
-register_router("d2dmoe", d2dmoe_router)
-register_method("d2dmoe", dynamic_k_method)

@@ -23,6 +23,9 @@ from prunepath.baselines import lte as lte_mod
 from prunepath.baselines.calibration import collect_ffn_inputs, expert_mass, expert_output_norms, token_batches
 from prunepath.baselines.moefication import moefication_targets
 from prunepath.errors import PrunePathError
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.routing.control import configure
+from prunepath.routing.control import set_router
 
 FIT_METHODS = ("moefication", "d2dmoe", "prunepath", "lte")
 _ROUTER_KIND = {"moefication": "moefication", "d2dmoe": "d2dmoe", "prunepath": "linear", "lte": "lte"}
@@ -82,9 +85,6 @@ def fit_router(
     threshold). Routing is switched to ``method`` afterwards (its sparsity knob still has to be set: k for
     MoEfication, τ for D2DMoE / PrunePath, δ for LTE). Returns {"final_loss": per layer, "tokens": n}.
     """
-    from prunepath.conversion.moefy import prunepath_modules
-    from prunepath.routing.control import configure
-    from prunepath.routing.routers import set_router
 
     if method not in FIT_METHODS:
         raise PrunePathError(f"fit_router: unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}")

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.routing.control import routing
 
 # knob name, search range, whether s_FFN grows with the knob
 KNOBS = {"prunepath": ("tau", 0.0, 1.0, False), "d2dmoe": ("tau", 0.0, 1.0, False),
@@ -18,8 +20,6 @@ KNOBS = {"prunepath": ("tau", 0.0, 1.0, False), "d2dmoe": ("tau", 0.0, 1.0, Fals
 def sparsity_on_inputs(model: nn.Module, inputs: Sequence[torch.Tensor], **settings) -> float:
     """s_FFN the current routing (changed temporarily by ``settings``, as for ``prunepath.routing``) would give
     on cached per-layer FFN inputs."""
-    from prunepath.conversion.moefy import prunepath_modules
-    from prunepath.routing.control import routing
 
     mods = prunepath_modules(model)
     with routing(model, **settings):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from prunepath.routing.config import RoutingConfig
-from prunepath.routing.methods import register_method
-from prunepath.routing.routers import register_router
+from prunepath.routing.control import configure
+from prunepath.routing.ffn import prunepath_modules
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_ETA = 1e-2
@@ -111,9 +111,6 @@ def is_soft_stage(stage, step: int, total_steps: int, cfg=None) -> bool:
 
 def lte_stage_hook(model: nn.Module, stage, step: int, total_steps: int, cfg) -> None:
     """Before each step: stage 1 soft (router trainable), stage 2 hard at δ with the router frozen."""
-    from prunepath.conversion.moefy import prunepath_modules
-    from prunepath.routing.control import configure
-
     soft = is_soft_stage(stage, step, total_steps, cfg)
     p = _params(cfg)
     delta = float(p.get("threshold", DEFAULT_THRESHOLD))
@@ -125,16 +122,3 @@ def lte_stage_hook(model: nn.Module, stage, step: int, total_steps: int, cfg) ->
     mp = getattr(cfg, "method_params", None)
     if isinstance(mp, dict):
         mp["lte_phase"] = "soft" if soft else "hard"
-
-
-register_router("lte", lte_router)
-register_method("lte", lte_method)
-
-try:  # the trainer may not be there yet; the routing method works without it
-    from prunepath.training.losses import register_aux_loss
-    from prunepath.training.schedule import register_stage_hook
-except ImportError:  # pragma: no cover - depends on the training package
-    pass
-else:
-    register_aux_loss("lte", lte_aux_loss)
-    register_stage_hook("lte", lte_stage_hook)

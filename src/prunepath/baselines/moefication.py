@@ -17,8 +17,6 @@ from torch import nn
 
 from prunepath.errors import PrunePathError
 from prunepath.routing.config import RoutingConfig
-from prunepath.routing.methods import register_method
-from prunepath.routing.routers import register_router
 
 
 class MoEficationRouter(nn.Module):
@@ -74,6 +72,3 @@ def moefication_targets(mass: torch.Tensor) -> torch.Tensor:
     """Each expert's share of the positive activation mass, max-normalised per token (the top expert → 1)."""
     return mass / mass.amax(-1, keepdim=True).clamp_min(1e-12)
 
-
-register_router("moefication", moefication_router)
-register_method("moefication", topk_method)

@@ -15,7 +15,8 @@ from torch import nn
 from prunepath.baselines.calibration import expert_mass, run_batches, token_batches
 from prunepath.errors import PrunePathError
 from prunepath.routing.config import RoutingConfig
-from prunepath.routing.methods import register_method
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.routing.control import configure
 
 
 def static_method(scores: torch.Tensor, routing: RoutingConfig, layer_index: int,
@@ -33,7 +34,6 @@ def static_method(scores: torch.Tensor, routing: RoutingConfig, layer_index: int
 def calibration_mass(model: nn.Module, tokenizer, calib_texts: Sequence[str], *, max_tokens: int = 16384,
                      seq_len: int = 256, progress: bool = True) -> list[torch.Tensor]:
     """Total activation mass of each expert on the calibration tokens, one [E] tensor per layer."""
-    from prunepath.conversion.moefy import prunepath_modules
 
     mods = prunepath_modules(model)
     if not mods:
@@ -77,8 +77,6 @@ def prune_experts(model: nn.Module, tokenizer, calib_texts: Sequence[str], spars
                   mass: Sequence[torch.Tensor] | None = None) -> dict[str, list[int]]:
     """Drop, in every layer, the experts with the least calibration activation mass (``sparsity`` of them) and
     switch routing to the fixed "static" method. Pass ``mass`` (from :func:`calibration_mass`) to reuse it."""
-    from prunepath.conversion.moefy import prunepath_modules
-    from prunepath.routing.control import configure
 
     if not 0.0 <= sparsity < 1.0:
         raise PrunePathError(f"sparsity must be in [0, 1) (got {sparsity}); e.g. 0.5 drops half the experts")
@@ -89,5 +87,3 @@ def prune_experts(model: nn.Module, tokenizer, calib_texts: Sequence[str], spars
     configure(model, method="static", params={"off": off, "sparsity": float(sparsity)})
     return off
 
-
-register_method("static", static_method)

@@ -18,6 +18,8 @@ from torch import nn
 
 from prunepath.baselines.calibration import run_batches, token_batches
 from prunepath.errors import PrunePathError
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.models.adapters import adapter_for
 
 SCOPES = ("ffn", "all")
 _FFN_ATTRS = {"gated-mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "gpt2": ("mlp.c_fc", "mlp.c_proj"),
@@ -35,8 +37,6 @@ def _weight_rows(m: nn.Module) -> torch.Tensor:
 
 def target_linears(model: nn.Module, scope: str = "ffn") -> dict[str, nn.Module]:
     """The linear layers Wanda prunes: the FFN's (default) or every one but the LM head and routers."""
-    from prunepath.conversion.moefy import prunepath_modules
-    from prunepath.models.adapters import adapter_for
 
     if scope not in SCOPES:
         raise PrunePathError(f"unknown Wanda scope {scope!r}; choose one of {', '.join(SCOPES)}")

@@ -8,6 +8,14 @@ import sys
 
 from prunepath.cli.common import add_device_arg
 from prunepath.errors import PrunePathError
+from prunepath.checkpoint import CONFIG_NAME
+from prunepath.checkpoint import read_config
+from prunepath.cli.common import resolve_device
+from prunepath.data.corpora import corpus_names, is_corpus_name
+from prunepath.evaluation.allocation import allocate_layer_tau, apply_allocation
+from prunepath.evaluation.common import resolve_data_path
+from prunepath.evaluation.reports import write_json
+import prunepath
 
 ALLOCATE_CHOICES = ("uniform", "greedy")
 DEFAULT_CALIB = "mix:sotu,moby-dick,austen,brown"
@@ -29,8 +37,6 @@ def check_calib_source(calib: str | None) -> None:
     """A calibration source that cannot work is an error before any model is loaded."""
     if calib is None:
         return
-    from prunepath.data.corpora import corpus_names, is_corpus_name
-    from prunepath.evaluation.common import resolve_data_path
 
     if is_corpus_name(calib):
         corpus_names(calib)  # unknown names raise
@@ -67,8 +73,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prunepath.checkpoint import read_config
-
     check_target(args.target_sparsity)
     if args.calib_tokens < 1 or args.window < 1 or args.calib_tokens < args.window:
         raise PrunePathError(f"--calib-tokens ({args.calib_tokens}) must be at least one --window ({args.window})")
@@ -77,19 +81,14 @@ def run(args: argparse.Namespace) -> int:
     check_calib_source(args.calib_data)
     from pathlib import Path
 
-    from prunepath.checkpoint import CONFIG_NAME
 
     if Path(args.model).expanduser().is_dir() and not (Path(args.model).expanduser() / CONFIG_NAME).exists():
         raise PrunePathError(f"{args.model} is not a PrunePath checkpoint; convert it first (`prunepath convert "
                              "--model NAME --out DIR`) and allocate on that directory")
     read_config(args.model)  # a clear error for anything else that is not a checkpoint
-    from prunepath.cli.common import resolve_device
 
     device = resolve_device(args.device)
 
-    import prunepath
-    from prunepath.evaluation.allocation import allocate_layer_tau, apply_allocation
-    from prunepath.evaluation.reports import write_json
 
     model, tok = prunepath.load(args.model, device=device)
     if tok is None:

@@ -7,6 +7,13 @@ from __future__ import annotations
 import argparse
 
 from prunepath.cli.common import add_model_arg
+from prunepath.baselines import apply_wanda, fit_router, prune_experts
+from prunepath.baselines.activation import check_target, collect_activation_stats, save_activation_model, thresholds_for
+from prunepath.checkpoint import atomic_replace_dir
+from prunepath.cli.common import check_baseline_args
+from prunepath.data.text import load_texts
+from prunepath.errors import PrunePathError
+import prunepath
 
 FITTED = ("moefication", "d2dmoe")
 
@@ -47,15 +54,9 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    import prunepath
-    from prunepath.baselines import apply_wanda, fit_router, prune_experts
-    from prunepath.checkpoint import atomic_replace_dir
-    from prunepath.data.text import load_texts
-    from prunepath.errors import PrunePathError
 
     if args.method in ("static", "wanda", "teal", "cats") and args.sparsity is None:
         raise PrunePathError(f"--method {args.method} needs --sparsity (e.g. 0.5)")
-    from prunepath.cli.common import check_baseline_args
 
     check_baseline_args(args)  # every generic option, before the model loads
     if args.method in ("teal", "cats"):
@@ -111,11 +112,6 @@ def _run_activation(args: argparse.Namespace) -> int:
     """TEAL / CATS: calibrate thresholds on the original dense model and save it with them."""
     from pathlib import Path
 
-    import prunepath
-    from prunepath.baselines.activation import (check_target, collect_activation_stats, save_activation_model,
-                                                thresholds_for)
-    from prunepath.data.text import load_texts
-    from prunepath.errors import PrunePathError
 
     allocation = args.allocate if args.method == "teal" else "uniform"
     check_target(args.method, args.sparsity, allocation)

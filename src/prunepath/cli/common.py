@@ -8,6 +8,10 @@ import torch
 
 from prunepath.errors import PrunePathError
 from prunepath.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
+from prunepath.data.corpora import is_corpus_name
+from prunepath.evaluation.common import check_text_file, resolve_data_path
+from prunepath.models.registry import check_builtin_typo
+from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau
 
 
 def add_model_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -32,9 +36,9 @@ def parse_taus(text: str) -> list[float]:
         taus = [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError as exc:
         raise PrunePathError(f"--taus must be a comma-separated list of numbers (got {text!r})") from exc
-    bad = [t for t in taus if not t > 0 or t > 2]
+    bad = [t for t in taus if not is_valid_tau(t, TAU_SWEEP_MAX)]
     if not taus or bad:
-        raise PrunePathError(f"every τ must be in (0, 2] (1.05 keeps all experts); got {text!r}")
+        raise PrunePathError(f"every τ must be in (0, 2] ({TAU_ALL} keeps all experts); got {text!r}")
     return taus
 
 
@@ -59,7 +63,6 @@ def check_min(args: argparse.Namespace, minimum: int | float, *names: str) -> No
 
 def check_data_arg(path: str | None, flag: str = "--data") -> None:
     """A data file argument: it exists (as given or under a data folder), is not empty, and is text."""
-    from prunepath.evaluation.common import check_text_file, resolve_data_path
 
     if path is None or str(path).startswith("hf:"):
         return
@@ -73,7 +76,6 @@ def check_data_arg(path: str | None, flag: str = "--data") -> None:
 
 def check_model_arg(name: str | None, flag: str = "--model") -> None:
     """A misspelled built-in name fails here, before anything is loaded (``smollm2-135`` → smollm2-135m)."""
-    from prunepath.models.registry import check_builtin_typo
 
     if name is not None:
         try:
@@ -101,9 +103,6 @@ def check_data_source(source: str | None, task: str, flag: str) -> None:
     """A training / evaluation data argument that names a file or folder must exist (and a file be text).
     Corpus names, ``mix:...``, ``hf:...`` and other ``scheme:`` sources are checked where they are read."""
     from pathlib import Path
-
-    from prunepath.data.corpora import is_corpus_name
-    from prunepath.evaluation.common import check_text_file
 
     if not source or is_corpus_name(str(source)):
         return

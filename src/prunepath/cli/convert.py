@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from prunepath.cli.common import add_model_arg, check_min, check_model_arg, check_out_dir, check_tau
+import prunepath
+from prunepath.routing.config import TAU_ALL
 
 
 def register(sub) -> None:
@@ -19,14 +21,13 @@ def register(sub) -> None:
     p.add_argument("--clustering", default="kmeans", choices=["kmeans", "random"],
                    help="expert construction (default: balanced k-means of normalised W_gate/W_1 rows)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tau", type=float, default=1.05, help="routing budget stored in the checkpoint (default 1.05)")
+    p.add_argument("--tau", type=float, default=TAU_ALL,
+                   help=f"routing budget stored in the checkpoint (default {TAU_ALL})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import prunepath
-
     check_model_arg(args.model)
     check_min(args, 1, "neurons_per_expert", "num_experts")
     check_tau(args.tau)

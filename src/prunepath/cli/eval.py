@@ -10,6 +10,16 @@ from prunepath.cli.allocate import add_allocation_args, check_target
 from prunepath.cli.common import (add_device_arg, add_model_arg, check_data_arg, check_min, check_model_arg,
                                   resolve_device)
 from prunepath.errors import PrunePathError
+from prunepath.cli.common import check_tau
+from prunepath.data.corpora import corpus_names, is_corpus_name
+from prunepath.evaluation.allocation import allocate_layer_tau
+from prunepath.evaluation.allocation import apply_allocation
+from prunepath.evaluation.allocation import calibration_ids
+from prunepath.evaluation.calibration import find_tau_for_sparsity
+from prunepath.evaluation.common import check_tokenizer
+from prunepath.evaluation.reports import run_meta, write_json
+from prunepath.evaluation.tasks import run_task
+import prunepath
 
 GLUE_TASKS = ("sst2", "mrpc", "rte", "cola")
 TASKS = ("ppl", "classify", *GLUE_TASKS, "rouge", "recon", "lm-eval")
@@ -52,7 +62,6 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
 
 def apply_routing_args(model, args: argparse.Namespace) -> dict:
     """Apply --rule/--k/--gates/--gate-offset to a converted model; returns what was changed."""
-    import prunepath
 
     changes = {k: v for k, v in dict(rule=args.rule, k=args.k, gate_offset=args.gate_offset,
                                      gates=None if args.gates is None else args.gates == "on").items()
@@ -87,8 +96,6 @@ def register(sub) -> None:
 
 def load_for_eval(args: argparse.Namespace):
     """(model, tokenizer) for the CLI task, with a classification head for GLUE tasks on encoders."""
-    import prunepath
-    from prunepath.evaluation.common import check_tokenizer
 
     device = resolve_device(args.device)
     task = "auto"
@@ -159,8 +166,6 @@ def check_metric_args(args: argparse.Namespace) -> None:
     if args.gate_offset is not None and not math.isfinite(args.gate_offset):
         raise PrunePathError(f"--gate-offset must be a finite number (got {args.gate_offset})")
     if getattr(args, "calib_data", None):
-        from prunepath.data.corpora import corpus_names, is_corpus_name
-
         if is_corpus_name(args.calib_data):  # a registry corpus mix, e.g. mix:sotu,moby-dick,austen,brown
             corpus_names(args.calib_data)
         else:
@@ -172,20 +177,13 @@ def check_metric_args(args: argparse.Namespace) -> None:
 
 
 def calibrate(model, tok, args: argparse.Namespace) -> dict:
-    from prunepath.evaluation.calibration import find_tau_for_sparsity
-
     calib = args.calib_data
     if calib is None:
         calib = args.data if args.task in ("ppl", "recon") else "wikitext-2/wiki.valid.raw"
-    from prunepath.data.corpora import is_corpus_name
 
     if isinstance(calib, str) and is_corpus_name(calib):  # e.g. mix:sotu,moby-dick,austen,brown
-        from prunepath.evaluation.allocation import calibration_ids
-
         calib = calibration_ids(tok, calib, args.calib_tokens)
     if getattr(args, "allocate", "uniform") == "greedy":
-        from prunepath.evaluation.allocation import allocate_layer_tau
-
         return allocate_layer_tau(model, tok, calib, args.target_sparsity, method="greedy",
                                   max_tokens=args.calib_tokens, window=args.window, progress=not args.no_progress)
     return find_tau_for_sparsity(model, tok, calib, args.target_sparsity, max_tokens=args.calib_tokens,
@@ -193,11 +191,7 @@ def calibrate(model, tok, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import prunepath
-    from prunepath.evaluation.reports import run_meta, write_json
-    from prunepath.evaluation.tasks import run_task
 
-    from prunepath.cli.common import check_tau
 
     check_metric_args(args)
     check_tau(args.tau)
@@ -220,8 +214,6 @@ def run(args: argparse.Namespace) -> int:
         prunepath.configure(model, layer_tau={}, allocation={})
     calib = None
     if args.target_sparsity is not None and args.allocate == "greedy":
-        from prunepath.evaluation.allocation import apply_allocation
-
         calib = calibrate(model, tok, args)
         lt = calib["layer_tau"]
         print(f"target s_FFN {args.target_sparsity:.3f}: greedy per-layer τ {min(lt.values()):.3f}–"

@@ -6,6 +6,11 @@ import argparse
 import time
 
 from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
+from prunepath.cli.common import check_model_arg, check_tau
+from prunepath.decoding import generate
+from prunepath.errors import PrunePathError
+from prunepath.kernels._common import interpreting
+import prunepath
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,11 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    import prunepath
-    from prunepath.decoding import generate
-    from prunepath.errors import PrunePathError
 
-    from prunepath.cli.common import check_model_arg, check_tau
 
     if args.max_new_tokens < 1:
         raise PrunePathError("--max-new-tokens must be >= 1")
@@ -44,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
         raise PrunePathError(f"--temperature must be >= 0 (0 = greedy; got {args.temperature})")
     device = resolve_device(args.device)
     if args.kernels == "triton" and device.type != "cuda":
-        from prunepath.kernels._common import interpreting
         if not interpreting():
             raise PrunePathError("--kernels triton needs a GPU: use --device cuda (or set TRITON_INTERPRET=1 to "
                                  "run the Triton kernels on the CPU, slowly)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from prunepath.checkpoint import read_config
 
 
 def register(sub) -> None:
@@ -15,8 +16,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prunepath.checkpoint import read_config
-
     meta = read_config(args.path)
     hf = json.loads((Path(args.path) / "config.json").read_text())
     info = {

@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from prunepath.errors import PrunePathError
+from prunepath import __version__
 
 # Sub-command modules, in the order of the pipeline. A module that fails to import (an optional extra
 # missing) is skipped with a note instead of breaking the whole CLI.
@@ -27,8 +28,6 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prunepath import __version__
-
     parser = argparse.ArgumentParser(
         prog="prunepath",
         description="Make a transformer's FFNs structurally and dynamically sparse (PrunePath), train, evaluate "

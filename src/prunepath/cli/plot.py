@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from prunepath.errors import PrunePathError
+from prunepath.evaluation.plots import plot_frontier
 
 
 def register(sub) -> None:
@@ -20,9 +22,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prunepath.errors import PrunePathError
-    from prunepath.evaluation.plots import plot_frontier
-
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.results):
         raise PrunePathError(f"--labels has {len(labels)} names for {len(args.results)} result files")

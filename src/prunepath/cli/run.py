@@ -10,6 +10,15 @@ import argparse
 import os
 import time
 
+from prunepath.cli.common import check_min, check_model_arg, check_out_dir
+from prunepath.errors import PrunePathError
+from prunepath.pipeline import lm_study
+from prunepath.pipeline import load_run_recipe, run_recipe
+from prunepath import pipeline
+from prunepath.pipeline import nlu_study as _nlu_study  # noqa: F401  (loads it; called as pipeline.nlu_study, which tests can swap)
+from prunepath.pipeline.lm_study import parse_shard
+from prunepath.pipeline.recipe import read_recipe_mapping
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a recipe end to end (convert/train → τ sweep → table + plot)",
@@ -45,11 +54,7 @@ def _deadline(args: argparse.Namespace) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prunepath.errors import PrunePathError
-    from prunepath.pipeline import load_run_recipe, run_recipe
-    from prunepath.pipeline.recipe import read_recipe_mapping
 
-    from prunepath.cli.common import check_min, check_model_arg, check_out_dir
 
     check_model_arg(args.model)  # every option, before any model loads
     check_out_dir(args.out)
@@ -57,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if args.deadline_s is not None and not args.deadline_s > 0:
         raise PrunePathError(f"--deadline-s must be > 0 seconds (got {args.deadline_s:g})")
     if args.shard:
-        from prunepath.pipeline.lm_study import parse_shard
-
         parse_shard(args.shard)
     raw = read_recipe_mapping(args.recipe)
     study = raw.get("study")
@@ -67,21 +70,15 @@ def run(args: argparse.Namespace) -> int:
         raw.setdefault("name", os.path.splitext(os.path.basename(args.recipe))[0])
         raw["source"] = str(args.recipe)
         if study == "lm":
-            from prunepath.pipeline import lm_study
-
             result = lm_study.run(raw, progress=args.progress, deadline=_deadline(args), device=args.device,
                                   shard=args.shard, train_tokens=args.train_tokens, merge_only=args.merge_only,
                                   do_merge=args.merge,
                                   jobs=[j.strip() for j in args.jobs.split(",") if j.strip()] if args.jobs else None)
         elif study == "nlu":
-            from prunepath.pipeline import nlu_study
-
             if args.device:
                 raw["device"] = args.device
-            result = nlu_study.run(raw, progress=args.progress, deadline=_deadline(args))
+            result = pipeline.nlu_study.run(raw, progress=args.progress, deadline=_deadline(args))
         else:
-            from prunepath.errors import PrunePathError
-
             raise PrunePathError(f"{args.recipe}: unknown study {study!r}; known: lm, nlu")
         print()
         print(result.get("summary", result) if isinstance(result, dict) else result)

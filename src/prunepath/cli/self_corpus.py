@@ -8,6 +8,7 @@ import argparse
 from prunepath.cli.common import add_model_arg, resolve_device
 from prunepath.errors import PrunePathError
 from prunepath.training import selfgen
+import prunepath
 
 
 def register(sub) -> None:
@@ -35,7 +36,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import prunepath
 
     settings = selfgen.SelfCorpusSettings(tokens=args.tokens, seed=args.seed, new_tokens=args.new_tokens,
                                           temperature=args.temperature, top_p=args.top_p,

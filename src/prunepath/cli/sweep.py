@@ -9,6 +9,15 @@ from pathlib import Path
 from prunepath.cli.common import add_device_arg, add_model_arg, check_model_arg, parse_taus
 from prunepath.cli.eval import add_metric_args, apply_routing_args, check_metric_args, load_for_eval, metric_kwargs
 from prunepath.errors import PrunePathError
+from prunepath.evaluation.sweep import activation_sweep
+from prunepath.baselines.activation import check_target
+from prunepath.data.text import load_texts
+from prunepath.evaluation.plots import plot_frontier
+from prunepath.evaluation.reports import rows_to_markdown, run_meta, write_csv, write_json, write_markdown
+from prunepath.evaluation.sweep import sweep
+from prunepath.evaluation.tasks import METRICS, run_task
+import prunepath
+from prunepath.routing.config import TAU_ALL
 
 
 def register(sub) -> None:
@@ -19,7 +28,7 @@ def register(sub) -> None:
     add_model_arg(p, required=True)
     add_metric_args(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--taus", default=None, help="comma-separated τ values in (0, 2], e.g. 0.3,0.5,0.7,0.9,1.05")
+    g.add_argument("--taus", default=None, help=f"comma-separated τ values in (0, 2], e.g. 0.3,0.5,0.7,0.9,{TAU_ALL}")
     g.add_argument("--target-sparsities", "--sparsities", default=None,
                    help="comma-separated s_FFN targets in [0, 1); τ is calibrated for each (bisection), or with "
                         "--method teal|cats the activation thresholds (one calibration pass for all)")
@@ -70,12 +79,6 @@ def sweep_out_dir(out: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import prunepath
-    from prunepath.evaluation.plots import plot_frontier
-    from prunepath.evaluation.reports import rows_to_markdown, run_meta, write_csv, write_json, write_markdown
-    from prunepath.evaluation.sweep import sweep
-    from prunepath.evaluation.tasks import METRICS, run_task
-
     if args.task == "recon":
         raise PrunePathError("use `prunepath eval --task recon` (it already reports every k)")
     if args.task != "lm-eval" and not args.data:
@@ -89,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
     out_dir = sweep_out_dir(args.out)
     activation = args.method in ("teal", "cats")
     if activation:
-        from prunepath.baselines.activation import check_target
-
         if not targets:
             raise PrunePathError(f"--method {args.method} sweeps target s_FFN values: pass --sparsities 0.3,0.4,0.5")
         for t in targets:
@@ -139,9 +140,6 @@ def run(args: argparse.Namespace) -> int:
 def _activation_rows(args: argparse.Namespace, model, tok, targets: list[float], kw: dict) -> list[dict]:
     """TEAL / CATS at every target: thresholds from one calibration pass on registry text (never --data), in
     windows of the evaluation's length."""
-    import prunepath
-    from prunepath.baselines.activation import activation_sweep
-    from prunepath.data.text import load_texts
 
     if prunepath.is_converted(model):
         raise PrunePathError(f"{args.model} is a converted checkpoint; --method {args.method} runs on the original "

@@ -10,6 +10,14 @@ import argparse
 import json
 
 from prunepath.errors import PrunePathError
+from prunepath.cli.common import check_data_arg, check_data_source, check_model_arg, check_out_dir, parse_taus
+from prunepath.training.config import TrainConfig, load_recipe
+from prunepath.training.data import glue_num_labels
+from prunepath.training.trainer import _write_json_atomic
+from prunepath.training.trainer import train_from_config
+import prunepath
+from prunepath.routing.config import TAU_ALL
+from prunepath.evaluation import perplexity
 
 S = argparse.SUPPRESS  # flags not given do not override the recipe
 
@@ -37,7 +45,7 @@ def _int_list(text: str) -> list[int]:
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train routers and backbone (PrunePath schedule), or dense fine-tuning",
-        description="Train a PrunePath model: stage 1 all-expert warm-up at τ=1.05, stage 2 lowers τ to τ_min "
+        description=f"Train a PrunePath model: stage 1 all-expert warm-up at τ={TAU_ALL}, stage 2 lowers τ to τ_min "
                     "(linear over rounds, or fixed). A plain model is converted first. Output: a "
                     "prunepath.load-able directory with a JSONL log and resumable checkpoints.",
         argument_default=S)
@@ -59,7 +67,7 @@ def register(sub) -> None:
     g.add_argument("--num-experts", type=int)
     g.add_argument("--clustering", choices=["kmeans", "random", "coactivation"])
     g = p.add_argument_group("schedule and losses")
-    g.add_argument("--stage1-steps", type=int, help="all-expert warm-up steps at τ=1.05 (default 100)")
+    g.add_argument("--stage1-steps", type=int, help=f"all-expert warm-up steps at τ={TAU_ALL} (default 100)")
     g.add_argument("--stage2-steps", type=int, help="sparse steps (default 100)")
     g.add_argument("--tau-min", type=float, help="final τ (default 0.7)")
     g.add_argument("--tau-schedule", choices=["linear", "fixed"])
@@ -125,7 +133,6 @@ NON_CONFIG = {"recipe", "func", "command", "method_param", "ppl_data", "ppl_toke
 
 def resolve_config(args: argparse.Namespace):
     """TrainConfig from the recipe, then the flags given on the command line."""
-    from prunepath.training.config import TrainConfig, load_recipe
 
     settings = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
     settings = {k.replace("-", "_"): v for k, v in settings.items()}
@@ -147,7 +154,6 @@ def resolve_config(args: argparse.Namespace):
 
 def check_before_load(cfg, args: argparse.Namespace) -> None:
     """Everything that can be checked without the model, checked before it loads."""
-    from prunepath.cli.common import check_data_arg, check_data_source, check_model_arg, check_out_dir, parse_taus
 
     check_model_arg(cfg.model)
     check_out_dir(cfg.out)
@@ -161,10 +167,6 @@ def check_before_load(cfg, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import prunepath
-    from prunepath.training.data import glue_num_labels
-    from prunepath.training.trainer import train_from_config
-
     cfg = resolve_config(args)
     if getattr(args, "print_config", False):
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -184,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
                                        getattr(args, "ppl_taus", None), cfg)
         from pathlib import Path
 
-        from prunepath.training.trainer import _write_json_atomic
         _write_json_atomic(Path(cfg.out) / "ppl_eval.json", summary["ppl_eval"])
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -192,18 +193,15 @@ def run(args: argparse.Namespace) -> int:
 
 def ppl_eval(model, tok, data: str, max_tokens: int, taus: str | None, cfg) -> list[dict]:
     """Perplexity of the trained model on a text file at the trained routing (and at ``taus``)."""
-    import prunepath
-    from prunepath.cli.common import parse_taus
-    from prunepath.evaluation.perplexity import evaluate_perplexity
 
     runs = []
     tau_list = parse_taus(taus) if taus and prunepath.is_converted(model) else [None]
     for tau in tau_list:
         if tau is None:
-            res = evaluate_perplexity(model, tok, data, max_tokens=max_tokens, progress=cfg.progress)
+            res = perplexity.evaluate_perplexity(model, tok, data, max_tokens=max_tokens, progress=cfg.progress)
         else:
             with prunepath.routing(model, tau=tau):
-                res = evaluate_perplexity(model, tok, data, max_tokens=max_tokens, progress=cfg.progress)
+                res = perplexity.evaluate_perplexity(model, tok, data, max_tokens=max_tokens, progress=cfg.progress)
         row = {k: res[k] for k in ("ppl", "nll", "tokens", "s_ffn", "window") if k in res}
         row.update(data=data, tau=tau if tau is not None else (
             model.prunepath_config.routing.tau if prunepath.is_converted(model) else None))

@@ -12,7 +12,7 @@ from prunepath.conversion.clustering import cluster_neurons, resolve_expert_coun
 from prunepath.errors import PrunePathError
 from prunepath.models.adapters import Adapter, DenseFFN, adapter_by_name, adapter_for
 from prunepath.routing.config import RoutingConfig
-from prunepath.routing.ffn import PrunePathFFN
+from prunepath.routing.ffn import PrunePathFFN, is_converted, prunepath_modules  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -41,15 +41,6 @@ class PrunePathConfig:
         d = dict(d)
         d["routing"] = RoutingConfig.from_dict(d.get("routing", {}))
         return cls(**d)
-
-
-def prunepath_modules(model: nn.Module) -> list[PrunePathFFN]:
-    """The model's PrunePath FFNs in layer order."""
-    return [m for m in model.modules() if isinstance(m, PrunePathFFN)]
-
-
-def is_converted(model: nn.Module) -> bool:
-    return getattr(model, "prunepath_config", None) is not None
 
 
 def build_ffn(
@@ -101,7 +92,7 @@ def moefy(
     """Convert every FFN of ``model`` (in place) into PrunePath experts and return the model.
 
     Experts come from balanced k-means of the L2-normalised W_gate (gated) / W_1 (plain) rows, ``seed`` makes
-    it deterministic. The router is zero-initialised; routing starts at τ = 1.05 (all experts, sigmoid gates).
+    it deterministic. The router is zero-initialised; routing starts at τ = ``TAU_ALL`` (all experts, sigmoid gates).
     ``clustering="coactivation"`` needs ``calibration_activations`` (one [tokens, d_ff] tensor per layer).
     ``permutations`` (one neuron order per layer, e.g. clustered from *another* model's weights) replaces the
     clustering; ``clustering`` is then only the label stored in the config.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunepath.errors import PrunePathError
+from prunepath.io import check_text_file, resolve_data_path
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 NUM_LABELS = {"sst2": 2, "mrpc": 2, "rte": 2, "cola": 2}
@@ -87,7 +88,6 @@ def _columns(header: list[str], names: tuple[str, ...], task: str, path: Path) -
 def load_glue(path: str | os.PathLike, task: str | None = None) -> GlueData:
     """Read a GLUE-style file; ``task`` is inferred from the path when None. Bad files raise PrunePathError
     naming the expected columns."""
-    from prunepath.evaluation.common import check_text_file, resolve_data_path
 
     p = resolve_data_path(path)
     check_text_file(p)

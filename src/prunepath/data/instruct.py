@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from prunepath.errors import PrunePathError
+from prunepath.io import check_text_file, resolve_data_path
 
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
@@ -49,7 +50,6 @@ def _convert(rec: object, where: str) -> dict:
 
 def load_examples(path: str | os.PathLike) -> list[dict]:
     """(prompt, response) dicts from Alpaca-style JSON or XSum-style JSONL (format detected from the content)."""
-    from prunepath.evaluation.common import check_text_file, resolve_data_path
 
     p: Path = resolve_data_path(path)
     check_text_file(p)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prunepath.data.corpora import is_corpus_name, load_corpus, split_documents
 from prunepath.errors import PrunePathError
+from prunepath.io import check_text_file
 
 _WIKI_HEADING = re.compile(r"^ = [^=].* = $", re.M)
 
@@ -120,8 +121,6 @@ def load_documents(source: str | Path, *, text_field: str | None = None) -> list
         raise PrunePathError(f"{path} is a {path.suffix} table; for classification use --task classify, for "
                              "language modelling pass a text file, a directory of .txt files or a JSON(L) file")
     else:
-        from prunepath.evaluation.common import check_text_file
-
         check_text_file(path)
         raw = path.read_bytes()
         texts = split_text_file(raw.decode("utf-8", errors="replace"))

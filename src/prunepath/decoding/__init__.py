@@ -14,6 +14,11 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.conversion.moefy import is_converted
+from prunepath.decoding.engine import DecodeEngine
+from prunepath.kernels._common import interpreting
+from prunepath.routing.control import routing as routing_ctx
+from prunepath.models.arch import DECODE_MODEL_TYPES
 
 __all__ = ["DecodeEngine", "generate"]
 
@@ -22,13 +27,11 @@ KERNELS = ("auto", "triton", "torch")
 
 def __getattr__(name: str):
     if name == "DecodeEngine":
-        from prunepath.decoding.engine import DecodeEngine
         return DecodeEngine
     raise AttributeError(name)
 
 
 def _engine_for(model: nn.Module, batch: int, max_len: int, device: torch.device, ffn: str):
-    from prunepath.decoding.engine import DecodeEngine
     cache = getattr(model, "_prunepath_engines", None)
     if cache is None:
         cache = {}
@@ -57,8 +60,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
     on the GPU, keep the model in host memory and pass ``device="cuda"``. The engine is cached on the model
     (one per batch size and device); τ changes between calls reuse its captured graph.
     """
-    from prunepath.conversion.moefy import is_converted
-    from prunepath.routing.control import routing as routing_ctx
 
     if kernels not in KERNELS:
         raise PrunePathError(f"kernels must be one of {', '.join(KERNELS)} (got {kernels!r})")
@@ -67,7 +68,6 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PrunePathError(f"--device {dev} asked for a GPU but none is available here; use --device cpu")
-    from prunepath.kernels._common import interpreting
     use_engine = kernels == "triton" or (kernels == "auto" and dev.type == "cuda")
     if kernels == "triton" and dev.type != "cuda" and not interpreting():
         raise PrunePathError("--kernels triton needs a GPU: use --device cuda, or set TRITON_INTERPRET=1 to "
@@ -84,7 +84,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
         torch.manual_seed(seed)
     eos = getattr(tokenizer, "eos_token_id", None)
     settings = {"tau": tau} if tau is not None else {}
-    supported = getattr(getattr(model, "config", None), "model_type", None) in ("llama", "mistral", "qwen2", "gpt2")
+    supported = getattr(getattr(model, "config", None), "model_type", None) in DECODE_MODEL_TYPES
     method = model.prunepath_config.routing.method if is_converted(model) else "prunepath"
     why = (f"the decode engine does not support {model.config.model_type!r} models" if not supported else
            f"the decode kernels implement the prunepath routing method, not {method!r}" if method != "prunepath"

@@ -21,9 +21,15 @@ from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
 from prunepath.kernels.layout import PackedFFN, detect_activation, pack_ffn
 from prunepath.routing.config import RoutingConfig
+from prunepath.models.adapters import adapter_for
+from prunepath.models.arch import DECODE_MODEL_TYPES, decode_view
+from prunepath.routing.ffn import is_converted, prunepath_modules
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED = LLAMA_LIKE + ("gpt2",)
+# The Triton kernel modules (kernels.decode_ops / dense / ffn) import triton at their top: they are imported
+# inside the functions that build GPU paths, so that the engine's CPU path and importing prunepath never need
+# Triton (the documented in-function imports of the package).
+
+SUPPORTED = DECODE_MODEL_TYPES  # one decode weight view per family: prunepath.models.arch
 
 _WARMUP_STREAMS: dict[str, "torch.cuda.Stream"] = {}
 
@@ -100,9 +106,6 @@ class DecodeEngine:
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  graphs: bool | None = None, ffn_tuning: dict | None = None, crossover: int = 2,
                  prefill: str = "dense") -> None:
-        from prunepath.conversion.moefy import is_converted, prunepath_modules
-        from prunepath.models.adapters import adapter_for
-
         cfg = model.config
         mt = getattr(cfg, "model_type", None)
         if mt not in SUPPORTED:
@@ -123,7 +126,8 @@ class DecodeEngine:
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         self.model_type, self.batch, self.max_len = mt, batch, max_len
         self.converted = is_converted(model)
-        self.routing: RoutingConfig = model.prunepath_config.routing if self.converted else RoutingConfig()
+        # The engine's own copy of the routing settings: set_tau changes the engine, never the model's config.
+        self.routing: RoutingConfig = model.prunepath_config.routing.copy() if self.converted else RoutingConfig()
         kw = {"dtype": self.dtype, "device": self.device}
         self.ffn_tuning = dict(ffn_tuning or {})
 
@@ -132,60 +136,27 @@ class DecodeEngine:
                 return None
             return x.detach().to(dtype=dt or self.dtype, device=self.device).contiguous()
 
-        if mt in LLAMA_LIKE:
-            body = model.model
-            self.rms, self.eps = True, float(cfg.rms_norm_eps)
-            self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
-                raise PrunePathError("partial rotary embeddings are not supported by the decode engine")
-            self.embed = t(body.embed_tokens.weight)
-            self.wpe = None
-            self.final_w, self.final_b = t(body.norm.weight, torch.float32), None
-            self.lm_head = t(model.lm_head.weight)
-            with torch.no_grad():
-                pos = torch.arange(max_len, device=ref.device)[None]
-                cos, sin = body.rotary_emb(torch.zeros(1, dtype=torch.float32, device=ref.device), pos)
-            self.cos, self.sin = t(cos[0], torch.float32), t(sin[0], torch.float32)
-            blocks = list(body.layers)
-        else:  # gpt2
-            body = model.transformer
-            self.rms, self.eps = False, float(cfg.layer_norm_epsilon)
-            self.heads = self.kv_heads = cfg.n_head
-            self.head_dim = cfg.n_embd // cfg.n_head
-            if max_len > cfg.n_positions:
-                raise PrunePathError(f"max_len {max_len} exceeds GPT-2's {cfg.n_positions} positions")
-            self.embed = t(body.wte.weight)
-            self.wpe = t(body.wpe.weight, torch.float32)
-            self.final_w, self.final_b = t(body.ln_f.weight, torch.float32), t(body.ln_f.bias, torch.float32)
-            self.lm_head = t(model.lm_head.weight)
-            self.cos = self.sin = None
-            blocks = list(body.h)
+        view = decode_view(model, max_len)  # the architecture's facts: prunepath.models.arch.<family>
+        self.rms, self.eps = view.rms, view.eps
+        self.heads, self.kv_heads, self.head_dim = view.heads, view.kv_heads, view.head_dim
+        self.embed = t(view.embed)
+        self.wpe = t(view.wpe, torch.float32)
+        self.final_w, self.final_b = t(view.final_w, torch.float32), t(view.final_b, torch.float32)
+        self.lm_head = t(view.lm_head)
+        self.cos, self.sin = t(view.cos, torch.float32), t(view.sin, torch.float32)
         self.hidden = self.embed.shape[1]
         adapter = adapter_for(model)
         sites = adapter.sites(model)
         pp = {m.layer_index: m for m in prunepath_modules(model)} if self.converted else {}
         self.layers: list[_Layer] = []
-        for i, blk in enumerate(blocks):
-            if mt in LLAMA_LIKE:
-                a = blk.self_attn
-                qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)
-                qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], 0)
-                         if a.q_proj.bias is not None else None)
-                o_w, o_b = a.o_proj.weight, a.o_proj.bias
-                ln1, ln2 = (blk.input_layernorm.weight, None), (blk.post_attention_layernorm.weight, None)
-            else:
-                a = blk.attn
-                qkv_w, qkv_b = a.c_attn.weight.t(), a.c_attn.bias
-                o_w, o_b = a.c_proj.weight.t(), a.c_proj.bias
-                ln1, ln2 = (blk.ln_1.weight, blk.ln_1.bias), (blk.ln_2.weight, blk.ln_2.bias)
+        for i, lv in enumerate(view.layers):
             if self.converted:
                 packed = pack_ffn(pp[i], dtype=self.dtype, device=self.device)
             else:
                 packed = _pack_dense(adapter.extract(sites[i]), self.dtype, self.device)
-            layer = _Layer(ln1_w=t(ln1[0], torch.float32), ln1_b=t(ln1[1], torch.float32), qkv_w=t(qkv_w),
-                           qkv_b=t(qkv_b), o_w=t(o_w), o_b=t(o_b), ln2_w=t(ln2[0], torch.float32),
-                           ln2_b=t(ln2[1], torch.float32), ffn=packed, converted=self.converted)
+            layer = _Layer(ln1_w=t(lv.ln1_w, torch.float32), ln1_b=t(lv.ln1_b, torch.float32), qkv_w=t(lv.qkv_w),
+                           qkv_b=t(lv.qkv_b), o_w=t(lv.o_w), o_b=t(lv.o_b), ln2_w=t(lv.ln2_w, torch.float32),
+                           ln2_b=t(lv.ln2_b, torch.float32), ffn=packed, converted=self.converted)
             layer.k_cache = torch.zeros(batch, self.kv_heads, max_len, self.head_dim, **kw)
             layer.v_cache = torch.zeros(batch, self.kv_heads, max_len, self.head_dim, **kw)
             self.layers.append(layer)
@@ -222,10 +193,10 @@ class DecodeEngine:
         return (mode, r.rule, r.gates, r.gate_offset, r.method)
 
     def sync_routing(self, routing: RoutingConfig | None = None, ffn: str = "auto") -> None:
-        """Adopt ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate setting or
-        FFN path rebuilds the layer FFNs (the next step recaptures)."""
+        """Adopt a copy of ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate
+        setting or FFN path rebuilds the layer FFNs (the next step recaptures)."""
         if routing is not None:
-            self.routing = routing
+            self.routing = routing.copy()
         mode = self.resolve_mode(ffn)
         if self._signature(mode) != self._sig:
             self.set_ffn_mode(ffn)

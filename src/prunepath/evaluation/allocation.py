@@ -39,30 +39,34 @@ from tqdm.auto import tqdm
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.common import ActiveMeter, check_token_ids, pad_id, prepare_model
 from prunepath.models.adapters import needs_bos
+from prunepath.calibration import calibration_texts
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.data.corpora import is_corpus_name
+from prunepath.data.lm import tokenize_documents
+from prunepath.evaluation.calibration import find_tau_for_sparsity
+from prunepath.evaluation.perplexity import plan_windows, window_batches
+from prunepath.evaluation.perplexity import tokenize_text
+from prunepath.routing.control import configure
+from prunepath.routing.methods import get_method
+from prunepath.routing.control import routing_scope
+from prunepath.routing.config import TAU_ALL
 
 METHODS = ("greedy", "uniform")
 #: dense, then 0.975 … 0.025 in steps of 0.025, then one expert per token (τ → 0)
-DEFAULT_TAU_GRID: tuple[float, ...] = (1.05,) + tuple(round(0.975 - 0.025 * i, 3) for i in range(39)) + (1e-6,)
+DEFAULT_TAU_GRID: tuple[float, ...] = (TAU_ALL,) + tuple(round(0.975 - 0.025 * i, 3) for i in range(39)) + (1e-6,)
 TOP1_TAU = 1e-6
-DENSE_TAU = 1.05
+DENSE_TAU = TAU_ALL
 
 
 # ---- calibration tokens --------------------------------------------------------------------------------------
 def calibration_ids(tokenizer, calib, max_tokens: int | None) -> torch.Tensor:
     """1-D token ids from ``calib``: a token-id tensor/list, a list of texts (documents joined by EOS), a text
     file path, or a registry corpus name (``mix:sotu,brown``: training documents, round-robin)."""
-    from prunepath.evaluation.perplexity import tokenize_text
 
     if isinstance(calib, str) and not os.path.exists(calib):
-        from prunepath.data.corpora import is_corpus_name
-
         if is_corpus_name(calib):
-            from prunepath.baselines.compare import calibration_texts
-
             calib, _ = calibration_texts(calib)
     if isinstance(calib, (list, tuple)) and calib and all(isinstance(t, str) for t in calib):
-        from prunepath.data.lm import tokenize_documents
-
         if tokenizer is None:
             raise PrunePathError("calibration texts need a tokenizer (pass the model's tokenizer or token ids)")
         ids = torch.tensor(tokenize_documents(list(calib), tokenizer, max_tokens=max_tokens), dtype=torch.long)
@@ -116,7 +120,6 @@ def _run_windows(model: nn.Module, ids: torch.Tensor, window: int, bos_id: int |
                  progress: bool = False, desc: str = "") -> dict:
     """Forward every calibration window (the perplexity window protocol, no LM head); returns the active-expert
     meter's result on the scored positions. ``before(mask)`` is called before each batch's forward."""
-    from prunepath.evaluation.perplexity import plan_windows, window_batches
 
     plan = plan_windows(int(ids.numel()), window, window, bos_id is not None)
     meter = ActiveMeter(model)
@@ -139,8 +142,6 @@ class _LayerAccumulator:
     """Sums over tokens, for one FFN and every τ of the grid, of active experts and ‖y_τ − y_dense‖²."""
 
     def __init__(self, ffn: nn.Module, taus: Sequence[float], chunk: int = 512) -> None:
-        from prunepath.routing.methods import get_method
-
         self.ffn = ffn
         self.taus = list(taus)
         self.chunk = chunk
@@ -288,6 +289,30 @@ class _Path:
 
 
 # ---- the public entry point ----------------------------------------------------------------------------------
+def _layer_tables(model: nn.Module, ffns: list, taus: list[float], ids: torch.Tensor, window: int, bos_id, pad: int,
+                  progress: bool) -> list[dict]:
+    """Each layer's s_FFN and relative error over the τ grid, on the inputs of one dense forward."""
+    accs = [_LayerAccumulator(f, taus) for f in ffns]
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(acc):
+        def hook(_mod, args):
+            x = args[0]
+            m = current["mask"]
+            acc.add(x[m] if x.shape[:-1] == m.shape else x.reshape(-1, x.shape[-1]))
+        return hook
+
+    with torch.inference_mode(), routing_scope(model, tau=DENSE_TAU, layer_tau={}, allocation={}):
+        handles = [f.register_forward_pre_hook(hook_for(a)) for f, a in zip(ffns, accs)]
+        try:
+            _run_windows(model, ids, window, bos_id, pad, before=lambda m: current.__setitem__("mask", m),
+                         progress=progress, desc="allocation: per-layer table")
+        finally:
+            for h in handles:
+                h.remove()
+    return [a.table() for a in accs]
+
+
 def allocate_layer_tau(
     model: nn.Module,
     tokenizer,
@@ -312,8 +337,6 @@ def allocate_layer_tau(
     uniform adds ``tau``. The model's routing is left as it was; :func:`apply_allocation` installs the result.
     Any ``layer_tau`` already set on the model is replaced, not combined.
     """
-    import prunepath
-    from prunepath.conversion.moefy import prunepath_modules
 
     if method not in METHODS:
         raise PrunePathError(f"unknown allocation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -337,12 +360,10 @@ def allocate_layer_tau(
     out = {"target": target, "method": method, "tokens": int(ids.numel()), "window": window, "tol": tol}
 
     if method == "uniform":
-        from prunepath.evaluation.calibration import find_tau_for_sparsity
-
-        with prunepath.routing(model, layer_tau={}, allocation={}):
+        with routing_scope(model, layer_tau={}, allocation={}):
             cal = find_tau_for_sparsity(model, tokenizer, ids, target, tol=tol, max_tokens=int(ids.numel()),
                                         window=window, progress=progress)
-            with prunepath.routing(model, tau=cal["tau"]):
+            with routing_scope(model, tau=cal["tau"]):
                 res = _run_windows(model, ids, window, bos_id, pad)
         out.update(layer_tau={i: float(cal["tau"]) for i in layers}, tau=float(cal["tau"]), s_ffn=res["s_ffn"],
                    per_layer_s_ffn=res["per_layer_s_ffn"], within_tol=abs(res["s_ffn"] - target) <= tol,
@@ -350,25 +371,7 @@ def allocate_layer_tau(
         return out
 
     # 1. the per-layer table, on the inputs of a dense forward
-    accs = [_LayerAccumulator(f, taus) for f in ffns]
-    current: dict[str, torch.Tensor] = {}
-
-    def hook_for(acc):
-        def hook(_mod, args):
-            x = args[0]
-            m = current["mask"]
-            acc.add(x[m] if x.shape[:-1] == m.shape else x.reshape(-1, x.shape[-1]))
-        return hook
-
-    with torch.inference_mode(), prunepath.routing(model, tau=DENSE_TAU, layer_tau={}, allocation={}):
-        handles = [f.register_forward_pre_hook(hook_for(a)) for f, a in zip(ffns, accs)]
-        try:
-            _run_windows(model, ids, window, bos_id, pad, before=lambda m: current.__setitem__("mask", m),
-                         progress=progress, desc="allocation: per-layer table")
-        finally:
-            for h in handles:
-                h.remove()
-    tables = [a.table() for a in accs]
+    tables = _layer_tables(model, ffns, taus, ids, window, bos_id, pad, progress)
     s_tab = torch.tensor([t["s_ffn"] for t in tables], dtype=torch.float64)
     e_tab = torch.tensor([t["rel_error"] for t in tables], dtype=torch.float64)
     s_max = float(s_tab[:, -1].mean())  # one expert per token (+ always-on) everywhere: exact, not a prediction
@@ -383,7 +386,7 @@ def allocate_layer_tau(
 
     def real(u: float) -> float:
         lt = dict(zip(layers, path.taus_at(u)))
-        with torch.inference_mode(), prunepath.routing(model, layer_tau=lt, allocation={}):
+        with torch.inference_mode(), routing_scope(model, layer_tau=lt, allocation={}):
             results[u] = _run_windows(model, ids, window, bos_id, pad)
         history.append((u, results[u]["s_ffn"]))
         return results[u]["s_ffn"]
@@ -422,12 +425,11 @@ def allocate_layer_tau(
 def apply_allocation(model: nn.Module, allocation: dict, *, calibration: str | None = None) -> dict:
     """Install an :func:`allocate_layer_tau` result on ``model`` (``layer_tau`` plus its provenance in
     ``routing.allocation``, which :func:`prunepath.save` stores in the checkpoint). Returns the provenance."""
-    import prunepath
 
     prov = {"target": allocation["target"], "method": allocation["method"], "s_ffn": allocation["s_ffn"],
             "tokens": allocation["tokens"], "window": allocation.get("window")}
     if calibration is not None:
         prov["calibration"] = str(calibration)
-    prunepath.configure(model, layer_tau={int(k): float(v) for k, v in allocation["layer_tau"].items()},
+    configure(model, layer_tau={int(k): float(v) for k, v in allocation["layer_tau"].items()},
                         allocation=prov)
     return prov

@@ -11,13 +11,16 @@ from tqdm.auto import tqdm
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.common import ActiveMeter, check_token_ids, pad_id, prepare_model
 from prunepath.models.adapters import needs_bos
+from prunepath.evaluation.perplexity import plan_windows, window_batches
+from prunepath.evaluation.perplexity import tokenize_text
+from prunepath.routing.control import routing_scope
+from prunepath.routing.config import TAU_ALL
 
 
 @torch.inference_mode()
 def measure_sparsity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, batch_size: int = 4,
                      bos_id: int | None = None, pad: int = 0) -> float:
     """s_FFN of the current routing on ``ids`` under the perplexity window protocol (no loss computed)."""
-    from prunepath.evaluation.perplexity import plan_windows, window_batches
 
     plan = plan_windows(int(ids.numel()), window, window, bos_id is not None)
     meter = ActiveMeter(model)
@@ -48,8 +51,6 @@ def find_tau_for_sparsity(
     Returns ``tau``, ``s_ffn`` (achieved), ``target``, ``tokens``, ``iterations``, ``history`` [(τ, s_FFN)].
     Leaves the model's routing as it was. The reachable range is [s_FFN(τ=1), s_FFN(τ→0) = top-1 only].
     """
-    import prunepath
-    from prunepath.evaluation.perplexity import tokenize_text
 
     cfg = getattr(model, "prunepath_config", None)
     if cfg is None:
@@ -67,7 +68,7 @@ def find_tau_for_sparsity(
     history: list[tuple[float, float]] = []
 
     def s_at(tau: float) -> float:
-        with prunepath.routing(model, tau=tau):
+        with routing_scope(model, tau=tau):
             s = measure_sparsity(model, ids, window=window, bos_id=bos_id, pad=pad)
         history.append((tau, s))
         return s
@@ -83,7 +84,7 @@ def find_tau_for_sparsity(
         if abs(best[1] - target) <= tol / 2:
             break
         if target < s_hi:  # sparser than wanted even at τ = 1: only τ > 1 (all experts) is denser
-            best = (1.05, s_at(1.05))
+            best = (TAU_ALL, s_at(TAU_ALL))
             break
         mid = 0.5 * (lo + hi)
         s = s_at(mid)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from prunepath.data.glue import GlueData, load_glue
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.common import ActiveMeter, check_tokenizer, model_meta, prepare_model
+from prunepath.evaluation.lm import encode_pair, loglikelihoods
 
 # Zero-shot prompts and label verbalisers (label index order) for causal LMs.
 PROMPTS = {
@@ -100,8 +101,6 @@ def _predict_head(model, tokenizer, data: GlueData, batch_size, max_length, mete
 
 
 def _predict_zero_shot(model, tokenizer, data: GlueData, batch_size, max_length, meter, progress) -> list[int]:
-    from prunepath.evaluation.lm import encode_pair, loglikelihoods
-
     template, verbalisers = PROMPTS[data.task]
     pairs = []
     for x, y in data.texts:

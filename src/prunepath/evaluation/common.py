@@ -1,90 +1,19 @@
-"""Helpers shared by the evaluation tasks: model naming, BOS policy, tokenizer checks, data paths, machine info,
-and the active-expert meter that measures s_FFN on exactly the tokens a metric scores."""
+"""Helpers shared by the evaluation tasks: model naming, BOS policy, tokenizer checks, data paths, machine info.
+The active-expert meter that measures s_FFN on exactly the tokens a metric scores (``ActiveMeter``,
+``track_active``) lives in :mod:`prunepath.stats`, with every other s_FFN count, and is re-exported here."""
 
 from __future__ import annotations
 
 import os
 import platform
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
-
-
-def shared_data_dir() -> Path:
-    """The shared data folder: ``$PRUNEPATH_DATA`` or ``<repo>/../shared/data`` (as laid out in CI)."""
-    env = os.environ.get("PRUNEPATH_DATA")
-    if env:
-        return Path(env)
-    return repo_shared_data_dir()
-
-
-def repo_shared_data_dir() -> Path:
-    """``<repo>/../shared/data``: the data folder beside a checkout (absent in a plain clone or install)."""
-    return (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
-
-
-def builtin_data_dir() -> Path:
-    """Data shipped inside the package (package data): ``wikitext-2/wiki.valid.raw``, with its attribution."""
-    return Path(__file__).resolve().parents[1] / "data" / "builtin"
-
-
-def data_search_paths() -> list[Path]:
-    """Folders searched, in order, for a relative data path that does not exist as given: ``$PRUNEPATH_DATA``
-    (when set), the data shipped with the package, then ``<repo>/../shared/data``."""
-    env = os.environ.get("PRUNEPATH_DATA")
-    paths = ([Path(env).expanduser()] if env else []) + [builtin_data_dir(), repo_shared_data_dir()]
-    return list(dict.fromkeys(paths))
-
-
-def resolve_data_path(path: str | os.PathLike) -> Path:
-    """A data file given as a path, or relative to a data folder (e.g. ``wikitext-2/wiki.valid.raw``, shipped
-    with the package); see :func:`data_search_paths`."""
-    p = Path(path).expanduser()
-    if p.exists():
-        return p
-    searched = data_search_paths()
-    if not p.is_absolute():
-        for root in searched:
-            if (root / p).exists():
-                return root / p
-    where = "" if p.is_absolute() else " or under " + ", ".join(str(r) for r in searched)
-    raise PrunePathError(
-        f"data file not found: {p} (looked for it as given{where}). Pass an existing file, or a path relative to "
-        "one of those folders: wikitext-2/wiki.valid.raw ships with PrunePath; for other data sets (GLUE TSVs, "
-        "XSum / Alpaca samples) set PRUNEPATH_DATA to a folder laid out as <set>/<file>, e.g. sst2/glue/dev.tsv "
-        "(where to get each: docs/evaluation.md, section Data)")
-
-
-def check_text_file(path: str | os.PathLike, sample_bytes: int = 1 << 16) -> None:
-    """Reject a file that is not text: it must decode as UTF-8 and not be mostly control bytes (checked on its
-    first ``sample_bytes``). Every reader of raw-text data calls this before reading."""
-    p = Path(path)
-    with open(p, "rb") as fh:
-        head = fh.read(sample_bytes)
-    if not head:
-        return
-    why = None
-    if b"\x00" in head:
-        why = "it contains NUL bytes"
-    else:
-        try:
-            head.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            # A multi-byte character cut by the sample's end is fine; anything earlier is not UTF-8.
-            if exc.start < len(head) - 3:
-                why = f"it is not UTF-8 (byte {exc.start} is 0x{head[exc.start]:02x})"
-        if why is None:
-            control = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13) or b == 127)
-            if control > 0.1 * len(head):
-                why = f"{control / len(head):.0%} of its first {len(head)} bytes are control characters"
-    if why:
-        raise PrunePathError(f"{p} looks binary, not like a text file ({why}); pass a UTF-8 text file (e.g. "
-                             "wikitext-2/wiki.valid.raw), or a JSON / JSONL file where the task takes one")
+from prunepath.stats import ActiveMeter, track_active  # noqa: F401  (re-exported: s_FFN counts live in stats)
+from prunepath.io import (  # noqa: F401  (re-exported: data paths live in io)
+    shared_data_dir, repo_shared_data_dir, builtin_data_dir, data_search_paths, resolve_data_path, check_text_file)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -186,92 +115,3 @@ def require_causal_lm(model: nn.Module, task: str) -> None:
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise PrunePathError(f"task {task!r} needs a causal language model (with an LM head); "
                              f"{type(model).__name__} has none")
-
-
-class ActiveMeter:
-    """Accumulates per-layer active-expert counts over many forwards (mean and histogram per layer).
-
-    ``update(model, mask)`` reads the counts of the last forward for the tokens where ``mask`` is True; a dense
-    (unconverted) model is accepted and reports s_ffn = 0, or with TEAL / CATS applied the mean over tokens and
-    layers of the measured fraction of FFN weight bytes not read (:func:`prunepath.stats.activation_s_ffn`).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        cfg = getattr(model, "prunepath_config", None)
-        self.converted = cfg is not None
-        self.num_experts = cfg.num_experts if cfg is not None else 0
-        # Wanda (static unstructured pruning) reports its weight sparsity as s_FFN, as the paper does.
-        self.static_sparsity = getattr(model, "prunepath_static_sparsity", None)
-        # TEAL / CATS on a dense model: per-token s_FFN recorded by each wrapped FFN.
-        self.activation = not self.converted and getattr(model, "prunepath_activation", None) is not None
-        self.sums: list[float] | None = None
-        self.hist: list[torch.Tensor] | None = None
-        self.tokens = 0
-
-    def update(self, model: nn.Module, token_mask: torch.Tensor | None = None) -> None:
-        if self.activation:
-            from prunepath.stats import activation_s_per_token
-
-            per_layer = activation_s_per_token(model, token_mask, keep_device=True)
-            sums = torch.stack([s.double().sum() for s in per_layer]).cpu().tolist()  # one host read per forward
-            self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
-            self.tokens += int(per_layer[0].numel()) if per_layer else 0
-            return
-        if not self.converted:
-            self.tokens += int(token_mask.sum()) if token_mask is not None else 0
-            return
-        from prunepath.stats import active_counts
-
-        counts = active_counts(model, token_mask)
-        if self.sums is None:
-            self.sums = [0.0] * len(counts)
-            self.hist = [torch.zeros(self.num_experts + 1, dtype=torch.long) for _ in counts]
-        for i, c in enumerate(counts):
-            self.sums[i] += float(c.double().sum())
-            self.hist[i] += torch.bincount(c.long(), minlength=self.num_experts + 1)[: self.num_experts + 1]
-        self.tokens += int(counts[0].numel()) if counts else 0
-
-    def result(self) -> dict:
-        """s_ffn, mean_active (experts per token per layer), per-layer means / s_FFN, and per-layer histograms
-        (``active_hist[layer][k]`` = tokens with k active experts)."""
-        if self.activation:
-            per_layer = [s / self.tokens for s in self.sums] if self.sums and self.tokens else []
-            return {"s_ffn": sum(per_layer) / len(per_layer) if per_layer else 0.0,
-                    "s_ffn_kind": "activation (FFN weight bytes not read)", "mean_active": None, "num_experts": 0,
-                    "per_layer_active": [], "per_layer_s_ffn": per_layer, "active_hist": [],
-                    "stat_tokens": self.tokens}
-        if not self.converted and self.static_sparsity is not None:
-            return {"s_ffn": float(self.static_sparsity), "s_ffn_kind": "weights (unstructured)",
-                    "mean_active": None, "num_experts": 0, "per_layer_active": [], "per_layer_s_ffn": [],
-                    "active_hist": [], "stat_tokens": self.tokens}
-        if not self.converted or not self.sums or self.tokens == 0:
-            return {"s_ffn": 0.0, "mean_active": None, "num_experts": self.num_experts, "per_layer_active": [],
-                    "per_layer_s_ffn": [], "active_hist": [], "stat_tokens": self.tokens}
-        e = self.num_experts
-        per_layer = [s / self.tokens for s in self.sums]
-        mean_active = sum(per_layer) / len(per_layer)
-        return {"s_ffn": 1.0 - mean_active / e, "mean_active": mean_active, "num_experts": e,
-                "per_layer_active": per_layer, "per_layer_s_ffn": [1.0 - a / e for a in per_layer],
-                "active_hist": [h.tolist() for h in self.hist], "stat_tokens": self.tokens}
-
-
-@contextmanager
-def track_active(model: nn.Module, meter: ActiveMeter, skip_first: bool = False) -> Iterator[ActiveMeter]:
-    """Update ``meter`` after every forward of ``model`` (e.g. inside ``generate``), all positions counted.
-    ``skip_first`` leaves out the first forward (the prompt's prefill), i.e. counts only decode steps."""
-    if not meter.converted and not meter.activation:
-        yield meter
-        return
-    calls = [0]
-
-    def hook(module, args, output):
-        calls[0] += 1
-        if skip_first and calls[0] == 1:
-            return
-        meter.update(model)
-
-    handle = model.register_forward_hook(hook)
-    try:
-        yield meter
-    finally:
-        handle.remove()

@@ -25,6 +25,11 @@ from tqdm.auto import tqdm
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.common import ActiveMeter, check_tokenizer, model_meta, pad_id, prepare_model, \
     track_active
+from prunepath.evaluation.lm import encode_pair, loglikelihoods
+from prunepath.evaluation.lm import prefix_token
+from prunepath.evaluation.perplexity import score_tokens
+from prunepath.models.loading import load_model
+from prunepath.routing.control import configure
 
 try:  # the harness is optional
     from lm_eval.api.model import LM as _LMBase
@@ -42,7 +47,6 @@ class PrunePathLM(_LMBase):  # type: ignore[misc, valid-type]
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, **_ignored) -> None:
         if HAVE_LM_EVAL:
             super().__init__()
-        import prunepath
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             # The harness's CLI passes device="cuda" unless told otherwise.
@@ -52,14 +56,14 @@ class PrunePathLM(_LMBase):  # type: ignore[misc, valid-type]
         if model is None:
             if pretrained is None:
                 raise PrunePathError("PrunePathLM needs pretrained=NAME|DIR or model=")
-            model, tok = prunepath.load_model(pretrained, device=device)
+            model, tok = load_model(pretrained, device=device)
             tokenizer = tokenizer or tok
         check_tokenizer(model, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self._dev = prepare_model(model, device)
         if tau is not None:
-            prunepath.configure(model, tau=float(tau))
+            configure(model, tau=float(tau))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" → 8
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_length = int(max_length) if max_length is not None else min(int(limit), 2048)
@@ -75,7 +79,6 @@ class PrunePathLM(_LMBase):  # type: ignore[misc, valid-type]
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        from prunepath.evaluation.lm import encode_pair, loglikelihoods
 
         pairs = [encode_pair(self.tokenizer, *_args(r)[:2]) for r in requests]
         return loglikelihoods(self.model, self.tokenizer, pairs, batch_size=self.batch_size,
@@ -84,8 +87,6 @@ class PrunePathLM(_LMBase):  # type: ignore[misc, valid-type]
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string: a prefix token (BOS if needed, else EOS) then non-overlapping
         windows of ``max_length`` as in `prunepath eval --task ppl`; every token scored exactly once."""
-        from prunepath.evaluation.lm import prefix_token
-        from prunepath.evaluation.perplexity import score_tokens
 
         bos = prefix_token(self.model, self.tokenizer)
         prefix = bos if bos is not None else self.eot_token_id
@@ -105,7 +106,6 @@ class PrunePathLM(_LMBase):  # type: ignore[misc, valid-type]
     @torch.inference_mode()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy generation (batch 1) until any of ``until`` appears or ``max_gen_toks`` tokens."""
-        from prunepath.evaluation.lm import prefix_token
 
         bos = prefix_token(self.model, self.tokenizer)
         results = []

@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.common import check_token_ids, prepare_model
 from prunepath.routing.methods import get_method
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.evaluation.perplexity import tokenize_text
+from prunepath.routing.config import TAU_ALL
 
 
 def default_ks(num_experts: int) -> list[int]:
@@ -30,7 +33,7 @@ def _all_expert_weights(ffn, scores: torch.Tensor) -> tuple[torch.Tensor, torch.
     (it raises, or does not keep every expert). Returns (weights, used_method) with ``used_method`` a bool
     tensor on ``scores.device``: no host sync here, so the caller decides when to read it."""
     r = ffn.routing
-    dense = replace(r, tau=1.05, rule="all", k=None, layer_tau={})
+    dense = replace(r, tau=TAU_ALL, rule="all", k=None, layer_tau={})
     unit = torch.ones_like(scores, dtype=torch.float32)
     try:
         w, mask = get_method(r.method)(scores, dense, ffn.layer_index, ffn.always_on)
@@ -87,8 +90,6 @@ def topk_reconstruction(
     """One row per k: ``mse`` (mean over tokens, layers and hidden units of (y_topk − y_all)²), ``rel_mse``
     (divided by the mean y_all²) and ``per_layer_mse``. FFN inputs come from a forward pass of the model with
     its current routing (use τ > 1 for all-expert inputs)."""
-    from prunepath.conversion.moefy import prunepath_modules
-    from prunepath.evaluation.perplexity import tokenize_text
 
     ffns = prunepath_modules(model)
     if not ffns:

@@ -4,73 +4,21 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from prunepath.errors import PrunePathError
+from prunepath.io import atomic_write_text, default_mode, _clean, write_json, read_json  # noqa: F401  (re-exported)
+from prunepath.evaluation.common import machine_info
 
 # Columns shown in CSV / markdown tables (when present), in this order; per-layer lists stay in the JSON only.
 TABLE_COLUMNS = ("tau", "target_sparsity", "s_ffn", "mean_active", "ppl", "nll", "accuracy", "f1", "mcc",
                  "rouge1", "rouge2", "rougeL", "tokens", "examples", "window", "stride")
 METRIC_DIRECTION = {"ppl": "lower", "nll": "lower", "accuracy": "higher", "f1": "higher", "mcc": "higher",
                     "rouge1": "higher", "rouge2": "higher", "rougeL": "higher"}
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, default_mode())  # mkstemp creates 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def default_mode() -> int:
-    """0666 minus the process umask (what a plain ``open(path, "w")`` would give)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None (strict JSON), tuples become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """A result JSON file, or the ``results.json`` of an output directory (``sweep --out`` / ``run``)."""
-    p = Path(path)
-    if p.is_dir() and (p / "results.json").exists():
-        p = p / "results.json"
-    if not p.exists():
-        raise PrunePathError(f"no such result file: {p}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise PrunePathError(f"{p} is not valid JSON ({exc}); pass a result file written by prunepath") from exc
 
 
 def table_columns(rows: list[dict]) -> list[str]:
@@ -119,7 +67,6 @@ def write_markdown(path: str | os.PathLike, rows: list[dict], title: str | None 
 
 def run_meta() -> dict:
     """When and how a result was produced (the command line, UTC time, machine)."""
-    from prunepath.evaluation.common import machine_info
 
     import shlex
 

@@ -8,6 +8,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
+from prunepath.evaluation.allocation import allocate_layer_tau
+from prunepath.evaluation.calibration import find_tau_for_sparsity
+from prunepath.evaluation.tasks import prepare_data, run_task
+from prunepath.routing.ffn import is_converted
+from prunepath.routing.control import routing_scope
+from prunepath.baselines.activation import (apply_activation_sparsity, check_target, collect_activation_stats,
+                                            remove_activation_sparsity, thresholds_for)
+from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau
 
 # Keys that are large per-run details; kept in the rows (JSON) but not printed in tables.
 DETAIL_KEYS = ("active_hist", "predictions", "samples", "per_layer_active", "per_layer_s_ffn")
@@ -19,9 +27,9 @@ def validate_taus(taus: Sequence[float]) -> list[float]:
         vals = [float(t) for t in taus]
     except (TypeError, ValueError) as exc:
         raise PrunePathError(f"taus must be numbers (got {taus!r})") from exc
-    bad = [t for t in vals if not 0 < t <= 2]
+    bad = [t for t in vals if not is_valid_tau(t, TAU_SWEEP_MAX)]
     if not vals or bad:
-        raise PrunePathError(f"every τ must be in (0, 2] (1.05 keeps all experts); got {list(taus)}")
+        raise PrunePathError(f"every τ must be in (0, 2] ({TAU_ALL} keeps all experts); got {list(taus)}")
     return sorted(set(vals))
 
 
@@ -73,10 +81,8 @@ def sweep(
     ``allocate="greedy"`` (with ``target_sparsities``): a τ per layer for each target
     (:func:`prunepath.evaluation.allocation.allocate_layer_tau`); rows carry ``layer_tau`` and ``tau`` None.
     A per-layer allocation stored in the checkpoint is replaced by each point's τ."""
-    import prunepath
-    from prunepath.evaluation.tasks import prepare_data, run_task
 
-    if not prunepath.is_converted(model):
+    if not is_converted(model):
         raise PrunePathError("a τ sweep needs a converted model (PrunePath checkpoint); a dense model has one "
                              "operating point — use `prunepath eval` for it")
     if (taus is None) == (target_sparsities is None):
@@ -92,17 +98,14 @@ def sweep(
         metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
     points: list[tuple[float, float | None, dict | None]] = []
     if target_sparsities is not None:
-        from prunepath.evaluation.calibration import find_tau_for_sparsity
         for s in sorted(set(float(x) for x in target_sparsities)):
             src = calib_data if calib_data is not None else (cached if task == "ppl" else "wikitext-2/wiki.valid.raw")
             if allocate == "greedy":
-                from prunepath.evaluation.allocation import allocate_layer_tau
-
                 cal = allocate_layer_tau(model, tokenizer, src, s, method="greedy", max_tokens=calib_tokens,
                                          window=metric_kwargs.get("window") or 512, progress=False)
                 points.append((None, s, cal))
                 continue
-            with prunepath.routing(model, **clear):
+            with routing_scope(model, **clear):
                 cal = find_tau_for_sparsity(model, tokenizer, src, s, max_tokens=calib_tokens, progress=False)
             points.append((cal["tau"], s, cal))
     else:
@@ -110,7 +113,7 @@ def sweep(
     rows = []
     for tau, target, cal in tqdm(points, desc=f"sweep {task}", disable=not progress, unit="τ"):
         settings = {"tau": tau, **clear} if tau is not None else {"layer_tau": cal["layer_tau"], "allocation": {}}
-        with prunepath.routing(model, **settings):
+        with routing_scope(model, **settings):
             kw = dict(metric_kwargs)
             if task != "lm-eval":
                 kw["progress"] = progress
@@ -125,4 +128,36 @@ def sweep(
         if isinstance(data, str):
             row["data"] = data
         rows.append(row)
+    return rows
+
+
+def activation_sweep(model: nn.Module, tokenizer, task: str, data: Any, method: str, targets: Sequence[float], *,
+                     calib_texts: Sequence[str], allocation: str = "uniform", calib_tokens: int = 16384,
+                     seq_len: int = 512, progress: bool = True, **metric_kwargs) -> list[dict]:
+    """Evaluate ``task`` at each target s_FFN of TEAL / CATS, calibrating once (the data is prepared once too).
+    Each row is the task's result plus ``target_sparsity``, ``method`` and ``allocation``; the model is left as
+    it was (without wrappers)."""
+    targets = sorted(set(float(t) for t in targets))
+    for t in targets:
+        check_target(method, t, allocation)
+    remove_activation_sparsity(model)
+    stats = collect_activation_stats(model, tokenizer, calib_texts, max_tokens=calib_tokens, seq_len=seq_len,
+                                     progress=progress)
+    cached = prepare_data(tokenizer, task, data, **metric_kwargs)
+    if task in ("ppl", "recon"):
+        metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
+    rows = []
+    try:
+        for t in targets:
+            apply_activation_sparsity(model, thresholds_for(stats, method, t, allocation))
+            kw = dict(metric_kwargs)
+            if task != "lm-eval":
+                kw["progress"] = progress
+            row = run_task(model, tokenizer, task, cached, **kw)
+            row.update(target_sparsity=t, method=method, allocation=allocation, tau=None)
+            if isinstance(data, str):
+                row["data"] = data
+            rows.append(row)
+    finally:
+        remove_activation_sparsity(model)
     return rows

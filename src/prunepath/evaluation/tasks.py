@@ -7,6 +7,15 @@ from typing import Any
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.data.glue import GlueData, load_glue
+from prunepath.data.instruct import load_examples
+from prunepath.evaluation.classification import evaluate_classification
+from prunepath.evaluation.common import model_meta
+from prunepath.evaluation.generation import evaluate_rouge
+from prunepath.evaluation.lm_eval_adapter import run_lm_eval
+from prunepath.evaluation.perplexity import evaluate_perplexity
+from prunepath.evaluation.perplexity import tokenize_text
+from prunepath.evaluation.reconstruction import topk_reconstruction
 
 GLUE_TASKS = ("sst2", "mrpc", "rte", "cola")
 METRICS = {"ppl": "ppl", "classify": "accuracy", "sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy",
@@ -16,16 +25,12 @@ METRICS = {"ppl": "ppl", "classify": "accuracy", "sst2": "accuracy", "mrpc": "ac
 def prepare_data(tokenizer, task: str, data: Any, **kw) -> Any:
     """Load / tokenize ``data`` once (a sweep evaluates it at many τ)."""
     if task == "ppl":
-        from prunepath.evaluation.perplexity import tokenize_text
         return tokenize_text(tokenizer, data, kw.get("max_tokens"), progress=kw.get("progress", False))
     if task == "recon":
-        from prunepath.evaluation.perplexity import tokenize_text
         return tokenize_text(tokenizer, data, kw.get("max_tokens", 2048))
     if task in ("classify", *GLUE_TASKS):
-        from prunepath.data.glue import GlueData, load_glue
         return data if isinstance(data, GlueData) else load_glue(data, None if task == "classify" else task)
     if task == "rouge":
-        from prunepath.data.instruct import load_examples
         return data if isinstance(data, list) else load_examples(data)
     return data
 
@@ -35,21 +40,15 @@ def run_task(model: nn.Module, tokenizer, task: str, data: Any, **kw) -> dict:
     import os
 
     if task == "ppl":
-        from prunepath.evaluation.perplexity import evaluate_perplexity
         out = evaluate_perplexity(model, tokenizer, data, **kw)
     elif task in ("classify", *GLUE_TASKS):
-        from prunepath.evaluation.classification import evaluate_classification
         out = evaluate_classification(model, tokenizer, data, None if task == "classify" else task, **kw)
     elif task == "rouge":
-        from prunepath.evaluation.generation import evaluate_rouge
         out = evaluate_rouge(model, tokenizer, data, **kw)
     elif task == "recon":
-        from prunepath.evaluation.reconstruction import topk_reconstruction
         rows = topk_reconstruction(model, tokenizer, data, **kw)
-        from prunepath.evaluation.common import model_meta
         out = {"task": "recon", **model_meta(model), "rows": rows}
     elif task == "lm-eval":
-        from prunepath.evaluation.lm_eval_adapter import run_lm_eval
         out = run_lm_eval(model, tokenizer, **kw)
     else:
         raise PrunePathError(f"unknown task {task!r}; choose one of ppl, classify, {', '.join(GLUE_TASKS)}, "

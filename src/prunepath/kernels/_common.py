@@ -36,3 +36,19 @@ def num_sms(device: torch.device) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+class DeviceBudget:
+    """τ and k held in device tensors (``tau_tensor``, ``k_tensor``): :meth:`set_tau` rewrites them in place, so a
+    captured CUDA graph sees the new values at its next replay. The one ``set_tau`` of the kernels (the router,
+    the dense-equivalent FFN and the per-layer :class:`~prunepath.kernels.ffn.SparseFFN` share it)."""
+
+    tau_tensor: "torch.Tensor"
+    k_tensor: "torch.Tensor"
+
+    def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
+        """Change τ (and k) in place: a captured graph sees the new value at its next replay."""
+        if tau is not None:
+            self.tau_tensor.fill_(float(tau))
+        if k is not None:
+            self.k_tensor.fill_(int(k))

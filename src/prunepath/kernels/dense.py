@@ -17,10 +17,11 @@ import triton
 import triton.language as tl
 
 from prunepath.errors import PrunePathError
-from prunepath.kernels._common import check_kernel_device, next_pow2
+from prunepath.kernels._common import DeviceBudget, check_kernel_device, next_pow2
 from prunepath.kernels.experts import ACT_IDS, _act
 from prunepath.kernels.layout import PackedFFN, _act_reference
 from prunepath.kernels.route import RULE_IDS, _keep_one
+from prunepath.routing.config import TAU_ALL
 
 
 @triton.jit
@@ -102,7 +103,7 @@ def logits_are_fp32(device: torch.device) -> bool:
     return _MM_F32.get(device.type, True)
 
 
-class GatedDense:
+class GatedDense(DeviceBudget):
     """The PrunePath FFN computed over every expert (cuBLAS) with the selection mask and gates applied.
 
     ``ffn(x, out)`` adds FFN(x) into ``out`` (fp32 [B, d]); any B (decode batch or prefill tokens). τ and k live
@@ -110,7 +111,7 @@ class GatedDense:
     dropped) is written when ``write_weights`` is set (tests, statistics).
     """
 
-    def __init__(self, packed: PackedFFN, *, rule: str = "cumulative", tau: float = 1.05, k: int | None = None,
+    def __init__(self, packed: PackedFFN, *, rule: str = "cumulative", tau: float = TAU_ALL, k: int | None = None,
                  gates: bool = True, gate_offset: float = 0.0, block_j: int | None = None, num_warps: int = 4,
                  write_weights: bool = False, fp32_logits: bool = True) -> None:
         if rule not in RULE_IDS:
@@ -131,11 +132,13 @@ class GatedDense:
         self.fp32_logits = fp32_logits
         self._w_cat = packed.w_in_router()
 
-    def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
-        if tau is not None:
-            self.tau.fill_(float(tau))
-        if k is not None:
-            self.k.fill_(int(k))
+    @property
+    def tau_tensor(self) -> torch.Tensor:
+        return self.tau
+
+    @property
+    def k_tensor(self) -> torch.Tensor:
+        return self.k
 
     def pre_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """[B, E·R + E] (fused buffer) or [B, E·R] pre-activations + separate logits; returns (buffer, stride)."""

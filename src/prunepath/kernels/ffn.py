@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from prunepath.errors import PrunePathError
+from prunepath.kernels._common import DeviceBudget
 from prunepath.kernels.experts import ExpertRunner
 from prunepath.kernels.layout import PackedFFN, _act_reference
 from prunepath.kernels.route import Router
 from prunepath.routing.config import RoutingConfig
+from prunepath.kernels.dense import GatedDense
 
 
 # One definition of each activation for every PyTorch path (reference and cuBLAS fallback).
@@ -33,7 +35,7 @@ def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | N
     return y
 
 
-class SparseFFN:
+class SparseFFN(DeviceBudget):
     """Decode-time PrunePath FFN for one layer and batch size: ``ffn(x, out)`` adds FFN(x) into ``out``.
 
     Graph-safe: fixed grids, preallocated buffers, τ in a device tensor (``set_tau``). ``mode``:
@@ -64,7 +66,6 @@ class SparseFFN:
         self.router = None
         self.dense = None
         if mode == "dense":
-            from prunepath.kernels.dense import GatedDense
             self.dense = GatedDense(packed, rule=routing.rule, tau=tau, k=k, gates=routing.gates,
                                     gate_offset=routing.gate_offset, **dn)
         else:
@@ -85,8 +86,10 @@ class SparseFFN:
         else:
             self.router.k = t
 
-    def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
-        (self.dense if self.dense is not None else self.router).set_tau(tau, k)
+    @property
+    def tau_tensor(self) -> torch.Tensor:
+        """The device tensor holding τ (of the dense path or of the router)."""
+        return self.dense.tau if self.dense is not None else self.router.tau
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.routing.ffn import PrunePathFFN
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 
@@ -134,7 +135,6 @@ def pack_ffn(ffn: nn.Module, dtype: torch.dtype | None = None, device: torch.dev
     ``dtype`` defaults to bf16 on CUDA and the module's dtype elsewhere. The router must be the default
     bias-free linear router (the kernels fuse it).
     """
-    from prunepath.routing.ffn import PrunePathFFN
 
     if not isinstance(ffn, PrunePathFFN):
         raise PrunePathError(f"pack_ffn needs a PrunePathFFN (convert the model with prunepath.moefy first), "

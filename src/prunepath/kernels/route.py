@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from prunepath.errors import PrunePathError
-from prunepath.kernels._common import check_kernel_device, next_pow2
+from prunepath.kernels._common import DeviceBudget, check_kernel_device, next_pow2
 from prunepath.kernels.layout import PackedFFN
+from prunepath.routing.config import TAU_ALL
 
 RULE_IDS = {"cumulative": 0, "nucleus": 1, "topk": 2, "all": 3}
 
@@ -185,14 +186,14 @@ def _route_kernel(x_ptr, wr_ptr, logits_ptr, keep_ptr, wdense_ptr, ids_ptr, slot
         tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch / graph replay
 
 
-class Router:
+class Router(DeviceBudget):
     """Preallocated routing buffers for one layer shape and batch size (safe to capture in a CUDA graph).
 
 
     ``tau`` and ``k`` are device tensors: ``set_tau`` changes them in place without recapture.
     """
 
-    def __init__(self, packed: PackedFFN, batch: int, *, rule: str = "cumulative", tau: float = 1.05,
+    def __init__(self, packed: PackedFFN, batch: int, *, rule: str = "cumulative", tau: float = TAU_ALL,
                  k: int | None = None, gates: bool = True, gate_offset: float = 0.0,
                  block_e: int | None = None, block_k: int | None = None, num_warps: int = 8,
                  zero: torch.Tensor | None = None) -> None:
@@ -219,12 +220,13 @@ class Router:
         self.e_pad = max(16, next_pow2(e))
         self.select = True  # benchmarks switch it off to time the router GEMV alone
 
-    def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
-        """Change τ (and k) in place: a captured graph sees the new value at its next replay."""
-        if tau is not None:
-            self.tau.fill_(float(tau))
-        if k is not None:
-            self.k.fill_(int(k))
+    @property
+    def tau_tensor(self) -> torch.Tensor:
+        return self.tau
+
+    @property
+    def k_tensor(self) -> torch.Tensor:
+        return self.k
 
     def __call__(self, x: torch.Tensor) -> "Router":
         """Route ``x`` [B, d] (B = this router's batch); results land in ids / slot_w / count / weights."""

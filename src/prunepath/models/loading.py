@@ -3,16 +3,45 @@ files, PrunePath checkpoints, and Hugging Face Hub ids."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.io import CHECKPOINT_MARKER
 from prunepath.models.registry import BUILTIN_MODELS, builtin_path, check_builtin_typo
 
 TASKS = ("auto", "causal-lm", "classify", "encoder")
+
+
+# Loaders of the PrunePath formats live above this package (checkpoint, baselines.activation); they are registered
+# by prunepath.registrations, which the front door imports once. A lookup never imports: it raises when unset.
+ACTIVATION_SPEC = "prunepath_activation.json"
+_LOADERS: dict[str, Callable] = {}
+
+
+def register_loader(kind: str, fn: Callable) -> None:
+    """``kind`` "checkpoint": ``fn(path, dtype=, device=) -> (model, tokenizer)`` for a PrunePath checkpoint
+    directory; "activation": ``fn(model, spec_path)`` re-applies TEAL / CATS thresholds to a loaded model."""
+    _LOADERS[kind] = fn
+
+
+def _loader(kind: str) -> Callable:
+    if kind not in _LOADERS:
+        raise PrunePathError(f"no {kind} loader registered: import prunepath (the front door registers it)")
+    return _LOADERS[kind]
+
+
+def checkpoint_loader() -> Callable:
+    return _loader("checkpoint")
+
+
+def activation_loader() -> Callable:
+    return _loader("activation")
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -122,10 +151,8 @@ def load_model(
         path = builtin_path(name)
     else:
         path = Path(name).expanduser()
-    if path.is_dir() and (path / "prunepath_config.json").exists():
-        from prunepath.checkpoint import load
-        model, tok = load(path, dtype=torch_dtype, device=device)
-        return model, tok
+    if path.is_dir() and (path / CHECKPOINT_MARKER).exists():
+        return checkpoint_loader()(path, dtype=torch_dtype, device=device)
     extra = {}
     if num_labels is not None:
         extra["num_labels"] = num_labels
@@ -161,16 +188,12 @@ def load_model(
         tok = _tokenizer_or_none(source)
     static = path / "prunepath_static.json" if path.is_dir() else None
     if static is not None and static.exists():
-        import json
-
         # A statically pruned dense model (Wanda): evaluation reports its weight sparsity as s_FFN.
         model.prunepath_static_sparsity = float(json.loads(static.read_text())["weight_sparsity"])
-    activation = path / "prunepath_activation.json" if path.is_dir() else None
+    activation = path / ACTIVATION_SPEC if path.is_dir() else None
     if activation is not None and activation.exists():
-        from prunepath.baselines.activation import apply_activation_sparsity, load_spec
-
         # TEAL / CATS on the original model (prunepath baseline --method teal|cats): re-apply the thresholds.
-        apply_activation_sparsity(model, load_spec(activation))
+        activation_loader()(model, activation)
     model.prunepath_source = name
     model.prunepath_display_name = display_name(name)
     model.prunepath_tokenizer = tok

@@ -14,15 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from prunepath.errors import PrunePathError
+from prunepath.io import cache_dir  # noqa: F401  (re-exported)
+from prunepath.errors import close_matches
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PRUNEPATH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prunepath")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _log(msg: str) -> None:
@@ -151,7 +146,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 def near_builtin(name: str) -> str | None:
     """The built-in name that ``name`` looks like a misspelling of (``smollm2-135`` → ``smollm2-135m``,
     ``SmolLM2-135M`` → ``smollm2-135m``), or None. Hub ids (``org/name``) and local paths never match."""
-    from prunepath.errors import close_matches
 
     if name in BUILTIN_MODELS or "/" in name or os.sep in name or name.startswith((".", "~")):
         return None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -28,50 +27,22 @@ from pathlib import Path
 import torch
 
 from prunepath.errors import PrunePathError
-
-TASK_FILES = {"sst2": ("stsa.binary.train", "stsa.binary.dev"), "mrpc": ("train.tsv", "dev.tsv"),
-              "rte": ("train.tsv", "dev.tsv"), "cola": ("in_domain_train.tsv", "in_domain_dev.tsv")}
-PRIMARY = {"sst2": "accuracy", "mrpc": "f1", "rte": "accuracy", "cola": "mcc"}
-PHASES = ("dense", "prunepath", "lte", "wanda", "ablation")
-RECORDS_NAME = "nlu-minilm.json"
-
-DEFAULTS: dict = {
-    "study": "nlu",
-    "name": None,  # set by `prunepath run` (the recipe's file name)
-    "source": None,  # set by `prunepath run` (the recipe's path)
-    "model": "minilm-l6",
-    "display_name": None,  # what records call the model (default: the registry's display name)
-    "data_dir": None,  # default: $DATA_DIR, else the shared data folder
-    "out": "runs/study-nlu-minilm",
-    "results": None,  # optional extra copy of the record list (e.g. docs/results/nlu-minilm.json)
-    "device": "auto",
-    "precision": "fp32",
-    "seed": 0,
-    "tasks": ["sst2", "mrpc", "rte", "cola"],
-    "phases": list(PHASES),
-    "max_train_examples": None,  # int or {task: int}: a seeded subsample of the training set
-    "max_eval_examples": None,  # int: first N dev examples (None: the whole dev set)
-    "seq_len": 128,
-    "batch_size": 32,
-    "eval_batch_size": 128,
-    "neurons_per_expert": 32,
-    "dense": {"steps": 300, "lr": 1e-4, "lr_head": 1e-3, "lr_scheduler": "linear", "warmup_steps": 30},
-    "prunepath": {"stage1_steps": 100, "stage2_steps": 200, "tau_min": 0.6, "lr_backbone": 3e-5,
-                  "lr_router": 1e-3},
-    "lte": {"stage1_steps": 150, "stage2_steps": 150, "lr_backbone": 3e-5, "lr_router": 1e-3, "eta": 0.01,
-            "thresholds": [0.3, 0.5, 0.7, 0.8, 0.9]},
-    "taus": [1.05, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
-    "wanda": {"sparsities": [0.3, 0.5, 0.6, 0.7, 0.8], "calib_tokens": 8192},
-    "deadline_margin_s": 10.0,
-    "keep_finetuned": True,
-    "continue_on_error": True,  # a failing unit is logged (status.json "failed") and the study goes on
-}
-_TRAIN_KEYS = {"prunepath": ("stage1_steps", "stage2_steps", "tau_min", "lr_backbone", "lr_router", "eta", "lam",
-                             "gamma", "tau_start", "tau_warmup", "tau_schedule", "lr_scheduler", "warmup_steps"),
-               "lte": ("stage1_steps", "stage2_steps", "lr_backbone", "lr_router", "eta", "thresholds",
-                       "sep_weight", "lr_scheduler", "warmup_steps"),
-               "dense": ("steps", "lr", "lr_head", "lr_scheduler", "warmup_steps"),
-               "wanda": ("sparsities", "calib_tokens")}
+from prunepath.conversion.clustering import cluster_neurons, resolve_expert_count
+from prunepath.data.glue import GlueData, load_glue
+from prunepath.evaluation.classification import evaluate_classification
+from prunepath.evaluation.common import shared_data_dir
+from prunepath.evaluation.reports import atomic_write_text
+from prunepath.models.adapters import adapter_for
+from prunepath.models.loading import display_name
+from prunepath.training.config import TrainConfig
+from prunepath.training.data import encode_classification
+from prunepath.training.config import load_recipe
+from prunepath.training.trainer import train
+import prunepath
+from prunepath.baselines import wanda
+from prunepath.pipeline.nlu_config import (  # noqa: F401  (re-exported: the study's names stay importable here)
+    DEFAULTS, PHASES, PRIMARY, RECORDS_NAME, TASK_FILES, _numbers, _TRAIN_KEYS, validate_recipe)
+from prunepath.pipeline.nlu_report import _label, plot_records, render_markdown  # noqa: F401  (re-exported)
 
 
 def _log(msg: str) -> None:
@@ -79,71 +50,6 @@ def _log(msg: str) -> None:
 
 
 # ---- recipe ----------------------------------------------------------------------------------------------------
-def _numbers(name: str, value) -> list[float]:
-    if not isinstance(value, (list, tuple)):
-        raise PrunePathError(f"NLU recipe: {name} must be a list of numbers (got {value!r})")
-    try:
-        return [float(v) for v in value]
-    except (TypeError, ValueError) as exc:
-        raise PrunePathError(f"NLU recipe: {name} must be a list of numbers (got {value!r})") from exc
-
-
-def validate_recipe(recipe: dict) -> dict:
-    """The recipe merged over :data:`DEFAULTS`, checked; unknown keys and bad values raise PrunePathError."""
-    if not isinstance(recipe, dict):
-        raise PrunePathError("the NLU recipe must be a mapping of setting: value")
-    unknown = sorted(set(recipe) - set(DEFAULTS))
-    if unknown:
-        raise PrunePathError(f"NLU recipe: unknown setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    if recipe.get("study", "nlu") != "nlu":
-        raise PrunePathError(f"NLU recipe: study must be 'nlu' (got {recipe['study']!r})")
-    r = copy.deepcopy(DEFAULTS)
-    for k, v in recipe.items():
-        if k in _TRAIN_KEYS and v is not None:
-            if not isinstance(v, dict):
-                raise PrunePathError(f"NLU recipe: {k} must be a mapping (keys: {', '.join(_TRAIN_KEYS[k])})")
-            bad = sorted(set(v) - set(_TRAIN_KEYS[k]))
-            if bad:
-                raise PrunePathError(f"NLU recipe: {k}: unknown key(s) {', '.join(bad)}; known: "
-                                     f"{', '.join(_TRAIN_KEYS[k])}")
-            r[k].update(v)
-        else:
-            r[k] = v
-    from prunepath.data.glue import TASKS
-
-    if not r["tasks"] or any(t not in TASKS for t in r["tasks"]):
-        raise PrunePathError(f"NLU recipe: tasks must be a non-empty list from {', '.join(TASKS)} (got {r['tasks']})")
-    if not r["phases"] or any(p not in PHASES for p in r["phases"]):
-        raise PrunePathError(f"NLU recipe: phases must be a non-empty list from {', '.join(PHASES)} "
-                             f"(got {r['phases']})")
-    if "dense" not in r["phases"]:
-        raise PrunePathError("NLU recipe: phases must include 'dense' (every method starts from the fine-tuned model)")
-    r["taus"] = taus = _numbers("taus", r["taus"])
-    if not taus or any(t <= 0 for t in taus):
-        raise PrunePathError(f"NLU recipe: taus must be a non-empty list of positive numbers (got {r['taus']})")
-    r["wanda"]["sparsities"] = _numbers("wanda.sparsities", r["wanda"]["sparsities"])
-    r["lte"]["thresholds"] = _numbers("lte.thresholds", r["lte"]["thresholds"])
-    for s in r["wanda"]["sparsities"]:
-        if not 0 <= float(s) < 1:
-            raise PrunePathError(f"NLU recipe: wanda sparsities must be in [0, 1) (got {s})")
-    for d in r["lte"]["thresholds"]:
-        if not 0 < float(d) < 1:
-            raise PrunePathError(f"NLU recipe: lte thresholds must be in (0, 1) (got {d})")
-    for k in ("seq_len", "batch_size", "eval_batch_size", "neurons_per_expert"):
-        if not isinstance(r[k], int) or r[k] < 1:
-            raise PrunePathError(f"NLU recipe: {k} must be a positive integer (got {r[k]!r})")
-    if int(r["dense"]["steps"]) < 1:
-        raise PrunePathError("NLU recipe: dense.steps must be >= 1")
-    mte = r["max_train_examples"]
-    if mte is not None and not isinstance(mte, (int, dict)):
-        raise PrunePathError("NLU recipe: max_train_examples must be an integer or a {task: integer} mapping")
-    if r["precision"] not in ("fp32", "bf16", "fp16", "no"):
-        raise PrunePathError(f"NLU recipe: precision must be fp32, bf16 or fp16 (got {r['precision']!r})")
-    if r["device"] not in ("auto", "cpu") and not str(r["device"]).startswith("cuda"):
-        raise PrunePathError(f"NLU recipe: device must be auto, cpu or cuda (got {r['device']!r})")
-    return r
-
-
 def _device(r: dict) -> str:
     if r["device"] == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,7 +63,6 @@ def _data_dir(r: dict) -> Path:
         return Path(r["data_dir"]).expanduser()
     if os.environ.get("DATA_DIR"):
         return Path(os.environ["DATA_DIR"])
-    from prunepath.evaluation.common import shared_data_dir
 
     return Path(shared_data_dir())
 
@@ -166,7 +71,6 @@ def load_task(r: dict, task: str):
     """(train GlueData, dev GlueData, subsampled?) for ``task`` from the data folder."""
     import random
 
-    from prunepath.data.glue import GlueData, load_glue
 
     root = _data_dir(r) / task
     tr_name, dev_name = TASK_FILES[task]
@@ -189,8 +93,6 @@ def load_task(r: dict, task: str):
 
 # ---- model helpers -----------------------------------------------------------------------------------------------
 def _load_base(r: dict, num_labels: int = 2):
-    import prunepath
-
     torch.manual_seed(r["seed"])  # the new classification head (and pooler if absent) is seeded
     model, tok = prunepath.load_model(r["model"], task="classify", num_labels=num_labels)
     if tok is None:
@@ -205,8 +107,6 @@ def _unwrap_autocast(model) -> None:
 
 def cluster_permutations(model, neurons_per_expert: int, seed: int = 0) -> list[torch.Tensor]:
     """Balanced k-means permutations of every FFN of a dense ``model`` (what moefy would use)."""
-    from prunepath.conversion.clustering import cluster_neurons, resolve_expert_count
-    from prunepath.models.adapters import adapter_for
 
     adapter = adapter_for(model)
     perms = []
@@ -240,8 +140,6 @@ class Study:
 
     # ---- bookkeeping
     def save(self) -> None:
-        from prunepath.evaluation.reports import atomic_write_text
-
         text = json.dumps(self.records, indent=1, default=float) + "\n"
         atomic_write_text(self.records_path, text)
         if self.r["results"]:
@@ -263,8 +161,6 @@ class Study:
         return True
 
     def model_name(self) -> str:
-        from prunepath.models.loading import display_name
-
         return self.r["display_name"] or display_name(self.r["model"])
 
     def task_data(self, task: str):
@@ -280,8 +176,6 @@ class Study:
         return copy.deepcopy(self.base)
 
     def evaluate(self, model, task: str) -> dict:
-        from prunepath.evaluation.classification import evaluate_classification
-
         _, dev, _ = self.task_data(task)
         t = time.time()
         res = evaluate_classification(model, self.tok, dev, task, batch_size=self.r["eval_batch_size"],
@@ -317,10 +211,6 @@ class Study:
 
     # ---- training
     def _train(self, model, task: str, method: str, steps1: int, steps2: int, **kw):
-        from prunepath.training.config import TrainConfig
-        from prunepath.training.data import encode_classification
-        from prunepath.training.trainer import train
-
         train_data, _, _ = self.task_data(task)
         ds = encode_classification(train_data.texts, train_data.labels, self.tok, self.r["seq_len"])
         cfg = TrainConfig(model=self.r["model"], task="classify", method=method, stage1_steps=steps1,
@@ -404,8 +294,6 @@ class Study:
                                        lr=self.r["dense"]["lr"])])
 
     def _prunepath(self, task: str, variant: str) -> None:
-        import prunepath
-
         unit = f"{task}/prunepath" if variant == "finetuned" else f"{task}/ablation"
         if unit in self.done or not self.has_finetuned(task):
             return
@@ -441,8 +329,6 @@ class Study:
         self.commit(unit, recs)
 
     def phase_lte(self, task: str) -> None:
-        import prunepath
-
         unit = f"{task}/lte"
         if unit in self.done or not self.has_finetuned(task):
             return
@@ -468,8 +354,6 @@ class Study:
         self.commit(unit, recs)
 
     def phase_wanda(self, task: str) -> None:
-        from prunepath.baselines.wanda import apply_wanda
-
         unit = f"{task}/wanda"
         if unit in self.done or not self.has_finetuned(task):
             return
@@ -483,7 +367,7 @@ class Study:
         recs = []
         for s in sp:
             m = self.finetuned_model(task).to(self.device)
-            out = apply_wanda(m, self.tok, calib, s, max_tokens=int(self.r["wanda"]["calib_tokens"]),
+            out = wanda.apply_wanda(m, self.tok, calib, s, max_tokens=int(self.r["wanda"]["calib_tokens"]),
                               seq_len=self.r["seq_len"], progress=False, norms=norms)
             norms = out["norms"]
             res = self.evaluate(m, task)
@@ -540,77 +424,6 @@ def run(recipe: dict, *, progress: bool = True, deadline: float | None = None) -
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
-def _label(rec: dict) -> str:
-    m = rec["method"]
-    if m in ("prunepath", "prunepath-sweep") and rec.get("variant") == "pretrained":
-        return m + " (pretrained clustering)"
-    return m
-
-
-def render_markdown(records: list[dict]) -> str:
-    """One markdown table per task: method, variant, knob, s_FFN, the task's metrics."""
-    if not records:
-        return "(no NLU records)\n"
-    lines = []
-    model = records[0].get("model", "")
-    for task in [t for t in TASK_FILES if any(x["task"] == t for x in records)]:
-        rows = [x for x in records if x["task"] == task]
-        cols = ["accuracy"] + (["f1"] if task == "mrpc" else []) + (["mcc"] if task == "cola" else [])
-        r0 = rows[0]
-        lines.append(f"**{task.upper()}** ({model}; dev {r0['eval_examples']} examples, train "
-                     f"{r0['train_examples']} examples{' (subsample)' if r0.get('train_subsampled') else ''}, "
-                     f"seed {r0['seed']})\n")
-        lines.append("| method | variant | knob | steps | s_FFN | " + " | ".join(cols) + " |")
-        lines.append("|---|---|---|---:|---:|" + "---:|" * len(cols))
-        for x in rows:
-            knob = (f"τ={x['tau']:g}" if x.get("tau") is not None else
-                    f"δ={x['threshold']:g}" if x.get("threshold") is not None else
-                    f"w={x['wanda_sparsity']:g}" if x.get("wanda_sparsity") is not None else "")
-            vals = " | ".join(f"{x[c]:.4f}" if x.get(c) is not None else "" for c in cols)
-            lines.append(f"| {x['method']} | {x.get('variant') or ''} | {knob} | {x['train_steps']} | "
-                         f"{x['s_ffn']:.3f} | {vals} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_records(records: list[dict], out_png: str | os.PathLike) -> Path:
-    """One panel per task: primary metric vs s_FFN per method (dense fine-tuned as a dashed line)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not records:
-        raise PrunePathError("no NLU records to plot")
-    tasks = [t for t in TASK_FILES if any(x["task"] == t for x in records)]
-    n = len(tasks)
-    cols = min(n, 2)
-    rows_ = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.8 * rows_), squeeze=False)
-    styles = {"prunepath-sweep": "o-", "prunepath-sweep (pretrained clustering)": "s--", "lte": "^-",
-              "wanda": "v-", "prunepath": "*", "prunepath (pretrained clustering)": "P"}
-    for ax, task in zip(axes.flat, tasks):
-        recs = [x for x in records if x["task"] == task]
-        for x in recs:
-            if x["method"] == "dense-finetuned":
-                ax.axhline(x["value"], ls=":", color="k", label="dense fine-tuned")
-        for label in sorted({_label(x) for x in recs if x["method"] != "dense-finetuned"}):
-            pts = sorted((x["s_ffn"], x["value"]) for x in recs if _label(x) == label)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(label, "x-"), label=label, ms=6)
-        ax.set_title(f"{task.upper()} (dev)")
-        ax.set_xlabel("s_FFN")
-        ax.set_ylabel(PRIMARY[task])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(records[0].get("model", ""), fontsize=9)
-    fig.tight_layout()
-    from prunepath.evaluation.plots import save_figure
-
-    return save_figure(fig, out_png, dpi=110)
-
-
-# ---- command line ----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m prunepath.pipeline.nlu_study", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", help="recipe YAML/JSON (study: nlu)")
@@ -632,8 +445,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not a.recipe:
             p.error("give a recipe (or --report RECORDS)")
-        from prunepath.training.config import load_recipe
-
         recipe = load_recipe(a.recipe)
         recipe.setdefault("source", a.recipe)
         if a.device:

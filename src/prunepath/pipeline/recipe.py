@@ -18,6 +18,10 @@ from pathlib import Path
 
 from prunepath.errors import PrunePathError
 from prunepath.models.registry import DEFAULT_MODEL
+from prunepath.errors import unknown_names_message
+from prunepath.evaluation.sweep import validate_taus
+from prunepath.training.config import TrainConfig
+from prunepath.routing.config import TAU_ALL
 
 EVALUATION_KEYS = ("task", "data", "max_tokens", "window", "stride", "batch_size")
 SWEEP_KEYS = ("taus", "dense", "summary_sparsities", "teal", "teal_calib_tokens")
@@ -32,14 +36,11 @@ class Recipe:
     train: dict | None = None
     evaluation: dict = field(default_factory=lambda: {"task": "ppl", "data": "wikitext-2/wiki.valid.raw",
                                                       "max_tokens": 16384, "window": 512})
-    sweep: dict = field(default_factory=lambda: {"taus": [1.05, 0.9, 0.8, 0.7, 0.6, 0.5], "dense": True})
+    sweep: dict = field(default_factory=lambda: {"taus": [TAU_ALL, 0.9, 0.8, 0.7, 0.6, 0.5], "dense": True})
     description: str = ""
     source: str | None = None  # the file it came from
 
     def __post_init__(self) -> None:
-        from prunepath.errors import unknown_names_message
-        from prunepath.evaluation.sweep import validate_taus
-
         for section, value, allowed in (("evaluation", self.evaluation, EVALUATION_KEYS),
                                         ("sweep", self.sweep, SWEEP_KEYS)):
             if not isinstance(value, dict):
@@ -59,23 +60,16 @@ class Recipe:
                 raise PrunePathError(f"sweep.teal: every target sparsity must be in (0, 1) (got {s})")
         unknown = set(self.convert) - {"neurons_per_expert", "num_experts", "seed", "clustering"}
         if unknown:
-            from prunepath.errors import unknown_names_message
-
             raise PrunePathError("recipe convert: " + unknown_names_message(
                 sorted(unknown), ["neurons_per_expert", "num_experts", "seed", "clustering"]))
         if self.train is not None:
-            from prunepath.training.config import TrainConfig
-
             self.train_config()  # validates the training settings now, not after an hour of work
-            del TrainConfig
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out or os.path.join("runs", self.name)).expanduser().resolve()
 
     def train_config(self):
-        from prunepath.training.config import TrainConfig
-
         settings = {"model": self.model, "neurons_per_expert": self.convert.get("neurons_per_expert", 32),
                     "num_experts": self.convert.get("num_experts"), "clustering": self.convert.get("clustering",
                                                                                                  "kmeans"),
@@ -110,8 +104,6 @@ def load_run_recipe(path: str | os.PathLike, overrides: dict | None = None) -> R
     known = {f.name for f in fields(Recipe)} - {"source"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        from prunepath.errors import unknown_names_message
-
         raise PrunePathError(f"{p}: {unknown_names_message(unknown, sorted(known), 'recipe key')}")
     raw.setdefault("name", p.stem)
     return Recipe(**raw, source=str(p))

@@ -17,6 +17,19 @@ from pathlib import Path
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.sweep import nearest_sparsity, value_at_sparsity
 from prunepath.pipeline.recipe import Recipe
+from prunepath.baselines import activation
+from prunepath.calibration import calibration_texts
+from prunepath.data.corpora import is_corpus_name
+from prunepath.data.text import load_texts
+from prunepath.evaluation.common import check_text_file, resolve_data_path
+from prunepath.evaluation.plots import plot_frontier
+from prunepath.evaluation.reports import write_csv, write_json, write_markdown
+from prunepath.evaluation.sweep import validate_taus
+from prunepath.models.registry import check_builtin_typo
+from prunepath.training.trainer import train_from_config
+from prunepath.evaluation import perplexity
+from prunepath.evaluation.perplexity import tokenize_text
+import prunepath
 
 
 def _log(msg: str) -> None:
@@ -60,8 +73,6 @@ class _Timing:
         self.sessions.append({"started": round(t0, 3), "seconds": 0.0})
 
     def save(self) -> None:
-        from prunepath.evaluation.reports import write_json
-
         self.sessions[-1]["seconds"] = round(time.time() - self.t0, 3)
         write_json(self.path, {"sessions": self.sessions})
 
@@ -104,11 +115,6 @@ def _teal_rows(recipe: Recipe, model, tok, ids, out: Path, kw: dict, progress: b
     targets = [float(t) for t in recipe.sweep.get("teal") or []]
     if not targets:
         return []
-    from prunepath.baselines import activation
-    from prunepath.baselines.compare import calibration_texts
-    from prunepath.data.corpora import is_corpus_name
-    from prunepath.data.text import load_texts
-    from prunepath.evaluation.perplexity import evaluate_perplexity
 
     path = out / "teal.jsonl"
     done = {r["target_s_ffn"]: r for r in _read_jsonl(path)}
@@ -123,7 +129,7 @@ def _teal_rows(recipe: Recipe, model, tok, ids, out: Path, kw: dict, progress: b
         try:
             for t in todo:
                 activation.apply_activation_sparsity(model, activation.teal_thresholds(stats, t))
-                res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
+                res = perplexity.evaluate_perplexity(model, tok, ids, progress=progress, **kw)
                 row = {**_record("teal", res, recipe), "target_s_ffn": t}
                 _append_jsonl(path, row)
                 done[t] = row
@@ -135,7 +141,6 @@ def _teal_rows(recipe: Recipe, model, tok, ids, out: Path, kw: dict, progress: b
 
 def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
     """The PrunePath model to sweep: trained per the recipe, or converted untrained; resumes finished work."""
-    import prunepath
 
     ckpt = out / "model"
     if (ckpt / "prunepath_config.json").exists():
@@ -147,7 +152,6 @@ def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
         prunepath.moefy(model, **recipe.convert, progress=progress)
         prunepath.save(model, ckpt, tokenizer=tok)
         return model, tok, 0
-    from prunepath.training.trainer import train_from_config
 
     cfg = recipe.train_config()
     cfg.progress = progress
@@ -161,12 +165,6 @@ def _prepare_model(recipe: Recipe, model, tok, out: Path, progress: bool):
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
     """Run ``recipe``; returns {"rows": [...], "summary": str, "out": path}. Safe to re-run after an interruption."""
-    import prunepath
-    from prunepath.evaluation.common import check_text_file, resolve_data_path
-    from prunepath.evaluation.perplexity import evaluate_perplexity, tokenize_text
-    from prunepath.evaluation.plots import plot_frontier
-    from prunepath.evaluation.reports import write_csv, write_json, write_markdown
-    from prunepath.models.registry import check_builtin_typo
 
     t0 = time.time()
     # Checked before anything is written or loaded: the model name and the evaluation text.
@@ -192,7 +190,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
             dense_row = json.loads(dense_file.read_text())
         else:
             _log(f"dense reference: perplexity on {ids.numel()} tokens of {data_path.name}")
-            res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
+            res = perplexity.evaluate_perplexity(model, tok, ids, progress=progress, **kw)
             dense_row = _record("dense", res, recipe)
             write_json(dense_file, dense_row)
             timing.save()
@@ -205,14 +203,13 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
     method = "prunepath-sweep" if recipe.train is not None else "prunepath-untrained"
     sweep_file = out / "sweep.jsonl"
     done = {r["tau"]: r for r in _read_jsonl(sweep_file)}
-    from prunepath.evaluation.sweep import validate_taus
 
     for tau in sorted(validate_taus(recipe.sweep["taus"]), reverse=True):
         if tau in done:
             continue
         _log(f"τ = {tau}")
         with prunepath.routing(model, tau=tau):
-            res = evaluate_perplexity(model, tok, ids, progress=progress, **kw)
+            res = perplexity.evaluate_perplexity(model, tok, ids, progress=progress, **kw)
         row = _record(method, res, recipe, tau=tau, train_tokens=train_tokens)
         _append_jsonl(sweep_file, row)
         timing.save()

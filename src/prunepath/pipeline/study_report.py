@@ -21,6 +21,8 @@ from pathlib import Path
 
 from prunepath.evaluation.reports import atomic_write_text, write_json
 from prunepath.evaluation.sweep import value_at_sparsity
+from prunepath.evaluation.generation import rouge_scores
+from prunepath.evaluation.plots import save_figure
 
 # Known curves: (method, variant or None, label, style); every other (method, variant) in the results gets a
 # curve too, labelled by its variant (see ``curves``).
@@ -232,7 +234,6 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.subplots_adjust(left=0.09, right=0.56, top=0.93, bottom=0.1)
-    from prunepath.evaluation.plots import save_figure
 
     return save_figure(fig, out_png)
 
@@ -250,7 +251,6 @@ def cut_at_new_turn(text: str) -> str:
 def rouge_summary(preds: list[dict], raw: dict | None) -> dict:
     """ROUGE-L (and 1/2) per system from the predictions (rouge-score, Porter stemming); also how many ran on into
     a new chat turn, and ROUGE-L with those cut where that turn begins (``rougeL_turn_cut``)."""
-    from prunepath.evaluation.generation import rouge_scores
 
     systems: dict[str, list[dict]] = {}
     for p in preds:

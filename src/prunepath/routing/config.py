@@ -2,17 +2,61 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from prunepath.errors import PrunePathError
-from prunepath.routing.selection import validate_rule
+
+RULES = ("cumulative", "nucleus", "topk", "all")
+
+TAU_ALL = 1.05
+"""The dense τ: the cumulative mass never reaches a τ > 1, so every expert runs. 1.05 is the paper's warm-up value
+and the default everywhere a "dense" τ is meant (stage 1, dense layers, the first point of a sweep)."""
+
+TAU_SWEEP_MAX = 2.0  # the largest τ a sweep or ``--taus`` accepts
+
+
+def is_valid_tau(tau, upper: float | None = None, *, open_upper: bool = False) -> bool:
+    """τ > 0, and ≤ ``upper`` (< ``upper`` when ``open_upper``) where a caller bounds it; NaN is never valid."""
+    try:
+        t = float(tau)
+    except (TypeError, ValueError):
+        return False
+    if not t > 0:
+        return False
+    return upper is None or (t < upper if open_upper else t <= upper)
+
+
+def validate_tau(tau, upper: float | None = None, *, open_upper: bool = False, message: str | None = None) -> float:
+    """The one τ check (every site that accepts a τ calls it): raise :class:`PrunePathError` (``message``, or one
+    naming the range) unless :func:`is_valid_tau`; returns τ as a float."""
+    if not is_valid_tau(tau, upper, open_upper=open_upper):
+        if message is None:
+            rng = "> 0" if upper is None else f"in (0, {upper}{')' if open_upper else ']'}"
+            message = f"tau must be {rng} (got {tau})"
+        raise PrunePathError(message)
+    return float(tau)
+
+
+def validate_rule(rule: str, tau: float | None, k: int | None) -> None:
+    """Raise a clear error for an unknown rule or an out-of-range τ / k."""
+    if rule not in RULES:
+        raise PrunePathError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULES)}")
+    if rule in ("cumulative", "nucleus"):
+        if tau is None:
+            raise PrunePathError(f"rule {rule!r} needs tau (e.g. tau=0.9; tau > 1 keeps every expert)")
+        validate_tau(tau, message=f"tau must be > 0 (got {tau}); use e.g. 0.5 for sparse, {TAU_ALL} for all experts")
+    if rule == "topk":
+        if k is None or int(k) < 1:
+            raise PrunePathError(f"rule 'topk' needs k >= 1 (got {k})")
+
+
 
 
 @dataclass
 class RoutingConfig:
     """How each PrunePath FFN picks and scales its experts.
 
-    tau: probability budget of the cumulative rule (> 1 keeps every expert; the paper's warm-up uses 1.05).
+    tau: probability budget of the cumulative rule (> 1 keeps every expert; the paper's warm-up uses TAU_ALL).
     rule: "cumulative" (the paper), "nucleus" (keep the crossing expert), "topk" (k experts), "all".
     k: expert count for rule "topk".
     gates: scale each selected expert by sigmoid(logit + gate_offset); False gives the unscaled sum.
@@ -27,7 +71,7 @@ class RoutingConfig:
         load with {}.
     """
 
-    tau: float = 1.05
+    tau: float = TAU_ALL
     rule: str = "cumulative"
     k: int | None = None
     gates: bool = True
@@ -45,11 +89,14 @@ class RoutingConfig:
     def validate(self) -> None:
         if self.method == "prunepath":
             validate_rule(self.rule, self.tau, self.k)
-        elif not self.tau > 0:
-            raise PrunePathError(f"tau must be > 0 (got {self.tau})")
+        else:
+            validate_tau(self.tau)
         for layer, t in self.layer_tau.items():
-            if not t > 0:
-                raise PrunePathError(f"layer_tau[{layer}] must be > 0 (got {t})")
+            validate_tau(t, message=f"layer_tau[{layer}] must be > 0 (got {t})")
+
+    def copy(self) -> "RoutingConfig":
+        """An independent copy (its dicts are copied too): e.g. the decode engine's own settings."""
+        return replace(self, layer_tau=dict(self.layer_tau), params=dict(self.params), allocation=dict(self.allocation))
 
     def tau_for(self, layer_index: int) -> float:
         return self.layer_tau.get(layer_index, self.tau)

@@ -10,6 +10,8 @@ from torch import nn
 
 from prunepath.errors import PrunePathError
 from prunepath.routing.config import RoutingConfig
+from prunepath.routing.ffn import prunepath_modules
+from prunepath.routing.routers import make_router
 
 FIELDS = ("tau", "rule", "k", "gates", "gate_offset", "layer_tau", "method", "params", "allocation")
 
@@ -39,8 +41,6 @@ def configure(
 
     Validates before changing anything, so a bad value leaves the model as it was. Returns the new settings.
     """
-    from prunepath.conversion.moefy import prunepath_modules
-
     cfg = _require_converted(model)
     current = cfg.routing
     updates = {name: value for name, value in
@@ -57,8 +57,9 @@ def configure(
 
 
 @contextmanager
-def routing(model: nn.Module, **settings) -> Iterator[RoutingConfig]:
-    """Temporarily change routing (``with prunepath.routing(model, tau=0.6): ...``)."""
+def routing_scope(model: nn.Module, **settings) -> Iterator[RoutingConfig]:
+    """Temporarily change routing (``with prunepath.routing_scope(model, tau=0.6): ...``; the old name
+    ``prunepath.routing`` still works, see ``prunepath/__init__.py``)."""
     cfg = _require_converted(model)
     saved = replace(cfg.routing, layer_tau=dict(cfg.routing.layer_tau), params=dict(cfg.routing.params),
                     allocation=dict(cfg.routing.allocation))
@@ -67,3 +68,21 @@ def routing(model: nn.Module, **settings) -> Iterator[RoutingConfig]:
     finally:
         for name in FIELDS:
             setattr(cfg.routing, name, getattr(saved, name))
+
+
+def set_router(model: nn.Module, kind: str, **router_kwargs) -> nn.Module:
+    """Replace the router of every PrunePath FFN by a new one of ``kind`` (recorded in the model's config so
+    that checkpoints rebuild it)."""
+    cfg = getattr(model, "prunepath_config", None)
+    if cfg is None:
+        raise PrunePathError("set_router needs a converted model (prunepath.moefy first)")
+    for ffn in prunepath_modules(model):
+        ref = ffn.up_proj.weight
+        ffn.router = make_router(kind, ffn.hidden_size, ffn.num_experts, dtype=ref.dtype, device=ref.device,
+                                 **router_kwargs)
+    cfg.router = kind
+    cfg.router_kwargs = dict(router_kwargs)
+    return model
+
+
+routing = routing_scope  # the old name (kept for existing code: prunepath.routing.control.routing)

@@ -127,3 +127,12 @@ class PrunePathFFN(nn.Module):
         else:
             self.last_active = torch.full(x.shape[:-1], self.num_experts, device=x.device)
         return self.dropout(self.down_proj(h))
+
+
+def prunepath_modules(model: nn.Module) -> list[PrunePathFFN]:
+    """The model's PrunePath FFNs in layer order."""
+    return [m for m in model.modules() if isinstance(m, PrunePathFFN)]
+
+
+def is_converted(model: nn.Module) -> bool:
+    return getattr(model, "prunepath_config", None) is not None

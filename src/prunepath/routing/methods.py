@@ -51,11 +51,6 @@ def register_method(name: str, fn: RoutingMethod) -> None:
 
 def get_method(name: str) -> RoutingMethod:
     if name not in _METHODS:
-        try:  # baselines register themselves on import
-            import prunepath.baselines  # noqa: F401
-        except ImportError:
-            pass
-    if name not in _METHODS:
         raise PrunePathError(f"unknown routing method {name!r}; known: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
 

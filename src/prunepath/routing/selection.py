@@ -9,24 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prunepath.errors import PrunePathError
-
-RULES = ("cumulative", "nucleus", "topk", "all")
-
-
-def validate_rule(rule: str, tau: float | None, k: int | None) -> None:
-    """Raise a clear error for an unknown rule or an out-of-range τ / k."""
-    if rule not in RULES:
-        raise PrunePathError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULES)}")
-    if rule in ("cumulative", "nucleus"):
-        if tau is None:
-            raise PrunePathError(f"rule {rule!r} needs tau (e.g. tau=0.9; tau > 1 keeps every expert)")
-        if not tau > 0:
-            raise PrunePathError(f"tau must be > 0 (got {tau}); use e.g. 0.5 for sparse, 1.05 for all experts")
-    if rule == "topk":
-        if k is None or int(k) < 1:
-            raise PrunePathError(f"rule 'topk' needs k >= 1 (got {k})")
-
+from prunepath.routing.config import RULES, validate_rule  # noqa: F401  (re-exported: the validation lives in config)
 
 def _rank_order(probs: torch.Tensor) -> torch.Tensor:
     # A stable descending sort keeps equal probabilities in index order, i.e. ties go to the lower index.

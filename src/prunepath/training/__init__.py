@@ -4,12 +4,6 @@ trainer. Entry point: :func:`prunepath.training.trainer.train` (CLI: ``prunepath
 from prunepath.training.config import TrainConfig
 from prunepath.training.losses import register_aux_loss
 from prunepath.training.schedule import register_stage_hook, scheduled_tau
+from prunepath.training.trainer import TrainResult, train
 
 __all__ = ["TrainConfig", "register_aux_loss", "register_stage_hook", "scheduled_tau", "train", "TrainResult"]
-
-
-def __getattr__(name):  # the trainer imports accelerate/transformers: load it on first use
-    if name in ("train", "TrainResult"):
-        from prunepath.training import trainer
-        return getattr(trainer, name)
-    raise AttributeError(name)

@@ -4,69 +4,22 @@ with the backbone frozen."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunepath.calibration import (  # noqa: F401  (re-exported: shared calibration helpers)
+    _capture_inputs, _model_inputs, calibration_batches)
+from prunepath.calibration import capture_ffn_inputs as collect_ffn_inputs  # noqa: F401  (its old name here)
 from prunepath.errors import PrunePathError
 from prunepath.routing.ffn import output_shares
 from prunepath.training.losses import router_distill_kl
-
-
-def calibration_batches(dataset, num_tokens: int, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
-    """The first rows of ``dataset`` holding about ``num_tokens`` non-pad tokens, as batches."""
-    rows, seen = [], 0
-    for i in range(len(dataset)):
-        item = dataset[i]
-        rows.append(item)
-        seen += int(item["attention_mask"].sum()) if "attention_mask" in item else int(item["input_ids"].numel())
-        if seen >= num_tokens:
-            break
-    return [{k: torch.stack([r[k] for r in rows[j:j + batch_size]]) for k in rows[0]}
-            for j in range(0, len(rows), batch_size)]
-
-
-def _model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-@contextmanager
-def _capture_inputs(modules: list[nn.Module], store: list[list[torch.Tensor]],
-                    masks: list[torch.Tensor]) -> Iterator[None]:
-    """Record each module's input (kept tokens only, float32, CPU)."""
-    def hook_for(i):
-        def hook(_mod, args):
-            x = args[0].detach()
-            m = masks[-1].to(x.device).reshape(-1) if masks else None
-            x = x.reshape(-1, x.shape[-1])
-            store[i].append((x[m] if m is not None else x).float().cpu())
-        return hook
-    handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(modules)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def collect_ffn_inputs(model: nn.Module, modules: list[nn.Module], batches: Iterable[dict],
-                       progress: bool = False) -> list[torch.Tensor]:
-    """Per-layer [tokens, hidden] inputs of ``modules`` (FFN inputs) over the non-pad calibration tokens."""
-    device = next(model.parameters()).device
-    store: list[list[torch.Tensor]] = [[] for _ in modules]
-    masks: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    with _capture_inputs(modules, store, masks):
-        for batch in tqdm(list(batches), desc="calibration", disable=not progress, leave=False):
-            masks.append(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool())
-            model(**_model_inputs(batch, device))
-    model.train(was_training)
-    return [torch.cat(s) for s in store]
+from prunepath.conversion.moefy import prunepath_modules
+from prunepath.models.adapters import adapter_for
+from prunepath.routing.control import routing_scope
+from prunepath.routing.config import TAU_ALL
 
 
 @torch.no_grad()
@@ -74,7 +27,6 @@ def collect_ffn_activations(model: nn.Module, batches: Iterable[dict], max_token
                             progress: bool = False) -> list[torch.Tensor]:
     """Per-layer dense intermediate activations [tokens, d_ff] of an unconverted model (for
     ``moefy(..., clustering="coactivation", calibration_activations=...)``)."""
-    from prunepath.models.adapters import adapter_for
 
     adapter = adapter_for(model)
     sites = adapter.sites(model)
@@ -117,7 +69,6 @@ def router_warmstart(model: nn.Module, batches: list[dict], steps: int, *, lr: f
     softmax ranks experts by what they actually contribute. Always-on experts are left out of the target and
     the softmax. Each layer's router is trained on cached FFN inputs with Adam; returns the final KL per layer.
     """
-    from prunepath.conversion.moefy import prunepath_modules
 
     ffns = prunepath_modules(model)
     if not ffns:
@@ -150,7 +101,6 @@ def select_always_on(model: nn.Module, batches: list[dict], k: int, *,
                      inputs: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Mark, per layer, the ``k`` experts with the largest maximum output norm on calibration data (the
     "massive activation" experts) as always on. Returns the chosen expert ids per layer."""
-    from prunepath.conversion.moefy import prunepath_modules
 
     ffns = prunepath_modules(model)
     if k >= (ffns[0].num_experts if ffns else 1):
@@ -169,7 +119,6 @@ def select_always_on(model: nn.Module, batches: list[dict], k: int, *,
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, batches: list[dict], tau: float, progress: bool = True) -> list[float]:
     """Increase of the LM loss (nats/token) when only layer l is sparse at ``tau``, for every layer."""
-    import prunepath
 
     device = next(model.parameters()).device
     num_layers = model.prunepath_config.num_layers
@@ -185,14 +134,14 @@ def layer_sensitivity(model: nn.Module, batches: list[dict], tau: float, progres
 
     was_training = model.training
     model.eval()
-    dense = {i: 1.05 for i in range(num_layers)}
-    with prunepath.routing(model, tau=1.05, layer_tau={}):
+    dense = {i: TAU_ALL for i in range(num_layers)}
+    with routing_scope(model, tau=TAU_ALL, layer_tau={}):
         base = loss()
     out = []
     for layer in tqdm(range(num_layers), desc="layer sensitivity", disable=not progress, unit="layer"):
         lt = dict(dense)
         lt[layer] = tau
-        with prunepath.routing(model, tau=1.05, layer_tau=lt):
+        with routing_scope(model, tau=TAU_ALL, layer_tau=lt):
             out.append(loss() - base)
     model.train(was_training)
     return out

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from prunepath.errors import PrunePathError
+from prunepath.errors import unknown_names_message
+from prunepath.routing.config import TAU_ALL, validate_tau
 
 TASKS = ("lm", "classify", "instruct")
 SCHEDULES = ("linear", "fixed")
@@ -35,7 +37,7 @@ class TrainConfig:
     # schedule (PAPER §4)
     stage1_steps: int = 100
     stage2_steps: int = 100
-    tau_warmup: float = 1.05
+    tau_warmup: float = TAU_ALL
     tau_start: float = 1.0
     tau_min: float = 0.7
     tau_schedule: str = "linear"
@@ -103,14 +105,13 @@ class TrainConfig:
             raise PrunePathError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.tau_schedule not in SCHEDULES:
             raise PrunePathError(f"unknown --tau-schedule {self.tau_schedule!r}; choose linear or fixed")
-        if self.method != "dense" and not 0 < self.tau_min < 1:
-            raise PrunePathError(f"--tau-min must be in (0, 1) (got {self.tau_min}); τ ≥ 1 keeps every expert, "
+        if self.method != "dense":
+            validate_tau(self.tau_min, 1.0, open_upper=True,
+                         message=f"--tau-min must be in (0, 1) (got {self.tau_min}); τ ≥ 1 keeps every expert, "
                                  "so nothing would be sparse. The paper uses e.g. 0.7")
         for layer, t in (self.layer_tau or {}).items():
-            if not 0 < float(t) <= 1.05:
-                raise PrunePathError(f"layer_tau[{layer}] = {t} must be in (0, 1.05]")
-        if not 0 < self.tau_start <= 1.05:
-            raise PrunePathError(f"tau_start must be in (0, 1.05] (got {self.tau_start})")
+            validate_tau(t, TAU_ALL, message=f"layer_tau[{layer}] = {t} must be in (0, {TAU_ALL}]")
+        validate_tau(self.tau_start, TAU_ALL, message=f"tau_start must be in (0, {TAU_ALL}] (got {self.tau_start})")
         for name in ("stage1_steps", "stage2_steps", "warmstart_steps", "save_every", "eval_every",
                      "always_on", "auto_dense_layers", "warmup_steps"):
             if getattr(self, name) < 0:
@@ -167,8 +168,6 @@ class TrainConfig:
         d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
         unknown = sorted(set(d) - set(cls.keys()))
         if unknown:
-            from prunepath.errors import unknown_names_message
-
             raise PrunePathError(f"{where}: {unknown_names_message(unknown, cls.keys())} (all settings: "
                                  "`prunepath train --help`, keys with _ instead of -)")
         return cls(**d)

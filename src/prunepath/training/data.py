@@ -15,6 +15,11 @@ from prunepath.data.corpora import split_documents
 from prunepath.data.lm import TensorDictDataset, build_instruct_dataset, build_lm_dataset
 from prunepath.errors import PrunePathError
 from prunepath.training import selfgen
+from prunepath.data.text import load_texts
+from prunepath.routing.ffn import is_converted
+from prunepath.routing.control import routing_scope
+from prunepath.data.glue import load_glue
+from prunepath.data.instruct import load_examples
 
 
 def encode_classification(texts: list[tuple[str, str | None]], labels: list[int], tokenizer,
@@ -35,18 +40,10 @@ def encode_classification(texts: list[tuple[str, str | None]], labels: list[int]
 
 
 def _glue(path: str, task: str | None = None):
-    try:
-        from prunepath.data.glue import load_glue
-    except ImportError as exc:
-        raise PrunePathError("GLUE reading needs prunepath.data.glue (not installed in this build)") from exc
     return load_glue(path, task=task)
 
 
 def _examples(path: str) -> list[dict]:
-    try:
-        from prunepath.data.instruct import load_examples
-    except ImportError as exc:
-        raise PrunePathError("instruction data needs prunepath.data.instruct (not installed in this build)") from exc
     return load_examples(path)
 
 
@@ -69,7 +66,6 @@ def _default_eval_path(path: str) -> str | None:
 
 def _self_texts(cfg, tokenizer, n_tokens: int, model, split: str, should_stop=None) -> tuple[list[str], dict]:
     """The self-distillation corpus's documents of ``split`` (generated once, then read from the cache)."""
-    import prunepath  # the front door (routing); imported late because it imports this package
 
     opts = dict(cfg.self_corpus or {})
     unknown = set(opts) - set(selfgen.SelfCorpusSettings.__dataclass_fields__) - {"tokens"}
@@ -85,7 +81,7 @@ def _self_texts(cfg, tokenizer, n_tokens: int, model, split: str, should_stop=No
         device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         model.to(device)
         # A converted model with every expert on and gates off computes the original function.
-        ctx = prunepath.routing(model, rule="all", gates=False) if prunepath.is_converted(model) \
+        ctx = routing_scope(model, rule="all", gates=False) if is_converted(model) \
             else contextlib.nullcontext()
         with ctx:
             path = selfgen.self_corpus(model, tokenizer, settings, model_name=cfg.model, progress=cfg.progress,
@@ -100,7 +96,6 @@ def build_task_data(cfg, tokenizer, *, max_train_tokens: int | None = None, bloc
     """(train dataset, eval dataset or None, info) for ``cfg.task`` / ``cfg.data`` / ``cfg.eval_data``;
     ``block_bos``: LM blocks start with BOS (models that need it, as the evaluator's windows do). ``model``
     (the original model) samples a ``self:N`` corpus when it is not cached yet."""
-    from prunepath.data.text import load_texts
 
     if not cfg.data:
         raise PrunePathError("--data is required: a named corpus (sotu, brown, austen, kjv, moby-dick, mix), a "

@@ -28,11 +28,6 @@ def register_aux_loss(method: str, fn: AuxLossFn) -> None:
 
 def get_aux_loss(method: str) -> AuxLossFn | None:
     """The loss function of ``method`` (None: no auxiliary loss, e.g. dense fine-tuning)."""
-    if method not in _LOSSES:
-        try:  # baselines register on import
-            import prunepath.baselines  # noqa: F401
-        except ImportError:
-            pass
     return _LOSSES.get(method)
 
 
@@ -89,8 +84,6 @@ def prunepath_aux_loss(scores: list[torch.Tensor], token_mask: torch.Tensor | No
         out["gate"] = cfg.gamma * mean["gate"]
     return out
 
-
-register_aux_loss("prunepath", prunepath_aux_loss)
 
 
 def router_distill_kl(logits: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None = None,

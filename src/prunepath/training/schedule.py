@@ -1,6 +1,6 @@
 """Routing schedules: a stage hook per method, called before each step's forward to set routing.
 
-PrunePath (PAPER.md §4): stage 1 is an all-expert warm-up at τ = 1.05; stage 2 lowers τ linearly from 1.0 to
+PrunePath (PAPER.md §4): stage 1 is an all-expert warm-up at τ = ``TAU_ALL``; stage 2 lowers τ linearly from 1.0 to
 τ_min over T rounds (a round is an equal share of the stage-2 steps, the last round runs at τ_min), or holds
 τ_min fixed (the authors' release).
 """
@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Callable
 
 from torch import nn
+
+from prunepath.routing.control import configure
+from prunepath.routing.config import TAU_ALL
 
 StageHook = Callable[..., None]
 _HOOKS: dict[str, StageHook] = {}
@@ -22,11 +25,6 @@ def register_stage_hook(method: str, fn: StageHook) -> None:
 
 
 def get_stage_hook(method: str) -> StageHook | None:
-    if method not in _HOOKS:
-        try:
-            import prunepath.baselines  # noqa: F401
-        except ImportError:
-            pass
     return _HOOKS.get(method)
 
 
@@ -49,7 +47,7 @@ def resolve_layers(layers, num_layers: int) -> list[int]:
 
 
 def layer_taus(stage: int, step: int, total_steps: int, cfg, num_layers: int) -> dict[int, float]:
-    """Per-layer τ: dense layers stay at 1.05; layers with their own τ_min follow their own schedule."""
+    """Per-layer τ: dense layers stay at ``TAU_ALL``; layers with their own τ_min follow their own schedule."""
     out: dict[int, float] = {}
     if stage == 1:
         return out
@@ -57,17 +55,13 @@ def layer_taus(stage: int, step: int, total_steps: int, cfg, num_layers: int) ->
         layer = int(layer) % num_layers
         out[layer] = t_min if t_min > 1 else scheduled_tau(stage, step, total_steps, cfg, tau_min=t_min)
     for layer in resolve_layers(cfg.dense_layers, num_layers):
-        out[layer] = 1.05
+        out[layer] = TAU_ALL
     return out
 
 
 def prunepath_stage_hook(model: nn.Module, stage: int, step: int, total_steps: int, cfg) -> None:
-    import prunepath
-
     num_layers = model.prunepath_config.num_layers
-    prunepath.configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
+    configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
                         layer_tau=layer_taus(stage, step, total_steps, cfg, num_layers),
                         gate_offset=float(cfg.gate_offset))
 
-
-register_stage_hook("prunepath", prunepath_stage_hook)

@@ -3,7 +3,7 @@ swept at inference) vs dense fine-tuning, all through ``prunepath.training.train
 training tokens, steps, optimiser settings and precision; evaluated by the same perplexity code. Rows are
 appended to a JSON file as they come (temp name, then renamed).
 
-    python -m prunepath.baselines.compare_trained --model PATH.gguf --train-file train.json \\
+    python -m prunepath.pipeline.compare_trained --model PATH.gguf --train-file train.json \\
         --calib-file calib.json --eval-data wiki.valid.raw --device cuda --out results.json
 """
 
@@ -21,8 +21,13 @@ import torch
 import prunepath
 from prunepath.baselines import prepare_for_training
 from prunepath.baselines.calibration import collect_ffn_inputs, token_batches
-from prunepath.baselines.compare import Results
+from prunepath.pipeline.compare import Results
 from prunepath.baselines.knobs import knob_for_sparsity
+from prunepath.data.lm import build_lm_dataset
+from prunepath.training.config import TrainConfig
+from prunepath.training.trainer import train
+from prunepath.routing.config import TAU_ALL
+from prunepath.evaluation import perplexity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="dense,prunepath,lte")
     p.add_argument("--calib-tokens", type=int, default=16384)
     a = p.parse_args(argv)
-    from prunepath.data.lm import build_lm_dataset
-    from prunepath.evaluation.perplexity import evaluate_perplexity
-    from prunepath.training.config import TrainConfig
-    from prunepath.training.trainer import train
 
     t0 = time.time()
     targets = [float(t) for t in a.targets.split(",")]
@@ -67,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             "lr 1e-3 wd 1e-2, AdamW, constant)"},
             "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, 512-token non-overlapping windows)",
             "knob_calibration": f"{a.calib_file}, {a.calib_tokens} tokens",
-            "command": "python -m prunepath.baselines.compare_trained " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m prunepath.pipeline.compare_trained " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu")
             + f", torch {torch.__version__}"}
     res = Results(Path(a.out), meta)
 
     def evaluate(key, method, m, extra):
         t = time.time()
-        r = evaluate_perplexity(m, tok, a.eval_data, window=512, max_tokens=a.eval_tokens, progress=False,
+        r = perplexity.evaluate_perplexity(m, tok, a.eval_data, window=512, max_tokens=a.eval_tokens, progress=False,
                                 batch_size=32)
         res.add({"key": key, "method": method, "s_ffn": r["s_ffn"], "ppl": r["ppl"], "nll": r["nll"],
                  "tokens": r["tokens"], "per_layer_s_ffn": r.get("per_layer_s_ffn"),
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [x.to(a.device) for x in collect_ffn_inputs(
             model, token_batches(tok, calib, max_tokens=a.calib_tokens), progress=False)]
         if method == "prunepath":
-            prunepath.configure(model, tau=1.05)
-            evaluate(f"{name}@trained", name, model, {**info, "knob": {"tau": 1.05}})
+            prunepath.configure(model, tau=TAU_ALL)
+            evaluate(f"{name}@trained", name, model, {**info, "knob": {"tau": TAU_ALL}})
             for t in targets:
                 tau, s_cal = knob_for_sparsity(model, inputs, "prunepath", t)
                 prunepath.configure(model, tau=tau)

@@ -1,6 +1,6 @@
 """Plot and table of the side-by-side runs (``compare`` and ``compare_trained`` JSON files).
 
-    python -m prunepath.baselines.report docs/results/baselines-smollm2-135m-routers.json \\
+    python -m prunepath.pipeline.compare_report docs/results/baselines-smollm2-135m-routers.json \\
         docs/results/baselines-smollm2-135m-trained.json --png docs/results/baselines-smollm2-135m.png
 """
 
@@ -12,6 +12,7 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+from prunepath.evaluation.plots import save_figure
 
 
 def series(rows: list[dict]) -> dict[str, list[dict]]:
@@ -47,7 +48,6 @@ def plot(panels: list[tuple[str, list[dict]]], png: Path, ymax: float = 1e5) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    from prunepath.evaluation.plots import save_figure
 
     return save_figure(fig, png)
 

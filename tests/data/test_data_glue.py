@@ -59,7 +59,7 @@ def test_errors(tmp_path):
         load_glue(h, "mnli")
 
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="shared data folder not present")

@@ -13,7 +13,7 @@ import prunepath
 from prunepath.evaluation.perplexity import evaluate_perplexity, iter_text_tokens
 
 pytestmark = pytest.mark.real_model
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,7 @@ def test_a_failing_job_does_not_stop_independent_ones(tmp_path):
 def test_study_recipe_has_the_distillation_variant():
     from pathlib import Path
 
-    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "study-lm-smollm2.yaml").read_text())
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "recipes" / "study-lm-smollm2.yaml").read_text())
     cfg = lm_study.load_study(recipe)
     main, dist = lm_study.train_config(cfg, "main", "cpu"), lm_study.train_config(cfg, "distill", "cpu")
     assert main.distill == 0.0 and dist.distill == 0.8

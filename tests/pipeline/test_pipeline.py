@@ -138,7 +138,7 @@ def test_missing_and_malformed_recipe(tmp_path, capsys):
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml")):
         text = yaml.safe_load(path.read_text())
         if "study" in text:  # study recipes (prunepath.pipeline.lm_study / nlu_study) are checked by their tests
             continue

@@ -24,7 +24,7 @@ from prunepath.training.config import TrainConfig
 from prunepath.training.trainer import _checkpoints, train
 from test_train_helpers import one_thread, tiny_llama, tiny_lm_data
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the helper modules the scripts import live
 
 
 @pytest.fixture(autouse=True)

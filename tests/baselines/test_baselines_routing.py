@@ -250,7 +250,7 @@ def test_prepare_for_training_sets_lte_router_once(tiny_model):
 
 
 def test_report_table_picks_nearest_point_within_tolerance():
-    from prunepath.baselines.report import table
+    from prunepath.pipeline.compare_report import table
 
     rows = [{"key": "a@0.3", "s_ffn": 0.31, "ppl": 10.0}, {"key": "a@0.5", "s_ffn": 0.58, "ppl": 20.0},
             {"key": "lte(eta=1.0)@delta=0.5", "s_ffn": 0.5, "ppl": 30.0}]

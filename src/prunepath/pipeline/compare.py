@@ -2,7 +2,7 @@
 only), on the same calibration tokens, evaluated by the same perplexity code. Results are appended row by row to
 a JSON file (written to a temp name, then renamed), so an interrupted run resumes where it stopped.
 
-    python -m prunepath.baselines.compare --out docs/results/baselines-smollm2-135m.json
+    python -m prunepath.pipeline.compare --out docs/results/baselines-smollm2-135m.json
 
 What this is *not*: the paper's protocol (joint training of router + backbone for PrunePath and LTE). LTE here is
 the layer-local proxy of :mod:`prunepath.baselines.fitting`; PrunePath is the router warm start (KL to each
@@ -23,26 +23,13 @@ import torch
 
 import prunepath
 from prunepath.baselines import fitting
-from prunepath.baselines.calibration import (collect_ffn_inputs, data_root, default_calibration_texts,
+from prunepath.calibration import calibration_texts  # noqa: F401  (re-exported)
+from prunepath.baselines.calibration import (collect_ffn_inputs, data_root,
                                              expert_mass, token_batches)
 from prunepath.baselines.knobs import knob_for_sparsity
 from prunepath.baselines.static import prune_experts
 from prunepath.baselines.wanda import apply_wanda, input_norms, target_linears
-
-
-def calibration_texts(source: str, chars_per_doc: int = 3000) -> tuple[list[str], str]:
-    """Training-split documents of a registry corpus mix, round-robin across corpora (first ``chars_per_doc``
-    characters of each document, so no single corpus dominates); falls back to the Alpaca/XSum samples."""
-    try:
-        from prunepath.data.corpora import corpus_names, load_corpus, split_documents
-        per = [split_documents(load_corpus(n), "train") for n in corpus_names(source)]
-        texts = []
-        for i in range(max(len(p) for p in per)):
-            texts.extend(p[i]["text"][:chars_per_doc] for p in per if i < len(p))
-        return texts, f"{source} (train split, first {chars_per_doc} chars per document, round-robin)"
-    except Exception as exc:  # noqa: BLE001 - any fetch problem: use the shared samples instead
-        print(f"corpus {source} unavailable ({exc}); using alpaca/xsum samples", file=sys.stderr)
-        return default_calibration_texts(), "alpaca-sample + xsum-sample"
+from prunepath.evaluation import perplexity
 
 
 class Results:
@@ -66,7 +53,7 @@ class Results:
         tmp.replace(self.path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="docs/results/baselines-smollm2-135m.json")
@@ -86,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lte-delta-sweep", default="0.2", help="η values whose δ is also swept to the targets")
     p.add_argument("--methods", default="dense,prunepath,lte,moefication,d2dmoe,static,wanda")
     p.add_argument("--neurons-per-expert", type=int, default=32)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from prunepath.evaluation.perplexity import evaluate_perplexity
 
     targets = [float(t) for t in a.targets.split(",")]
     methods = a.methods.split(",")
@@ -105,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": model.prunepath_display_name, "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, "
             "512-token non-overlapping windows)", "calibration": f"{calib_desc}, {a.calib_tokens} tokens",
             "fitting": f"backbone frozen; {a.steps} Adam steps x {a.batch} tokens per layer, lr {a.lr}",
-            "command": "python -m prunepath.baselines.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m prunepath.pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": (torch.cuda.get_device_name() if a.device.startswith("cuda") else
                         f"{platform.machine()} {os.cpu_count()} cores (shared)") + f", torch {torch.__version__}, fp32"}
     res = Results(Path(a.out), meta)
 
     def evaluate(key: str, method: str, m, extra: dict, s_override: float | None = None) -> None:
         t = time.time()
-        r = evaluate_perplexity(m, tok, a.eval_data, window=512, max_tokens=a.eval_tokens, progress=False,
+        r = perplexity.evaluate_perplexity(m, tok, a.eval_data, window=512, max_tokens=a.eval_tokens, progress=False,
                                 batch_size=4 if a.device == "cpu" else 32)
         s = r["s_ffn"] if s_override is None else s_override
         res.add({"key": key, "method": method, "s_ffn": s, "ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"],
