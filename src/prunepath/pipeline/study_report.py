@@ -210,10 +210,16 @@ PLOT_SKIP_VARIANTS = ("warmstart+offset", "paper-defaults", "warmstart+offset+di
                       "warmstart+offset+distill(1.0)", "warmstart+offset+distill+router-distill(4)")
 
 
-def _plotted(method: str, variant: str | None) -> bool:
-    if method == "lte" or method == "prunepath" or (variant or "") in PLOT_SKIP_VARIANTS:
+def _plotted(rows: list[dict], method: str, variant: str | None) -> bool:
+    """Whether a curve goes into the plot: not LTE, not the τ_min stars, not a baseline built only on the dense
+    fine-tuned model, and not a superseded PrunePath setting when a newer one is in the results."""
+    if method in ("lte", "prunepath"):
         return False
-    return "dense-finetuned" not in (variant or "")
+    newer = any(r["method"] == "prunepath-sweep" and r.get("variant") not in PLOT_SKIP_VARIANTS for r in rows)
+    if newer and (variant or "") in PLOT_SKIP_VARIANTS:
+        return False
+    variants = {r.get("variant") or "" for r in rows if r["method"] == method and variant in (None, r.get("variant"))}
+    return not all("dense-finetuned" in v for v in variants)
 
 
 def plot(rows: list[dict], out_png: Path, title: str) -> Path:
@@ -223,7 +229,7 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10.5, 5.4), dpi=120)
-    for method, variant, label, style in [c for c in curves(rows) if _plotted(c[0], c[1])]:
+    for method, variant, label, style in [c for c in curves(rows) if _plotted(rows, c[0], c[1])]:
         pts = curve(rows, method, variant)
         pts = [p for p in pts if p["s_ffn"] > 0 or method.startswith("prunepath")]
         if pts:
