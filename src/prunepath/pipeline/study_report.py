@@ -215,7 +215,8 @@ def _plotted(rows: list[dict], method: str, variant: str | None) -> bool:
     fine-tuned model, and not a superseded PrunePath setting when a newer one is in the results."""
     if method in ("lte", "prunepath"):
         return False
-    newer = any(r["method"] == "prunepath-sweep" and r.get("variant") not in PLOT_SKIP_VARIANTS for r in rows)
+    swept = {r.get("variant") for r in rows if r["method"] == "prunepath-sweep"}
+    newer = len(swept) > 3 and any(v not in PLOT_SKIP_VARIANTS for v in swept)  # few curves: plot them all
     if newer and (variant or "") in PLOT_SKIP_VARIANTS:
         return False
     variants = {r.get("variant") or "" for r in rows if r["method"] == method and variant in (None, r.get("variant"))}
