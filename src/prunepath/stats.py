@@ -74,36 +74,32 @@ def activation_modules(model: nn.Module) -> list[nn.Module]:
                   key=lambda m: m.layer_index)
 
 
+def _per_token(modules, attr: str, token_mask: torch.Tensor | None, keep_device: bool) -> list[torch.Tensor]:
+    """Each module's per-token record ``attr`` from the last forward, padding dropped, as 1-D float tensors."""
+    out = []
+    for m in modules:
+        v = getattr(m, attr)
+        if v is None:
+            raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
+        if token_mask is not None:
+            v = v.reshape(token_mask.shape)[token_mask.to(torch.bool).to(v.device)]
+        v = v.reshape(-1).float()
+        out.append(v if keep_device else v.cpu())
+    return out
+
+
 def activation_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, *,
                            keep_device: bool = False) -> list[torch.Tensor]:
     """TEAL / CATS: per-(kept)-token s_FFN of the last forward, one 1-D float tensor per layer (moved to the CPU
     unless ``keep_device``)."""
-    out = []
-    for m in activation_modules(model):
-        if m.last_s_ffn is None:
-            raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
-        s = m.last_s_ffn
-        if token_mask is not None:
-            s = s.reshape(token_mask.shape)[token_mask.to(torch.bool).to(s.device)]
-        s = s.reshape(-1).float()
-        out.append(s if keep_device else s.cpu())
-    return out
+    return _per_token(activation_modules(model), "last_s_ffn", token_mask, keep_device)
 
 
 def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None, *,
                   keep_device: bool = False) -> list[torch.Tensor]:
     """Active-expert count per (kept) token, one 1-D tensor per layer, from the last forward (moved to the CPU
     unless ``keep_device``)."""
-    out = []
-    for m in prunepath_modules(model):
-        if m.last_active is None:
-            raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
-        a = m.last_active
-        if token_mask is not None:
-            a = a.reshape(token_mask.shape)[token_mask.to(torch.bool).to(a.device)]
-        a = a.reshape(-1).float()
-        out.append(a if keep_device else a.cpu())
-    return out
+    return _per_token(prunepath_modules(model), "last_active", token_mask, keep_device)
 
 
 def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:
