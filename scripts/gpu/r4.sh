@@ -14,7 +14,7 @@ RECIPE="${R4_RECIPE:-recipes/study-lm-smollm2.yaml}"
 WORK="${STUDY_WORK:-$HOLD/study-r4}"
 DEADLINE_S="${R4_DEADLINE_S:-560}"
 MARGIN="${R4_MARGIN_S:-30}"
-LIGHT="${R4_LIGHT:-dense,teal,teal-greedy,cats,wanda,moefication,d2dmoe,static}"
+LIGHT="${R4_LIGHT-dense,teal,teal-greedy,cats,wanda,moefication,d2dmoe,static}"
 # 16 neurons/expert at 2x10^7 tokens and 32 at 10^7 (what the device budget of 2026-12-03 fitted; the second seed
 # self-rd-n16-s1 and the 64-neuron variant are in the recipe for the next budget)
 TRAIN="${R4_TRAIN:-train-self-rd-n16,train-self-rd-n32,eval-self-rd-n16,eval-self-rd-n32,alloc-self-rd-n16,alloc-self-rd-n32}"
@@ -30,6 +30,7 @@ if [[ ! -f "$PRUNEPATH_CACHE/models/smollm2-135m/config.json" ]]; then
     tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/g2/corpora.tar.gz
     cp -r .stage/g2/data/* "$DATA_DIR/"
     stage_smollm2 .stage/g2/smol.part.01 .stage/g2/smol.sha256
+    if [[ -f .stage/g2/selfgen.tgz ]]; then tar -C "$PRUNEPATH_CACHE" -xzf .stage/g2/selfgen.tgz; fi
     log "staged"
 fi
 left() { echo $(( DEADLINE_S - MARGIN - $(elapsed) )); }
@@ -49,8 +50,8 @@ shards() {  # shards GROUP JOBS N: N disjoint shards of the selected jobs, in th
     done
 }
 PIDS=()
-shards light "$LIGHT" 3
-log "light shards started; self-distillation corpus ($SELF_TOKENS tokens)"
+if [[ -n "$LIGHT" ]]; then shards light "$LIGHT" 3; fi
+log "light shards: '${LIGHT}'; self-distillation corpus ($SELF_TOKENS tokens)"
 timeout $(( $(left) )) python3 -m prunepath.cli.main self-corpus --model smollm2-135m --tokens "$SELF_TOKENS" \
     --seed 0 --batch-size 512 --device cuda 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | awk 'NR % 20 == 1' | tail -n 30 \
     || log "self-corpus exit $?"
@@ -60,6 +61,10 @@ for p in "${PIDS[@]}"; do wait "$p" || log "a shard exited $?"; done
 for f in "$WORK"/logs/*-"$CALL".log; do echo "--- $f"; grep -E "^\[study|Error|error|tok/s" "$f" | tail -n 25 || true; done
 python3 -m prunepath.cli.main run "$RECIPE" --out "$WORK" --merge-only --no-progress 2>&1 | tail -n 8 || log "merge failed"
 cp "$WORK"/results/*.json "$OUT/r4/" 2>/dev/null || true
+# the sampled corpus comes back too (a few MB), so a later machine can be given it instead of sampling again
+if [[ ! -f "$HOLD/selfgen-sent" ]]; then
+    tar -C "$PRUNEPATH_CACHE" -czf "$OUT/r4/selfgen.tgz" selfgen 2>/dev/null && touch "$HOLD/selfgen-sent" || true
+fi
 ( cd "$WORK" && tar -czf "$OUT/r4/state.tgz" $(ls -d logs jobs partial failed ckpt/*/train_log.jsonl \
     ckpt/*/train_result.json ckpt/*/train_config.json 2>/dev/null) ) || log "state tar failed"
 ls -la "$OUT/r4"

@@ -36,6 +36,35 @@ def test_fixed_schedule():
     assert {scheduled_tau(2, s, 8, cfg) for s in range(8)} == {0.7}
 
 
+def test_sample_schedule_covers_the_range_and_replays():
+    cfg = TrainConfig(stage2_steps=400, tau_min=0.55, tau_schedule="sample", tau_all_prob=0.25, seed=3)
+    taus = [scheduled_tau(2, s, 400, cfg) for s in range(400)]
+    every = [t for t in taus if t == 1.05]
+    sparse = [t for t in taus if t != 1.05]
+    assert 0.15 < len(every) / len(taus) < 0.35  # tau_all_prob of the steps run every expert
+    assert all(0.55 <= t <= 1.0 for t in sparse)
+    assert min(sparse) < 0.6 and max(sparse) > 0.95  # the whole range is visited
+    assert taus == [scheduled_tau(2, s, 400, cfg) for s in range(400)]  # a resume replays the same sequence
+    other = [scheduled_tau(2, s, 400, TrainConfig(stage2_steps=400, tau_min=0.55, tau_schedule="sample", seed=4))
+             for s in range(400)]
+    assert other != taus
+    # Per-layer τ_min: the same draw mapped to the layer's own range.
+    cfg2 = TrainConfig(stage2_steps=400, tau_min=0.55, tau_schedule="sample", tau_all_prob=0.0, layer_tau={1: 0.8})
+    for s in range(20):
+        u = (1.0 - scheduled_tau(2, s, 400, cfg2)) / 0.45
+        assert layer_taus(2, s, 400, cfg2, 3)[1] == pytest.approx(1.0 - 0.2 * u)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(tau_all_prob=1.0), "tau-all-prob"), (dict(tau_all_prob=-0.1), "tau-all-prob"),
+                                      (dict(train_scope="attention"), "train-scope"),
+                                      (dict(train_scope="ffn", method="dense"), "train-scope")])
+def test_schedule_and_scope_errors(kw, match):
+    from prunepath.errors import PrunePathError
+
+    with pytest.raises(PrunePathError, match=match):
+        TrainConfig(**kw)
+
+
 def test_layer_taus_dense_and_per_layer():
     cfg = TrainConfig(stage2_steps=4, tau_min=0.6, tau_rounds=2, dense_layers=[0, -1], layer_tau={2: 0.8})
     assert layer_taus(1, 0, 4, cfg, 5) == {}

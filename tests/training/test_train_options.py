@@ -110,6 +110,17 @@ def test_freeze_backbone_trains_routers_only():
     assert changed and all(".router." in k for k in changed)
 
 
+def test_train_scope_ffn_leaves_attention_embeddings_and_norms():
+    m = prunepath.moefy(tiny_llama(), neurons_per_expert=8, progress=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    train(m, None, tiny_lm_data(), cfg(train_scope="ffn", lr_backbone=1e-2, eta=0.1))
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".router." in k for k in changed)
+    assert any(".mlp." in k and ".router." not in k for k in changed)  # the experts train
+    assert all(".mlp." in k for k in changed), sorted(changed)  # nothing outside the FFNs moved
+
+
 def test_dense_finetuning_saves_a_plain_model(tmp_path):
     m = tiny_llama()
     before = m.model.layers[0].mlp.up_proj.weight.clone()

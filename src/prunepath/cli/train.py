@@ -70,7 +70,10 @@ def register(sub) -> None:
     g.add_argument("--stage1-steps", type=int, help=f"all-expert warm-up steps at τ={TAU_ALL} (default 100)")
     g.add_argument("--stage2-steps", type=int, help="sparse steps (default 100)")
     g.add_argument("--tau-min", type=float, help="final τ (default 0.7)")
-    g.add_argument("--tau-schedule", choices=["linear", "fixed"])
+    g.add_argument("--tau-schedule", choices=["linear", "fixed", "sample"],
+                   help="linear (paper: 1.0 → τ_min in rounds), fixed (τ_min) or sample (each step draws τ in "
+                        "[τ_min, 1], or every expert with --tau-all-prob)")
+    g.add_argument("--tau-all-prob", type=float, help="sample schedule: share of steps with every expert (0.25)")
     g.add_argument("--tau-rounds", type=int, help="rounds T of the linear schedule (default 10)")
     g.add_argument("--eta", type=float, help="entropy weight η (default 3e-4)")
     g.add_argument("--lam", "--lambda", dest="lam", type=float, help="balance weight λ (default 1e-3)")
@@ -85,6 +88,8 @@ def register(sub) -> None:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: off; default 1.0)")
     g.add_argument("--freeze-backbone", action="store_true", help="train the routers (and a new head) only")
+    g.add_argument("--train-scope", choices=["all", "ffn"],
+                   help="all (default) or ffn: attention, embeddings and norms stay as loaded")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--grad-accum", type=int)
     g.add_argument("--seq-len", type=int)

@@ -19,6 +19,7 @@ sweep stops between two points, no job starts that cannot finish a first step; w
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ def build_jobs(cfg: dict) -> list[Job]:
             Job("wanda", base_chain, job_wanda, base_deps),
             Job("moefication", base_chain, job_router_baseline, base_deps, {"method": "moefication"})]
     jobs += [Job(m, "T", job_activation, args={"method": m}) for m in cfg["activation"]["methods"]]
-    chains = iter("DEFGHIJKLMNOP")
+    chains = itertools.chain("DEFGHIJKLMNOP", (f"X{i}" for i in itertools.count()))
     extra = [(name, True) for name in cfg["variants"] if name != "main"]  # ablations: swept like main
     extra += [(f"taumin-{float(t):g}", False) for t in cfg["tau_min_runs"]]  # evaluated at τ_min and near it
     for run, sweep in extra:

@@ -11,7 +11,8 @@ from prunepath.errors import unknown_names_message
 from prunepath.routing.config import TAU_ALL, validate_tau
 
 TASKS = ("lm", "classify", "instruct")
-SCHEDULES = ("linear", "fixed")
+SCHEDULES = ("linear", "fixed", "sample")
+TRAIN_SCOPES = ("all", "ffn")
 PRECISIONS = ("no", "fp32", "bf16", "fp16")
 
 
@@ -42,6 +43,10 @@ class TrainConfig:
     tau_min: float = 0.7
     tau_schedule: str = "linear"
     tau_rounds: int = 10
+    # "sample" (beyond the paper): each stage-2 step draws τ uniformly from [tau_min, tau_start], or runs every
+    # expert (TAU_ALL) with probability tau_all_prob, so one checkpoint is trained for the whole τ range and
+    # its all-expert model stays anchored to the teacher
+    tau_all_prob: float = 0.25
     # losses
     eta: float = 3e-4  # L_ent weight
     lam: float = 1e-3  # L_bal weight
@@ -56,6 +61,8 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     freeze_backbone: bool = False
+    train_scope: str = "all"  # all | ffn (only the FFN experts, routers and a new head train; attention,
+    #                           embeddings and norms stay as loaded)
     batch_size: int = 1
     grad_accum: int = 1
     seq_len: int = 256
@@ -104,7 +111,15 @@ class TrainConfig:
         if self.task not in TASKS:
             raise PrunePathError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.tau_schedule not in SCHEDULES:
-            raise PrunePathError(f"unknown --tau-schedule {self.tau_schedule!r}; choose linear or fixed")
+            raise PrunePathError(f"unknown --tau-schedule {self.tau_schedule!r}; choose linear, fixed or sample")
+        if not 0 <= self.tau_all_prob < 1:
+            raise PrunePathError(f"--tau-all-prob must be in [0, 1) (got {self.tau_all_prob}): the probability "
+                                 "that a stage-2 step of --tau-schedule sample runs every expert")
+        if self.train_scope not in TRAIN_SCOPES:
+            raise PrunePathError(f"unknown --train-scope {self.train_scope!r}; choose all or ffn")
+        if self.train_scope == "ffn" and self.method == "dense":
+            raise PrunePathError("--train-scope ffn trains the converted FFNs; it needs a PrunePath method, not "
+                                 "--method dense")
         if self.method != "dense":
             validate_tau(self.tau_min, 1.0, open_upper=True,
                          message=f"--tau-min must be in (0, 1) (got {self.tau_min}); τ ≥ 1 keeps every expert, "

@@ -2,13 +2,16 @@
 
 PrunePath (PAPER.md §4): stage 1 is an all-expert warm-up at τ = ``TAU_ALL``; stage 2 lowers τ linearly from 1.0 to
 τ_min over T rounds (a round is an equal share of the stage-2 steps, the last round runs at τ_min), or holds
-τ_min fixed (the authors' release).
+τ_min fixed (the authors' release). Beyond the paper, ``sample`` draws each stage-2 step's τ at random over the
+range the checkpoint will be used at (every expert with probability ``tau_all_prob``), so the one checkpoint is
+trained for every τ it is swept over and not only for the last one.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from prunepath.routing.control import configure
@@ -35,11 +38,22 @@ def scheduled_tau(stage: int, step: int, total_steps: int, cfg, tau_min: float |
         return cfg.tau_warmup
     if cfg.tau_schedule == "fixed":
         return tau_min
+    if cfg.tau_schedule == "sample":
+        every, u = _draw(cfg.seed, step)
+        return TAU_ALL if every < cfg.tau_all_prob else cfg.tau_start + (tau_min - cfg.tau_start) * u
     rounds = max(1, min(cfg.tau_rounds, max(total_steps, 1)))
     if rounds == 1:
         return tau_min
     r = min(rounds - 1, (step * rounds) // max(total_steps, 1))
     return cfg.tau_start + (tau_min - cfg.tau_start) * r / (rounds - 1)
+
+
+def _draw(seed: int, step: int) -> tuple[float, float]:
+    """Two uniform numbers that depend only on (seed, step): a resumed run replays the same τ sequence, and every
+    layer (and every process) of one step shares the draw."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step) + 7919)
+    a, b = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+    return a, b
 
 
 def resolve_layers(layers, num_layers: int) -> list[int]:

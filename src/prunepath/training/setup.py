@@ -93,17 +93,19 @@ def _distill_teacher(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    router, head, backbone = [], [], []
+    router, head, backbone, frozen = [], [], [], []
+    ffn_params = _ffn_param_ids(model) if cfg.train_scope == "ffn" else None
     for name, p in model.named_parameters():
         if ".router." in f".{name}":
             router.append(p)
         elif name.split(".")[0] in HEAD_PREFIXES:
             head.append(p)
+        elif ffn_params is not None and id(p) not in ffn_params:
+            frozen.append(p)
         else:
             backbone.append(p)
-    if cfg.freeze_backbone:
-        for p in backbone:
-            p.requires_grad_(False)
+    for p in frozen + (backbone if cfg.freeze_backbone else []):
+        p.requires_grad_(False)
     groups = []
     if backbone and not cfg.freeze_backbone:
         groups.append({"params": backbone, "lr": cfg.lr_backbone, "weight_decay": cfg.wd_backbone, "name": "backbone"})
@@ -116,6 +118,14 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         raise PrunePathError("no trainable parameters: --freeze-backbone on a model without routers or head "
                              "leaves nothing to train")
     return groups
+
+
+def _ffn_param_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of the PrunePath FFNs (``train_scope: ffn``; the model is converted by then)."""
+    if not is_converted(model):
+        raise PrunePathError("--train-scope ffn trains the converted FFNs only; it needs a PrunePath method "
+                             "(not --method dense)")
+    return {id(p) for m in prunepath_modules(model) for p in m.parameters()}
 
 
 def _mixed_precision(p: str) -> str:
