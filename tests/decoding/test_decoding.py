@@ -55,7 +55,7 @@ def test_engine_greedy_matches_hf(kind):
     # τ changes without rebuilding the layer FFNs (a captured graph would be reused).
     sparse_objs = [l.sparse for l in eng.layers]
     prunepath.configure(model, tau=0.3)
-    eng.sync_routing(model.prunepath_config.routing)
+    eng.sync_routing(model.prunepath.config.routing)
     assert [l.sparse for l in eng.layers] == sparse_objs
     assert float(eng.layers[0].sparse.router.tau) == pytest.approx(0.3)
     assert torch.equal(eng.generate(ids, 4), _hf_greedy(model, ids, 4))
@@ -107,7 +107,7 @@ def test_generate_api_and_cli(tmp_path, capsys, monkeypatch):
     assert fast == slow and len(fast.split()) >= 1
     # tau given per call; the model's own setting is restored afterwards
     generate(model, tok, prompt, 2, tau=0.4, kernels="triton", device="cpu")
-    assert model.prunepath_config.routing.tau == pytest.approx(0.7)
+    assert model.prunepath.config.routing.tau == pytest.approx(0.7)
     path = tmp_path / "ckpt"
     prunepath.save(model, path, tokenizer=tok)
     assert main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "3", "--tau", "0.5"]) == 0

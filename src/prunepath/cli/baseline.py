@@ -13,6 +13,7 @@ from prunepath.checkpoint import atomic_replace_dir
 from prunepath.cli.common import check_baseline_args
 from prunepath.data.text import load_texts
 from prunepath.errors import PrunePathError
+from prunepath.state import state_of
 import prunepath
 
 FITTED = ("moefication", "d2dmoe")
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         fit_router(model, tok, texts, method=args.method, steps=args.fit_steps, max_tokens=args.calib_tokens,
                    seed=args.seed, progress=args.progress)
-        e = model.prunepath_config.num_experts
+        e = state_of(model).config.num_experts
         if args.method == "moefication":
             prunepath.configure(model, k=args.k or max(1, e // 2))  # fit_router switched the method
             what = f"MoEfication router, top-{args.k or max(1, e // 2)}"

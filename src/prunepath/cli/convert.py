@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prunepath.cli.common import add_model_arg, check_min, check_model_arg, check_out_dir, check_tau
+from prunepath.state import state_of
 import prunepath
 from prunepath.routing.config import TAU_ALL
 
@@ -39,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
                     clustering=args.clustering, routing=prunepath.RoutingConfig(tau=args.tau),
                     progress=args.progress)
     out = prunepath.save(model, args.out, tokenizer=tok)
-    cfg = model.prunepath_config
+    cfg = state_of(model).config
     print(f"saved {out}: {cfg.num_layers} layers x {cfg.num_experts} experts of {cfg.neurons_per_expert} neurons")
     return 0

@@ -19,6 +19,7 @@ from prunepath.evaluation.calibration import find_tau_for_sparsity
 from prunepath.evaluation.common import check_tokenizer
 from prunepath.evaluation.reports import run_meta, write_json
 from prunepath.evaluation.tasks import run_task
+from prunepath.state import state_of
 import prunepath
 
 GLUE_TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                              "`prunepath convert` or `prunepath train`); this one is dense")
     apply_routing_args(model, args)
     if converted and (args.tau is not None or args.target_sparsity is not None) and \
-            model.prunepath_config.routing.allocation:
+            state_of(model).config.routing.allocation:
         print("note: --tau / --target-sparsity replace the per-layer τ allocation stored in this checkpoint",
               file=sys.stderr)
         prunepath.configure(model, layer_tau={}, allocation={})
@@ -229,9 +230,9 @@ def run(args: argparse.Namespace) -> int:
         prunepath.configure(model, tau=args.tau)
     result = run_task(model, tok, args.task, args.data, **metric_kwargs(args))
     if converted:
-        result["tau"] = model.prunepath_config.routing.tau
-        if model.prunepath_config.routing.layer_tau:
-            result["layer_tau"] = {str(k): v for k, v in model.prunepath_config.routing.layer_tau.items()}
+        result["tau"] = state_of(model).config.routing.tau
+        if state_of(model).config.routing.layer_tau:
+            result["layer_tau"] = {str(k): v for k, v in state_of(model).config.routing.layer_tau.items()}
     if calib is not None:
         result["target_sparsity"] = args.target_sparsity
         result["calibration"] = calib

@@ -10,6 +10,7 @@ from prunepath.cli.common import check_model_arg, check_tau
 from prunepath.decoding import generate
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
+from prunepath.state import state_of
 import prunepath
 
 
@@ -61,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
                     device=device, kernels=args.kernels, ffn=args.ffn, seed=args.seed)
     dt = time.perf_counter() - t0
     print(text)
-    print(f"[{getattr(model, 'prunepath_display_name', args.model)} · {device} · {dt:.2f} s]", file=sys.stderr)
+    print(f"[{state_of(model).display_name} · {device} · {dt:.2f} s]", file=sys.stderr)
     return 0

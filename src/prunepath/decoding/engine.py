@@ -24,6 +24,7 @@ from prunepath.routing.config import RoutingConfig
 from prunepath.models.adapters import adapter_for
 from prunepath.models.arch import DECODE_MODEL_TYPES, decode_view
 from prunepath.routing.ffn import is_converted, prunepath_modules
+from prunepath.state import state_of
 
 # The Triton kernel modules (kernels.decode_ops / dense / ffn) import triton at their top: they are imported
 # inside the functions that build GPU paths, so that the engine's CPU path and importing prunepath never need
@@ -127,7 +128,7 @@ class DecodeEngine:
         self.model_type, self.batch, self.max_len = mt, batch, max_len
         self.converted = is_converted(model)
         # The engine's own copy of the routing settings: set_tau changes the engine, never the model's config.
-        self.routing: RoutingConfig = model.prunepath_config.routing.copy() if self.converted else RoutingConfig()
+        self.routing: RoutingConfig = state_of(model).config.routing.copy() if self.converted else RoutingConfig()
         kw = {"dtype": self.dtype, "device": self.device}
         self.ffn_tuning = dict(ffn_tuning or {})
 

@@ -16,6 +16,7 @@ from prunepath.routing.control import routing_scope
 from prunepath.baselines.activation import (apply_activation_sparsity, check_target, collect_activation_stats,
                                             remove_activation_sparsity, thresholds_for)
 from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau
+from prunepath.state import state_of
 
 # Keys that are large per-run details; kept in the rows (JSON) but not printed in tables.
 DETAIL_KEYS = ("active_hist", "predictions", "samples", "per_layer_active", "per_layer_s_ffn")
@@ -92,7 +93,7 @@ def sweep(
     if allocate == "greedy" and target_sparsities is None:
         raise PrunePathError("allocate='greedy' needs target_sparsities (a τ per layer is chosen for each)")
     # a stored per-layer allocation would override every τ of the sweep: each point replaces it
-    clear = {"layer_tau": {}, "allocation": {}} if model.prunepath_config.routing.allocation else {}
+    clear = {"layer_tau": {}, "allocation": {}} if state_of(model).config.routing.allocation else {}
     cached = prepare_data(tokenizer, task, data, **metric_kwargs)
     if task in ("ppl", "recon"):
         metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from prunepath.errors import PrunePathError
+from prunepath.state import state_of
 from prunepath.stats import router_byte_fraction
 from prunepath.evaluation.reports import atomic_write_text
 from prunepath.calibration import calibration_texts
@@ -204,7 +205,7 @@ class Context:
     def load_base(self, tokenizer_only: bool = False):
 
         model, tok = prunepath.load_model(self.cfg["model"])
-        self._display = getattr(model, "prunepath_display_name", None) or str(self.cfg["model"])
+        self._display = state_of(model).display_name or str(self.cfg["model"])
         if tokenizer_only:
             del model
             return None, tok
@@ -219,7 +220,7 @@ class Context:
             model, tok = prunepath.load_model(str(path))
         if tok is None:
             _, tok = self.load_base(tokenizer_only=True)
-        model.prunepath_display_name = self.display()
+        state_of(model).display_name = self.display()
         return (model.to(self.torch_device()) if to_device else model).eval(), tok
 
     def torch_device(self):
@@ -277,6 +278,6 @@ def _strip(row: dict) -> dict:
 
 def _structure(model) -> dict:
     """Expert size and the router's share of the FFN bytes (read by every token), for the records."""
-    cfg = model.prunepath_config
+    cfg = state_of(model).config
     return {"neurons_per_expert": int(cfg.neurons_per_expert), "num_experts": int(cfg.num_experts),
             "router_bytes_frac": round(router_byte_fraction(model), 6)}

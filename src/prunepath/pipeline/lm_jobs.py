@@ -25,6 +25,7 @@ from prunepath.evaluation.common import ActiveMeter, pad_id
 from prunepath.evaluation.generation import greedy_batch, stop_ids, uses_chat_template
 from prunepath.evaluation.reconstruction import topk_reconstruction
 from prunepath.models.adapters import needs_bos
+from prunepath.state import state_of
 from prunepath.training.selfgen import SelfCorpusInterrupted
 from prunepath.training.trainer import TrainingStopped, _checkpoints, train_from_config
 from prunepath.training.trainer import evaluate
@@ -291,7 +292,7 @@ def job_router_baseline(ctx: Context, job: Job) -> dict:
     rows = _sweep(ctx, job, [float(t) for t in b["targets"]], apply, make_row)
     out = {"records": [_strip(r) for r in rows]}
     if method == "moefication":
-        e = model.prunepath_config.num_experts
+        e = state_of(model).config.num_experts
         out["topk"] = _topk(ctx, model, tok, "moefication", {"method": "moefication", "k": e}, f"{base} + fit")
     return out
 

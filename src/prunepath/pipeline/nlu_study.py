@@ -34,6 +34,7 @@ from prunepath.evaluation.common import shared_data_dir
 from prunepath.evaluation.reports import atomic_write_text
 from prunepath.models.adapters import adapter_for
 from prunepath.models.loading import display_name
+from prunepath.state import state_of
 from prunepath.training.config import TrainConfig
 from prunepath.training.data import encode_classification
 from prunepath.training.config import load_recipe
@@ -315,7 +316,7 @@ class Study:
         kw = {k: p[k] for k in p if k not in ("stage1_steps", "stage2_steps")}
         tr, dt = self._train(m, task, "prunepath", int(p["stage1_steps"]), int(p["stage2_steps"]), **kw)
         info = {"train_s": round(dt, 1), "tau_min": float(p["tau_min"]), "clustering": variant,
-                "num_experts": m.prunepath_config.num_experts}
+                "num_experts": state_of(m).config.num_experts}
         recs = []
         prunepath.configure(m, tau=float(p["tau_min"]))
         res = self.evaluate(m, task)
