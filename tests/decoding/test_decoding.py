@@ -61,6 +61,29 @@ def test_engine_greedy_matches_hf(kind):
     assert torch.equal(eng.generate(ids, 4), _hf_greedy(model, ids, 4))
 
 
+def test_tau_lives_in_one_per_model_tensor_and_set_tau_leaves_the_model_alone():
+    from prunepath.decoding.engine import DecodeEngine
+    model = _tiny("llama")
+    prunepath.configure(model, tau=0.6, layer_tau={1: 0.4})
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    assert eng.routing is not model.prunepath.config.routing
+    for mode in ("sparse", "dense"):
+        eng.set_ffn_mode(mode)
+        ptr = eng.budget_tau.data_ptr()
+        for i, layer in enumerate(eng.layers):  # decode and prefill FFNs read the layer's entry of one tensor
+            for ffn in (layer.sparse, layer.prefill_ffn):
+                assert ffn.tau_tensor.data_ptr() == ptr + 4 * i and ffn.k_tensor.data_ptr() == \
+                    eng.budget_k.data_ptr() + 4 * i
+        assert eng.budget_tau.tolist() == pytest.approx([0.6, 0.4])
+        eng.set_tau(0.3, layer_tau={}, k=5)
+        assert eng.budget_tau.tolist() == pytest.approx([0.3, 0.3]) and eng.budget_k.tolist() == [5, 5]
+        assert float(eng.layers[1].sparse.tau_tensor) == pytest.approx(0.3)
+        r = model.prunepath.config.routing  # the model's settings are untouched
+        assert r.tau == 0.6 and r.layer_tau == {1: 0.4} and r.k is None
+        eng.sync_routing(r)
+    assert eng.budget_tau.tolist() == pytest.approx([0.6, 0.4])
+
+
 def test_engine_dense_batch2_and_unconverted():
     from prunepath.decoding.engine import DecodeEngine
     model = _tiny("llama")
