@@ -20,11 +20,10 @@ from prunepath.baselines.calibration import run_batches, token_batches
 from prunepath.errors import PrunePathError
 from prunepath.conversion.moefy import prunepath_modules
 from prunepath.models.adapters import adapter_for
+from prunepath.models.arch import ffn_linears
 from prunepath.state import state_of
 
 SCOPES = ("ffn", "all")
-_FFN_ATTRS = {"gated-mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "gpt2": ("mlp.c_fc", "mlp.c_proj"),
-              "bert": ("intermediate.dense", "output.dense"), "opt": ("fc1", "fc2")}
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -54,7 +53,7 @@ def target_linears(model: nn.Module, scope: str = "ffn") -> dict[str, nn.Module]
     adapter = adapter_for(model)
     out: dict[str, nn.Module] = {}
     for site in adapter.sites(model):
-        for path in _FFN_ATTRS[adapter.name]:
+        for path in ffn_linears(adapter.name):  # the architecture's facts: prunepath.models.arch.<family>
             m = site.owner.get_submodule(path)
             out[names[id(m)]] = m
     return out
