@@ -10,7 +10,7 @@ from prunepath.cli.allocate import add_allocation_args, check_target
 from prunepath.cli.common import (add_device_arg, add_model_arg, check_data_arg, check_min, check_model_arg,
                                   resolve_device)
 from prunepath.errors import PrunePathError
-from prunepath.cli.common import check_tau
+from prunepath.cli.common import TAU_HELP, check_tau
 from prunepath.data.corpora import corpus_names, is_corpus_name
 from prunepath.evaluation.allocation import allocate_layer_tau
 from prunepath.evaluation.allocation import apply_allocation
@@ -81,7 +81,7 @@ def register(sub) -> None:
     add_model_arg(p)
     add_metric_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tau", type=float, default=None, help="routing budget τ (converted models; >1 = all experts)")
+    g.add_argument("--tau", type=float, default=None, help=f"{TAU_HELP}; default: the checkpoint's")
     g.add_argument("--target-sparsity", type=float, default=None,
                    help="find the τ giving this s_FFN on calibration text (bisection), report and use it; with "
                         "--allocate greedy, one τ per layer")

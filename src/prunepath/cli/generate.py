@@ -6,7 +6,7 @@ import argparse
 import time
 
 from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
-from prunepath.cli.common import check_model_arg, check_tau
+from prunepath.cli.common import TAU_HELP, check_model_arg, check_tau
 from prunepath.decoding import generate
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
@@ -18,8 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text (static KV cache + CUDA graph + sparse FFN kernels on GPU)")
     add_model_arg(p)
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tau", type=float, default=None, help="PrunePath budget τ for this run (converted models; "
-                   "> 1 keeps every expert); default: the checkpoint's")
+    p.add_argument("--tau", type=float, default=None, help=f"{TAU_HELP}; for this run; default: the checkpoint's")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
