@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prunepath"
 
 # Bottom to top. A package may import only packages listed before it ("__init__" is the front door,
 # prunepath/__init__.py; "registrations" fills the registries and is imported by the front door only).
-ORDER = ["errors", "_version", "io", "hf_remote", "data", "models", "routing", "conversion", "stats", "checkpoint",
+ORDER = ["errors", "_version", "io", "hf_remote", "state", "data", "models", "routing", "conversion", "stats", "checkpoint",
          "calibration", "baselines", "training", "evaluation", "kernels", "decoding", "registrations", "__init__",
          "pipeline", "cli"]
 MAX_IN_FUNCTION = 25

@@ -24,7 +24,7 @@ def tiny_llama(seed: int = 0, vocab: int = 64, layers: int = 2, dtype=torch.floa
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     m = LlamaForCausalLM(cfg).to(dtype).eval()
-    m.prunepath_display_name = "tiny-llama (random)"
+    prunepath.state_of(m).display_name = "tiny-llama (random)"
     return m
 
 

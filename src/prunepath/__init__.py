@@ -23,14 +23,16 @@ from prunepath.routing.config import RoutingConfig
 from prunepath.routing.control import configure, routing_scope
 from prunepath.routing.ffn import PrunePathFFN
 from prunepath.routing.selection import select_experts
+from prunepath.state import PrunePathState, state_of
 from prunepath.stats import SparsityStats, sparsity
 from prunepath import registrations  # noqa: F401,E402  (fills the method registries, once)
 from prunepath import routing  # noqa: E402  (the subpackage; callable as the old ``prunepath.routing(model, ...)``)
 
 
 __all__ = [
-    "BUILTIN_MODELS", "DEFAULT_MODEL", "PrunePathConfig", "PrunePathError", "PrunePathFFN", "RoutingConfig",
+    "BUILTIN_MODELS", "DEFAULT_MODEL", "PrunePathConfig", "PrunePathError", "PrunePathFFN", "PrunePathState",
+    "RoutingConfig",
     "SparsityStats", "balanced_kmeans", "cluster_neurons", "configure", "is_converted", "load", "load_model",
-    "moefy", "prunepath_modules", "routing", "routing_scope", "save", "select_experts", "sparsity",
+    "moefy", "prunepath_modules", "routing", "routing_scope", "save", "select_experts", "sparsity", "state_of",
     "supported_model_types",
 ]

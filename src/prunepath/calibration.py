@@ -24,6 +24,7 @@ from prunepath.errors import PrunePathError
 from prunepath.io import shared_data_dir
 from prunepath.routing.control import routing
 from prunepath.routing.ffn import prunepath_modules
+from prunepath.state import state_of
 
 
 # The shared data folder: ``$PRUNEPATH_DATA`` or ``<repo>/../shared/data`` (one definition, in prunepath.io).
@@ -88,7 +89,7 @@ def token_batches(tokenizer, texts: Sequence[str], *, seq_len: int = 256, max_to
 @contextmanager
 def dense_routing(model: nn.Module) -> Iterator[None]:
     """Run a converted model exactly dense (every expert, unit gates); a dense model is left alone."""
-    if getattr(model, "prunepath_config", None) is None:
+    if state_of(model).config is None:
         yield
         return
     with routing(model, method="prunepath", rule="all", gates=False):

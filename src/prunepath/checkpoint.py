@@ -34,6 +34,7 @@ from prunepath.io import (  # noqa: F401  (re-exported: the atomic directory rep
     current_umask, apply_default_modes, _fsync_path, _fsync_tree, _exchange, atomic_replace_dir, _pid_alive, _remove_stale_temporaries)
 from prunepath._version import __version__
 from prunepath.conversion.moefy import prunepath_modules
+from prunepath.state import state_of
 
 CONFIG_NAME = "prunepath_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -127,7 +128,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, extra: di
     from safetensors.torch import save_model
 
 
-    cfg: PrunePathConfig | None = getattr(model, "prunepath_config", None)
+    cfg: PrunePathConfig | None = state_of(model).config
     if cfg is None:
         raise PrunePathError("only converted models can be saved with prunepath.save; call prunepath.moefy(model) "
                              "first (or use model.save_pretrained for a dense model)")
@@ -141,12 +142,12 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, *, extra: di
     try:
         _write_hf_config(model, cfg, staging)
         save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "prunepath": "1"})
-        tokenizer = tokenizer if tokenizer is not None else getattr(model, "prunepath_tokenizer", None)
+        tokenizer = tokenizer if tokenizer is not None else state_of(model).tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         meta = cfg.to_dict()
         meta["model_class"] = type(model).__name__
-        meta["source_display_name"] = getattr(model, "prunepath_display_name", None)
+        meta["source_display_name"] = state_of(model).display_name
         meta["prunepath_version"] = __version__
         meta["weights_sha256"] = _sha256(staging / WEIGHTS_NAME)
         if extra:
@@ -258,7 +259,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
     tok = None
     if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tok = AutoTokenizer.from_pretrained(root)
-    model.prunepath_tokenizer = tok
-    model.prunepath_display_name = meta.get("source_display_name")
-    model.prunepath_source = str(root)
+    state_of(model).tokenizer = tok
+    state_of(model).display_name = meta.get("source_display_name")
+    state_of(model).source = str(root)
     return model, tok

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from prunepath.routing.ffn import prunepath_modules
+from prunepath.state import state_of
 
 
 @dataclass
@@ -105,7 +106,7 @@ def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None, *,
 def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``sparsity(model, token_mask).s_ffn`` as a 0-d tensor on the model's device: no host read, for hot loops."""
     counts = active_counts(model, token_mask, keep_device=True)
-    return 1.0 - torch.stack([c.mean() for c in counts]).mean() / model.prunepath_config.num_experts
+    return 1.0 - torch.stack([c.mean() for c in counts]).mean() / state_of(model).config.num_experts
 
 
 def sparsity(model: nn.Module, token_mask: torch.Tensor | None = None) -> SparsityStats:
@@ -114,8 +115,8 @@ def sparsity(model: nn.Module, token_mask: torch.Tensor | None = None) -> Sparsi
     A dense, unconverted model reports s_ffn = 0, or with TEAL / CATS applied its measured activation s_FFN
     (``num_experts`` 0, no active counts).
     """
-    cfg = getattr(model, "prunepath_config", None)
-    if cfg is None and getattr(model, "prunepath_activation", None) is not None:
+    cfg = state_of(model).config
+    if cfg is None and state_of(model).activation is not None:
         per_tok = activation_s_per_token(model, token_mask)
         per_layer_s = [float(s.mean()) if s.numel() else float("nan") for s in per_tok]
         return SparsityStats(s_ffn=sum(per_layer_s) / len(per_layer_s) if per_layer_s else 0.0, mean_active=0.0,
@@ -143,13 +144,13 @@ class ActiveMeter:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        cfg = getattr(model, "prunepath_config", None)
+        cfg = state_of(model).config
         self.converted = cfg is not None
         self.num_experts = cfg.num_experts if cfg is not None else 0
         # Wanda (static unstructured pruning) reports its weight sparsity as s_FFN, as the paper does.
-        self.static_sparsity = getattr(model, "prunepath_static_sparsity", None)
+        self.static_sparsity = state_of(model).static_sparsity
         # TEAL / CATS on a dense model: per-token s_FFN recorded by each wrapped FFN.
-        self.activation = not self.converted and getattr(model, "prunepath_activation", None) is not None
+        self.activation = not self.converted and state_of(model).activation is not None
         self.sums: list[float] | None = None
         self.hist: list[torch.Tensor] | None = None
         self.tokens = 0

@@ -132,7 +132,7 @@ def test_no_threshold_is_the_dense_model_and_remove_restores_it(calibrated, arch
         remove_activation_sparsity(model)
         assert torch.equal(model(input_ids=x).logits, dense)
     assert [getattr(s.owner, s.attr) for s in sites] == originals
-    assert list(model.state_dict()) == keys and not hasattr(model, "prunepath_activation")
+    assert list(model.state_dict()) == keys and model.prunepath.activation is None
 
 
 @pytest.mark.parametrize("arch,method,target", [("llama", "teal", 0.4), ("llama", "cats", 0.3), ("gpt2", "teal", 0.5)])
@@ -214,7 +214,7 @@ def test_save_load_round_trip(calibrated, tmp_path):
         remove_activation_sparsity(model)
     assert load_spec(out) == spec
     loaded, ltok = prunepath.load_model(str(out))
-    assert loaded.prunepath_activation == spec and ltok is not None
+    assert loaded.prunepath.activation == spec and ltok is not None
     with torch.no_grad():  # a fresh load may pick another attention kernel: equal up to float rounding
         torch.testing.assert_close(loaded(input_ids=x).logits, want, atol=1e-5, rtol=1e-5)
     remove_activation_sparsity(loaded)

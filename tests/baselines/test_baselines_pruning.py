@@ -55,7 +55,7 @@ def test_apply_wanda_dense_model_ffn_scope(tiny_model):
         assert "mlp" in name
         assert ((m.weight == 0).sum(1) == round(0.5 * m.weight.shape[1])).all()
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, attn_before)
-    assert model.prunepath_static_sparsity == pytest.approx(0.5) == info["sparsity"]
+    assert model.prunepath.static_sparsity == pytest.approx(0.5) == info["sparsity"]
     assert weight_sparsity(model) == pytest.approx(0.5)
 
 
@@ -84,7 +84,7 @@ def test_wanda_norms_on_converted_model_are_the_ffn_input_norms(tiny_model):
     up_names = [n for n in mods if n.endswith("up_proj")]
     for name, x in zip(up_names, xs):
         assert torch.allclose(norms[name].float(), x.double().norm(dim=0).float(), rtol=1e-5)
-    assert model.prunepath_config.routing.tau == 0.3
+    assert model.prunepath.config.routing.tau == 0.3
 
 
 # ---- static expert pruning ---------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_lte_aux_loss_weights_and_stage_hook(tiny_model):
     model = converted(tiny_model)
     prepare(model, "lte")
     lte.lte_stage_hook(model, 1, 0, 10, cfg)
-    r = model.prunepath_config.routing
+    r = model.prunepath.config.routing
     assert r.method == "lte" and r.params["soft"] is True and cfg.method_params["lte_phase"] == "soft"
     assert all(p.requires_grad for f in prunepath.prunepath_modules(model) for p in f.router.parameters())
     lte.lte_stage_hook(model, 2, 5, 10, cfg)
@@ -193,9 +193,9 @@ def test_fit_router_lowers_its_loss_and_leaves_backbone_alone(tiny_model, method
     assert sum(long["final_loss"]) < sum(short["final_loss"])
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in backbone.items())
-    assert model.prunepath_config.routing.method == method
+    assert model.prunepath.config.routing.method == method
     kind = {"prunepath": "linear"}.get(method, method)
-    assert model.prunepath_config.router == kind
+    assert model.prunepath.config.router == kind
 
 
 def test_fitted_d2dmoe_and_knob_search(tiny_model):
@@ -228,7 +228,7 @@ def test_prepare_and_checkpoint_roundtrip(tiny_model, tmp_path):
         loaded, _ = prunepath.load(tmp_path / method)
         assert torch.allclose(loaded(input_ids=ids).logits, ref, atol=1e-5)
         assert prunepath.sparsity(loaded).s_ffn == s
-        assert loaded.prunepath_config.router == method
+        assert loaded.prunepath.config.router == method
     with pytest.raises(prunepath.PrunePathError):
         prepare(converted(tiny_model), "nope")
 
@@ -240,8 +240,8 @@ def test_prepare_for_training_sets_lte_router_once(tiny_model):
     cfg = SimpleNamespace(method="lte", method_params={"init_bias": 3.0, "threshold": 0.4})
     prepare_for_training(model, cfg)
     ffn = prunepath.prunepath_modules(model)[0]
-    assert model.prunepath_config.router == "lte" and torch.all(ffn.router.bias == 3.0)
-    assert model.prunepath_config.routing.params == {"soft": True, "threshold": 0.4}
+    assert model.prunepath.config.router == "lte" and torch.all(ffn.router.bias == 3.0)
+    assert model.prunepath.config.routing.params == {"soft": True, "threshold": 0.4}
     router = ffn.router
     prepare_for_training(model, cfg)  # idempotent: keeps the (possibly trained) router
     assert prunepath.prunepath_modules(model)[0].router is router

@@ -18,7 +18,7 @@ def test_layout_and_routing_are_saved(converted, tmp_path):
     meta = json.loads((path / "prunepath_config.json").read_text())
     assert meta["num_experts"] == 8 and meta["neurons_per_expert"] == 8 and meta["adapter"] == "gated-mlp"
     loaded, _ = prunepath.load(path)
-    r = loaded.prunepath_config.routing
+    r = loaded.prunepath.config.routing
     assert (r.tau, r.rule, r.gate_offset, r.layer_tau) == (0.42, "nucleus", 2.0, {0: 1.5})
     for a, b in zip(prunepath.prunepath_modules(converted), prunepath.prunepath_modules(loaded)):
         assert torch.equal(a.neuron_index, b.neuron_index)
@@ -59,7 +59,7 @@ def test_save_replaces_an_older_checkpoint(converted, tmp_path):
     path = prunepath.save(converted, tmp_path / "c")
     prunepath.configure(converted, tau=0.33)
     prunepath.save(converted, path)
-    assert prunepath.load(path)[0].prunepath_config.routing.tau == 0.33
+    assert prunepath.load(path)[0].prunepath.config.routing.tau == 0.33
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 

@@ -127,7 +127,7 @@ def test_unsupported_families_get_no_remote_code_and_resaves_stay_consistent(tin
     path = prunepath.save(gpt2, tmp_path / "gpt2")
     hf = json.loads((path / "config.json").read_text())
     assert "auto_map" not in hf and "prunepath" not in hf and not (path / "prunepath_hf.py").exists()
-    assert prunepath.load(path)[0].prunepath_config.adapter == "gpt2"
+    assert prunepath.load(path)[0].prunepath.config.adapter == "gpt2"
 
     m = _converted(tiny_model, "llama")
     path = prunepath.save(m, tmp_path / "llama")

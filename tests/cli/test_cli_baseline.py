@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import prunepath
 from prunepath.cli.main import main
 from test_eval_fixtures import one_thread, random_text, save_tiny_llama  # noqa: F401
 
@@ -57,3 +58,29 @@ def test_baseline_errors(env, capsys):
                  "--calib-data", str(calib), "--sparsity", "1.5"]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp / "w").exists() and not (tmp / "s").exists()
+
+
+def test_d2dmoe_threshold_has_its_own_flag_and_tau_is_a_deprecated_alias(env, capsys):
+    tmp, model_dir, calib, _ = env
+    common = ["baseline", "--method", "d2dmoe", "--model", str(model_dir), "--calib-data", str(calib),
+              "--neurons-per-expert", "8", "--calib-tokens", "512", "--fit-steps", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp / "t"), "--threshold", "0.3"]) == 0
+    cap = capsys.readouterr()
+    assert "τ 0.3" in cap.out and "deprecated" not in cap.err
+    assert prunepath.load(tmp / "t")[0].prunepath.config.routing.tau == 0.3
+    assert main([*common, "--out", str(tmp / "a"), "--tau", "0.3"]) == 0
+    assert "deprecated" in capsys.readouterr().err
+    assert prunepath.load(tmp / "a")[0].prunepath.config.routing.tau == 0.3
+    assert main([*common, "--out", str(tmp / "b"), "--tau", "0.3", "--threshold", "0.4"]) == 2
+    assert "disagree" in capsys.readouterr().err and not (tmp / "b").exists()
+    assert main([*common, "--out", str(tmp / "c"), "--threshold", "0"]) == 2
+    assert "--threshold must be > 0" in capsys.readouterr().err
+
+
+def test_tau_help_is_one_text_for_eval_generate_convert(capsys):
+    from prunepath.cli.common import TAU_HELP
+
+    for cmd in ("eval", "generate", "convert"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert " ".join(TAU_HELP.split()) in " ".join(capsys.readouterr().out.split())

@@ -55,10 +55,33 @@ def test_engine_greedy_matches_hf(kind):
     # τ changes without rebuilding the layer FFNs (a captured graph would be reused).
     sparse_objs = [l.sparse for l in eng.layers]
     prunepath.configure(model, tau=0.3)
-    eng.sync_routing(model.prunepath_config.routing)
+    eng.sync_routing(model.prunepath.config.routing)
     assert [l.sparse for l in eng.layers] == sparse_objs
     assert float(eng.layers[0].sparse.router.tau) == pytest.approx(0.3)
     assert torch.equal(eng.generate(ids, 4), _hf_greedy(model, ids, 4))
+
+
+def test_tau_lives_in_one_per_model_tensor_and_set_tau_leaves_the_model_alone():
+    from prunepath.decoding.engine import DecodeEngine
+    model = _tiny("llama")
+    prunepath.configure(model, tau=0.6, layer_tau={1: 0.4})
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    assert eng.routing is not model.prunepath.config.routing
+    for mode in ("sparse", "dense"):
+        eng.set_ffn_mode(mode)
+        ptr = eng.budget_tau.data_ptr()
+        for i, layer in enumerate(eng.layers):  # decode and prefill FFNs read the layer's entry of one tensor
+            for ffn in (layer.sparse, layer.prefill_ffn):
+                assert ffn.tau_tensor.data_ptr() == ptr + 4 * i and ffn.k_tensor.data_ptr() == \
+                    eng.budget_k.data_ptr() + 4 * i
+        assert eng.budget_tau.tolist() == pytest.approx([0.6, 0.4])
+        eng.set_tau(0.3, layer_tau={}, k=5)
+        assert eng.budget_tau.tolist() == pytest.approx([0.3, 0.3]) and eng.budget_k.tolist() == [5, 5]
+        assert float(eng.layers[1].sparse.tau_tensor) == pytest.approx(0.3)
+        r = model.prunepath.config.routing  # the model's settings are untouched
+        assert r.tau == 0.6 and r.layer_tau == {1: 0.4} and r.k is None
+        eng.sync_routing(r)
+    assert eng.budget_tau.tolist() == pytest.approx([0.6, 0.4])
 
 
 def test_engine_dense_batch2_and_unconverted():
@@ -107,7 +130,7 @@ def test_generate_api_and_cli(tmp_path, capsys, monkeypatch):
     assert fast == slow and len(fast.split()) >= 1
     # tau given per call; the model's own setting is restored afterwards
     generate(model, tok, prompt, 2, tau=0.4, kernels="triton", device="cpu")
-    assert model.prunepath_config.routing.tau == pytest.approx(0.7)
+    assert model.prunepath.config.routing.tau == pytest.approx(0.7)
     path = tmp_path / "ckpt"
     prunepath.save(model, path, tokenizer=tok)
     assert main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "3", "--tau", "0.5"]) == 0

@@ -57,7 +57,7 @@ def test_prefill_paths_match_the_model():
     # τ changed in place reaches the prefill path too
     eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
     prunepath.configure(model, tau=0.2)
-    eng.sync_routing(model.prunepath_config.routing)
+    eng.sync_routing(model.prunepath.config.routing)
     with torch.no_grad():
         ref2 = model(ids).logits[:, -1].float()
     assert float((eng.prefill(ids) - ref2).abs().max()) < 2e-6

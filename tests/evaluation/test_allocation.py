@@ -34,7 +34,7 @@ def test_greedy_reaches_target_and_the_routing_gives_it(target):
     res = allocate_layer_tau(model, None, ids, target, window=64, progress=False)
     assert res["within_tol"] and abs(res["s_ffn"] - target) <= 0.01
     assert set(res["layer_tau"]) == {0, 1, 2} and res["method"] == "greedy" and res["tokens"] == 1024
-    assert model.prunepath_config.routing.layer_tau == {}  # left as it was
+    assert model.prunepath.config.routing.layer_tau == {}  # left as it was
     apply_allocation(model, res)
     from prunepath.evaluation.allocation import _run_windows
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_layer_tau_survives_save_load_with_identical_logits(tmp_path):
         before = model(input_ids=ids).logits
     prunepath.save(model, tmp_path / "ckpt")
     loaded, _ = prunepath.load(tmp_path / "ckpt")
-    r = loaded.prunepath_config.routing
+    r = loaded.prunepath.config.routing
     assert r.layer_tau == res["layer_tau"] and r.allocation == prov and prov["method"] == "greedy"
     assert prov["target"] == 0.5 and prov["tokens"] == 512 and prov["calibration"] == "unit-test ids"
     with torch.no_grad():
@@ -134,11 +134,11 @@ def test_layer_tau_survives_save_load_with_identical_logits(tmp_path):
     del meta["routing"]["allocation"]
     cfg_path.write_text(json.dumps(meta))
     old, _ = prunepath.load(tmp_path / "ckpt")
-    assert old.prunepath_config.routing.allocation == {} and old.prunepath_config.routing.layer_tau == r.layer_tau
+    assert old.prunepath.config.routing.allocation == {} and old.prunepath.config.routing.layer_tau == r.layer_tau
     # the routing context manager restores the allocation
     with prunepath.routing(loaded, layer_tau={}, allocation={}):
-        assert loaded.prunepath_config.routing.allocation == {}
-    assert loaded.prunepath_config.routing.allocation == prov
+        assert loaded.prunepath.config.routing.allocation == {}
+    assert loaded.prunepath.config.routing.allocation == prov
 
 
 def test_uniform_equals_the_bisection():
@@ -205,7 +205,7 @@ def test_cli_allocate_and_eval(files, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["within_tol"] and printed["method"] == "greedy"
     loaded, _ = prunepath.load(out)
-    r = loaded.prunepath_config.routing
+    r = loaded.prunepath.config.routing
     assert r.allocation["target"] == 0.5 and r.allocation["calibration"] == files["calib"]
     assert {str(k): v for k, v in r.layer_tau.items()} == printed["layer_tau"]
     assert "table" in json.loads((files["root"] / "a.json").read_text())
@@ -269,10 +269,10 @@ def test_sweep_with_greedy_allocation():
     assert [r["target_sparsity"] for r in rows] == [0.3, 0.6] and all(r["allocate"] == "greedy" for r in rows)
     assert all(abs(r["calibration"]["s_ffn"] - r["target_sparsity"]) <= 0.01 for r in rows)
     assert all(abs(r["s_ffn"] - r["calibration"]["s_ffn"]) < 1e-9 for r in rows)  # the same tokens
-    assert model.prunepath_config.routing.layer_tau == {}
+    assert model.prunepath.config.routing.layer_tau == {}
     # a stored allocation does not freeze a τ sweep
     res = allocate_layer_tau(model, None, torch.tensor(ids), 0.5, window=64, progress=False)
     apply_allocation(model, res)
     taus = sweep(model, None, "ppl", ids, [0.5, 1.05], window=64, progress=False)
     assert taus[1]["s_ffn"] == 0 and taus[0]["s_ffn"] > 0
-    assert model.prunepath_config.routing.layer_tau == res["layer_tau"]
+    assert model.prunepath.config.routing.layer_tau == res["layer_tau"]

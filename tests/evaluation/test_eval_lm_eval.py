@@ -36,7 +36,7 @@ def test_loglikelihood_matches_direct_forward():
     tok = tiny_tokenizer()
     model = tiny_converted(seed=11, dtype=torch.float64)
     lm = PrunePathLM(model=model, tokenizer=tok, tau=0.7, batch_size=3)
-    assert model.prunepath_config.routing.tau == 0.7
+    assert model.prunepath.config.routing.tau == 0.7
     reqs = [("w1 w2 w3", " w4"), ("w5", " w6 w7"), ("", " w8 w9"), ("w1 w2 w3 w4 w5 w6 w7 ", "w10")]
     got = lm.loglikelihood([Req(*r) for r in reqs], disable_tqdm=True)
     for (ctx, cont), (lp, greedy) in zip(reqs, got):

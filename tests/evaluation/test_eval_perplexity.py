@@ -58,7 +58,7 @@ def test_ppl_with_bos_scores_every_token_and_sparsity_on_scored_tokens(stride):
     assert res["bos"] is True and res["tokens"] == count == 41
     assert res["nll"] == pytest.approx(nll / count, rel=1e-10)
     a = torch.tensor(active)  # [tokens, layers]
-    e = model.prunepath_config.num_experts
+    e = model.prunepath.config.num_experts
     assert res["per_layer_active"] == pytest.approx(a.mean(0).tolist(), rel=1e-12)
     assert res["s_ffn"] == pytest.approx(1 - float(a.mean()) / e, rel=1e-12)
     assert 0 < res["s_ffn"] < 1

@@ -29,7 +29,7 @@ def test_sweep_rows_monotone_and_equal_to_single_runs():
     assert [r["tau"] for r in rows] == [0.2, 0.5, 0.7, 0.9, 1.05]  # sorted, de-duplicated
     s = [r["s_ffn"] for r in rows]
     assert all(a >= b for a, b in zip(s, s[1:])) and s[0] > s[-1] and s[-1] == 0.0
-    assert model.prunepath_config.routing.tau == 1.05  # routing restored
+    assert model.prunepath.config.routing.tau == 1.05  # routing restored
     prunepath.configure(model, tau=0.5)
     single = evaluate_perplexity(model, None, ids, window=32, progress=False)
     assert rows[1]["ppl"] == pytest.approx(single["ppl"], rel=1e-9) and rows[1]["s_ffn"] == single["s_ffn"]
@@ -59,7 +59,7 @@ def test_target_sparsity_calibration_within_tolerance(target):
         assert measure_sparsity(model, ids, window=64) == pytest.approx(cal["s_ffn"], abs=1e-12)
         assert evaluate_perplexity(model, None, ids, window=64, progress=False)["s_ffn"] == pytest.approx(
             cal["s_ffn"], abs=0.01)
-    assert model.prunepath_config.routing.tau == 1.05
+    assert model.prunepath.config.routing.tau == 1.05
 
 
 def test_calibration_rejects_unreachable_targets():

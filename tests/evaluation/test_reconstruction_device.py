@@ -62,7 +62,7 @@ def test_topk_reconstruction_reports_method_weighting_and_host_results():
     model = tiny_converted(seed=5)
     ids = torch.randint(4, 64, (48,), generator=torch.Generator().manual_seed(1))
     rows = topk_reconstruction(model, None, ids, window=16, progress=False)
-    assert [r["k"] for r in rows] == default_ks(model.prunepath_config.num_experts)
+    assert [r["k"] for r in rows] == default_ks(model.prunepath.config.num_experts)
     assert all(r["weighting"] == "method" and r["tokens"] == 48 for r in rows)
     assert all(isinstance(v, float) for r in rows for v in r["per_layer_mse"])
     assert rows[-1]["mse"] == pytest.approx(0.0, abs=1e-9) and rows[0]["mse"] > 0

@@ -30,7 +30,7 @@ def test_all_experts_reproduce_dense_and_roundtrip(arch, tiny_model, tmp_path):
         before = main_output(model, ids)
     prunepath.save(model, tmp_path / "ckpt")
     loaded, _ = prunepath.load(tmp_path / "ckpt")
-    assert loaded.prunepath_config.routing.tau == 0.5
+    assert loaded.prunepath.config.routing.tau == 0.5
     with torch.no_grad():
         after = main_output(loaded, ids)
     assert torch.equal(before, after)
@@ -98,7 +98,7 @@ def test_configure_validates_before_changing(tiny_model):
     for bad in (dict(tau=0.0), dict(tau=-1.0), dict(rule="bogus"), dict(rule="topk", k=0)):
         with pytest.raises(PrunePathError):
             prunepath.configure(model, **bad)
-        assert model.prunepath_config.routing.tau == 0.7 and model.prunepath_config.routing.rule == "cumulative"
+        assert model.prunepath.config.routing.tau == 0.7 and model.prunepath.config.routing.rule == "cumulative"
     with pytest.raises(PrunePathError, match="convert it first"):
         prunepath.configure(tiny_model("llama"), tau=0.5)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from prunepath.errors import PrunePathError
-from prunepath.models.arch import DECODE_MODEL_TYPES, decode_view
+from prunepath.models.arch import DECODE_MODEL_TYPES, FFN_LINEARS, decode_view
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -30,3 +30,15 @@ def test_decode_view_names_the_supported_families(tiny_model):
     model.config.model_type = "bert"
     with pytest.raises(PrunePathError, match="supports llama, mistral, qwen2, gpt2"):
         decode_view(model, 16)
+
+
+def test_every_adapter_names_its_ffn_linears_for_wanda(tiny_model):
+    from prunepath.models.adapters import ADAPTERS, adapter_for
+    from prunepath.models.arch import ffn_linears
+
+    assert {a.name for a in ADAPTERS} == set(FFN_LINEARS)
+    for arch in ("llama", "gpt2"):
+        model = tiny_model(arch)
+        adapter = adapter_for(model)
+        for site in adapter.sites(model):
+            assert all(site.owner.get_submodule(path) is not None for path in ffn_linears(adapter.name))

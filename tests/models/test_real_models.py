@@ -19,12 +19,12 @@ def smollm2():
 
 def test_smollm2_conversion_is_exact_and_tau_controls_sparsity(smollm2, tmp_path):
     model, tok = smollm2
-    assert model.prunepath_display_name == "SmolLM2-135M-Instruct (Q4_1, dequantised)"
+    assert model.prunepath.display_name == "SmolLM2-135M-Instruct (Q4_1, dequantised)"
     ids = tok(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         dense = model(input_ids=ids).logits
     prunepath.moefy(model, neurons_per_expert=32, progress=False)
-    cfg = model.prunepath_config
+    cfg = model.prunepath.config
     assert (cfg.num_layers, cfg.num_experts) == (30, 48)
     s_values = []
     with torch.no_grad():

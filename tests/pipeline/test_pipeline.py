@@ -44,7 +44,7 @@ def test_untrained_run_writes_results_and_resumes(setup, monkeypatch):
     for name in ("results.json", "results.csv", "results.md", "frontier.png", "summary.md", "dense.json"):
         assert (out / name).exists(), name
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rows))
-    assert prunepath.load(out / "model")[0].prunepath_config.num_experts == 8
+    assert prunepath.load(out / "model")[0].prunepath.config.num_experts == 8
     # A re-run reuses every finished step: no evaluation is repeated.
     import prunepath.evaluation.perplexity as ppl_mod
 

@@ -54,9 +54,9 @@ def test_decode_engine_set_tau_leaves_the_model_config_alone(tiny_model):
     prunepath.moefy(model, neurons_per_expert=16, seed=0)
     prunepath.configure(model, tau=0.6)
     eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
-    assert eng.routing is not model.prunepath_config.routing
+    assert eng.routing is not model.prunepath.config.routing
     eng.set_tau(0.3)
-    assert model.prunepath_config.routing.tau == 0.6
+    assert model.prunepath.config.routing.tau == 0.6
     assert float(eng.layers[0].sparse.router.tau) == pytest.approx(0.3)
-    eng.sync_routing(model.prunepath_config.routing)
-    assert eng.routing is not model.prunepath_config.routing and eng.routing.tau == 0.6
+    eng.sync_routing(model.prunepath.config.routing)
+    assert eng.routing is not model.prunepath.config.routing and eng.routing.tau == 0.6

@@ -104,7 +104,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
 
     assert digests(target) == before  # untouched, byte for byte
     model, _ = prunepath.load(target)
-    assert model.prunepath_config.routing.tau == 0.5
+    assert model.prunepath.config.routing.tau == 0.5
     # The half-written staging directory is left behind and is never taken for a checkpoint.
     (tmp, ) = leftovers(tmp_path, "ckpt")
     assert (tmp / "model.safetensors").exists() and not (tmp / "prunepath_config.json").exists()
@@ -120,7 +120,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     # The next save to the same path replaces the checkpoint and removes the dead process's leftovers.
     prunepath.configure(model, tau=0.7)
     prunepath.save(model, target)
-    assert prunepath.load(target)[0].prunepath_config.routing.tau == 0.7
+    assert prunepath.load(target)[0].prunepath.config.routing.tau == 0.7
     assert leftovers(tmp_path, "ckpt") == []
 
 
@@ -177,7 +177,7 @@ RANDOM_KILL_CHILD = """
         now = digests(target)  # always one complete version, never a mixture
         assert now in refs, sorted(now)
         seen["old" if now == refs[0] else "new"] += 1
-        assert prunepath.load(target)[0].prunepath_config.routing.tau in taus
+        assert prunepath.load(target)[0].prunepath.config.routing.tau in taus
         for tmp in root.glob(".ckpt.*"):
             seen["leftovers"] += 1
             try:

@@ -38,7 +38,7 @@ def test_lte_resume_matches_uninterrupted_run(tmp_path, preconverted, ckpt_step)
 
     a = fresh(0)
     train(a, None, data, _cfg(), out_dir=tmp_path / "a")
-    assert a.prunepath_config.router == "lte"
+    assert a.prunepath.config.router == "lte"
     assert any(k.endswith("mlp.router.bias") for k in a.state_dict())
     ckpt = tmp_path / "a" / "checkpoints" / f"step-{ckpt_step:07d}"
     assert ckpt.is_dir(), sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
@@ -48,8 +48,8 @@ def test_lte_resume_matches_uninterrupted_run(tmp_path, preconverted, ckpt_step)
     b = fresh(7)
     res = train(b, None, data, _cfg(resume="auto"), out_dir=tmp_path / "b")
     assert res.steps == 6
-    assert b.prunepath_config.router == "lte"
+    assert b.prunepath.config.router == "lte"
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert b.prunepath_config.routing.method == "lte" and b.prunepath_config.routing.params.get("soft") is False
+    assert b.prunepath.config.routing.method == "lte" and b.prunepath.config.routing.params.get("soft") is False

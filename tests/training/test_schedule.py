@@ -80,7 +80,7 @@ def test_hook_configures_the_model():
     m = prunepath.moefy(tiny_llama(), neurons_per_expert=8, progress=False)
     cfg = TrainConfig(stage2_steps=4, tau_min=0.6, tau_rounds=4, gate_offset=2.0, dense_layers=[1])
     prunepath_stage_hook(m, 2, 3, 4, cfg)
-    r = m.prunepath_config.routing
+    r = m.prunepath.config.routing
     assert r.tau == pytest.approx(0.6) and r.gate_offset == 2.0 and r.layer_tau == {1: 1.05}
     prunepath_stage_hook(m, 1, 0, 4, cfg)
     assert r.tau == 1.05 and r.layer_tau == {}

@@ -78,7 +78,7 @@ def test_schedule_reaches_tau_min_sparse_and_beats_untrained(tmp_path):
     assert after["loss"] < before["loss"]
     # The output directory is a PrunePath checkpoint at τ_min that reproduces the trained model.
     loaded, tok = prunepath.load(tmp_path / "run")
-    assert loaded.prunepath_config.routing.tau == pytest.approx(0.5) and tok is not None
+    assert loaded.prunepath.config.routing.tau == pytest.approx(0.5) and tok is not None
     assert evaluate(loaded, ev, "lm")["loss"] == pytest.approx(after["loss"], rel=1e-5)
 
 

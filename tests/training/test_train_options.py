@@ -35,7 +35,7 @@ def test_gate_offset_scales_gates_and_is_saved(tmp_path):
     w, mask = ffn.expert_weights(x)
     assert float(w.detach()[mask].min()) > 0.9  # sigmoid(logit + 4) ≈ 0.98 for small logits
     loaded, _ = prunepath.load(tmp_path / "o")
-    assert loaded.prunepath_config.routing.gate_offset == 4.0
+    assert loaded.prunepath.config.routing.gate_offset == 4.0
 
 
 def oracle_overlap(model, data, k=2):
@@ -98,7 +98,7 @@ def test_coactivation_conversion_and_collection():
     ref = mlp.act_fn(mlp.gate_proj(xs)) * mlp.up_proj(xs)
     assert torch.allclose(acts[0], ref, atol=1e-5)
     prepare_model(m, cfg(clustering="coactivation", calib_tokens=200, neurons_per_expert=8), data, progress=False)
-    assert m.prunepath_config.clustering == "coactivation" and m.prunepath_config.num_experts == 8
+    assert m.prunepath.config.clustering == "coactivation" and m.prunepath.config.num_experts == 8
 
 
 def test_freeze_backbone_trains_routers_only():
@@ -137,7 +137,7 @@ def test_dense_finetuning_saves_a_plain_model(tmp_path):
 def test_plain_model_is_converted_first():
     m = tiny_llama()
     train(m, None, tiny_lm_data(), cfg(neurons_per_expert=16))
-    assert prunepath.is_converted(m) and m.prunepath_config.num_experts == 4
+    assert prunepath.is_converted(m) and m.prunepath.config.num_experts == 4
 
 
 def test_classification_with_a_new_head_on_an_encoder():
@@ -188,7 +188,7 @@ def test_cli_end_to_end(tmp_path):
                "--batch-size", "2", "--neurons-per-expert", "16", "--device", "cpu", "--no-progress"])
     assert rc == 0
     loaded, tok = prunepath.load(out)
-    assert loaded.prunepath_config.num_experts == 4 and loaded.prunepath_config.routing.tau == pytest.approx(0.6)
+    assert loaded.prunepath.config.num_experts == 4 and loaded.prunepath.config.routing.tau == pytest.approx(0.6)
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 5
     assert json.loads((out / "train_result.json").read_text())["steps"] == 5
     # Bad input through the CLI: a clear message and exit status 2.

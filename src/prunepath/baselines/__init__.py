@@ -28,6 +28,7 @@ from prunepath.errors import PrunePathError
 from prunepath.conversion.moefy import prunepath_modules
 from prunepath.routing.control import configure
 from prunepath.routing.control import set_router
+from prunepath.state import state_of
 
 METHODS = ("prunepath", "lte", "moefication", "d2dmoe", "static", "wanda")
 
@@ -55,7 +56,7 @@ def prepare(model: nn.Module, method: str, *, tokenizer=None, texts: Sequence[st
       uniform; for greedy or to reuse one calibration call the functions of :mod:`.activation` directly).
     """
 
-    converted = getattr(model, "prunepath_config", None) is not None
+    converted = state_of(model).config is not None
     if method == "wanda":
         if sparsity is None or tokenizer is None or not texts:
             raise PrunePathError("prepare(model, 'wanda') needs tokenizer=, texts= (calibration) and sparsity=")
@@ -104,7 +105,7 @@ def prepare_for_training(model: nn.Module, cfg) -> nn.Module:
         raise PrunePathError(f"method {method!r} is not trained with the trainer: use "
                              "prunepath.baselines.fit_router (moefication, d2dmoe), apply_wanda or prune_experts")
     params = dict(getattr(cfg, "method_params", None) or {})
-    if model.prunepath_config.router != "lte":
+    if state_of(model).config.router != "lte":
         set_router(model, "lte", init_bias=float(params.get("init_bias", 0.0)))
     configure(model, method="lte", params={"soft": True,
                                            "threshold": float(params.get("threshold", lte.DEFAULT_THRESHOLD))})

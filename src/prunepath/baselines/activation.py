@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
 from prunepath.models.adapters import Adapter, DenseFFN, FFNSite, adapter_by_name, adapter_for
+from prunepath.state import state_of
 from prunepath.stats import activation_modules as stats_activation_modules
 from prunepath.stats import activation_s_ffn
 from prunepath.checkpoint import atomic_replace_dir
@@ -294,9 +295,9 @@ def _install(model: nn.Module, adapter: Adapter) -> list[ActivationSparseFFN]:
 def apply_activation_sparsity(model: nn.Module, spec: ActivationSparsity) -> nn.Module:
     """Install TEAL / CATS wrappers on a dense model (or, when installed, just set the new thresholds).
 
-    ``model.prunepath_activation`` holds the spec; evaluators then report the measured s_FFN.
+    ``model.prunepath.activation`` holds the spec; evaluators then report the measured s_FFN.
     """
-    if getattr(model, "prunepath_config", None) is not None:
+    if state_of(model).config is not None:
         raise PrunePathError("TEAL / CATS run on the original dense model, not a converted one; load the model it "
                              "was converted from")
     if spec.method not in METHODS:
@@ -320,7 +321,7 @@ def apply_activation_sparsity(model: nn.Module, spec: ActivationSparsity) -> nn.
         raise PrunePathError("CATS needs a gated FFN (gate/up/down, e.g. Llama); use TEAL for this model")
     for w, t_in, t_mid in zip(wrappers, spec.t_in, spec.t_mid):
         w.set_thresholds(spec.method, t_in, t_mid)
-    model.prunepath_activation = spec
+    state_of(model).activation = spec
     return model
 
 
@@ -331,8 +332,7 @@ def remove_activation_sparsity(model: nn.Module) -> nn.Module:
         for path, original in zip(w.paths, w.originals):
             parent = owner.get_submodule(path.rsplit(".", 1)[0]) if "." in path else owner
             setattr(parent, path.rsplit(".", 1)[-1], original)
-    if hasattr(model, "prunepath_activation"):
-        del model.prunepath_activation
+    state_of(model).activation = None
     return model
 
 
@@ -413,7 +413,7 @@ def save_activation_model(model: nn.Module, tokenizer, out: str | Path, spec: Ac
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise PrunePathError(f"{final} exists and is not empty; choose another --out")
     installed = activation_modules(model)
-    previous = getattr(model, "prunepath_activation", None)
+    previous = state_of(model).activation
     if installed:
         remove_activation_sparsity(model)  # the saved weights must carry the original module names
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
 from prunepath.models.adapters import DenseFFN, adapter_for, needs_bos
+from prunepath.state import state_of
 from prunepath.stats import activation_modules as stats_activation_modules
 from prunepath.baselines.calibration import token_batches
 
@@ -78,7 +79,7 @@ def collect_activation_stats(model: nn.Module, tokenizer, texts: Sequence[str], 
                              cache_tokens: int = 1024, batch_size: int = 4, seed: int = 0) -> ActivationStats:
     """One calibration pass over the dense model: per layer ``samples`` random entries of |x|, |h| and
     |act(gate)| (sorted) and ``cache_tokens`` random FFN inputs (for the greedy allocation)."""
-    if getattr(model, "prunepath_config", None) is not None:
+    if state_of(model).config is not None:
         raise PrunePathError("TEAL / CATS calibrate the original dense model, not a converted one; load the model "
                              "it was converted from")
     if stats_activation_modules(model):

@@ -10,6 +10,7 @@ from torch import nn
 from prunepath.errors import PrunePathError
 from prunepath.conversion.moefy import prunepath_modules
 from prunepath.routing.control import routing
+from prunepath.state import state_of
 
 # knob name, search range, whether s_FFN grows with the knob
 KNOBS = {"prunepath": ("tau", 0.0, 1.0, False), "d2dmoe": ("tau", 0.0, 1.0, False),
@@ -40,7 +41,7 @@ def knob_for_sparsity(model: nn.Module, inputs: Sequence[torch.Tensor], method: 
     if not 0.0 <= target < 1.0:
         raise PrunePathError(f"target sparsity must be in [0, 1) (got {target})")
     name, lo, hi, increasing = KNOBS[method]
-    cfg = model.prunepath_config
+    cfg = state_of(model).config
     base = dict(base or {})
     if method == "moefication":
         k = max(1, int(round((1.0 - target) * cfg.num_experts)))

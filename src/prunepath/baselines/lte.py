@@ -21,6 +21,7 @@ from torch import nn
 from prunepath.routing.config import RoutingConfig
 from prunepath.routing.control import configure
 from prunepath.routing.ffn import prunepath_modules
+from prunepath.state import state_of
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_ETA = 1e-2
@@ -114,7 +115,7 @@ def lte_stage_hook(model: nn.Module, stage, step: int, total_steps: int, cfg) ->
     soft = is_soft_stage(stage, step, total_steps, cfg)
     p = _params(cfg)
     delta = float(p.get("threshold", DEFAULT_THRESHOLD))
-    routing = model.prunepath_config.routing
+    routing = state_of(model).config.routing
     if routing.method != "lte" or routing.params.get("soft") != soft or routing.params.get("threshold") != delta:
         configure(model, method="lte", params={**routing.params, "soft": soft, "threshold": delta})
     for ffn in prunepath_modules(model):

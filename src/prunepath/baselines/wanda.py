@@ -2,7 +2,7 @@
 calibration tokens); in every output row the lowest-scoring ``sparsity`` fraction of weights is zeroed.
 
 FFN linears only by default (``scope="all"``: every linear layer except the LM head and routers). Works on dense
-and converted models. The achieved weight sparsity is recorded as ``model.prunepath_static_sparsity`` and is what
+and converted models. The achieved weight sparsity is recorded as ``model.prunepath.static_sparsity`` and is what
 results report as Wanda's s_FFN (as the paper does). Unstructured zeros give no kernel speed-up: none is claimed.
 
 Simplification: one calibration pass over the dense model (the original prunes layer by layer, feeding each layer
@@ -20,10 +20,10 @@ from prunepath.baselines.calibration import run_batches, token_batches
 from prunepath.errors import PrunePathError
 from prunepath.conversion.moefy import prunepath_modules
 from prunepath.models.adapters import adapter_for
+from prunepath.models.arch import ffn_linears
+from prunepath.state import state_of
 
 SCOPES = ("ffn", "all")
-_FFN_ATTRS = {"gated-mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "gpt2": ("mlp.c_fc", "mlp.c_proj"),
-              "bert": ("intermediate.dense", "output.dense"), "opt": ("fc1", "fc2")}
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -53,7 +53,7 @@ def target_linears(model: nn.Module, scope: str = "ffn") -> dict[str, nn.Module]
     adapter = adapter_for(model)
     out: dict[str, nn.Module] = {}
     for site in adapter.sites(model):
-        for path in _FFN_ATTRS[adapter.name]:
+        for path in ffn_linears(adapter.name):  # the architecture's facts: prunepath.models.arch.<family>
             m = site.owner.get_submodule(path)
             out[names[id(m)]] = m
     return out
@@ -125,6 +125,6 @@ def apply_wanda(model: nn.Module, tokenizer, calib_texts: Sequence[str], sparsit
         pruned += int((~keep).sum())
         total += keep.numel()
     achieved = pruned / max(total, 1)
-    model.prunepath_static_sparsity = achieved
-    model.prunepath_static_method = f"wanda-{scope}"
+    state_of(model).static_sparsity = achieved
+    state_of(model).static_method = f"wanda-{scope}"
     return {"sparsity": achieved, "scope": scope, "modules": len(mods), "norms": norms}

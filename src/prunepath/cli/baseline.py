@@ -5,6 +5,7 @@ expert pruning, Wanda), or TEAL / CATS activation sparsity on the original model
 from __future__ import annotations
 
 import argparse
+import sys
 
 from prunepath.cli.common import add_model_arg
 from prunepath.baselines import apply_wanda, fit_router, prune_experts
@@ -13,9 +14,11 @@ from prunepath.checkpoint import atomic_replace_dir
 from prunepath.cli.common import check_baseline_args
 from prunepath.data.text import load_texts
 from prunepath.errors import PrunePathError
+from prunepath.state import state_of
 import prunepath
 
 FITTED = ("moefication", "d2dmoe")
+D2DMOE_THRESHOLD = 0.5  # the default of --threshold (formerly --tau)
 
 
 def register(sub) -> None:
@@ -40,12 +43,27 @@ def register(sub) -> None:
     p.add_argument("--allocate", choices=["uniform", "greedy"], default="uniform",
                    help="teal: the same sparsity in every layer, or TEAL's greedy allocation across layers")
     p.add_argument("--k", type=int, help="moefication: experts per token stored in the checkpoint (default E/2)")
-    p.add_argument("--tau", type=float, default=0.5, help="d2dmoe: keep experts with predicted norm >= (1-τ)·max")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"d2dmoe: keep experts with predicted norm >= (1 - threshold)·max (default "
+                        f"{D2DMOE_THRESHOLD}; stored as the checkpoint's routing τ, which `sweep --taus` then varies)")
+    p.add_argument("--tau", type=float, default=None, help="deprecated: d2dmoe's --threshold")
     p.add_argument("--fit-steps", type=int, default=300, help="router fitting steps per layer (moefication, d2dmoe)")
     p.add_argument("--neurons-per-expert", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
+
+
+def d2dmoe_threshold(args: argparse.Namespace) -> float:
+    """D2DMoE's threshold: ``--threshold``, or the deprecated ``--tau`` (which PrunePath's commands use for the
+    routing budget) with a warning, or the default."""
+    if args.tau is not None:
+        if args.threshold is not None and args.threshold != args.tau:
+            raise PrunePathError(f"--tau {args.tau:g} and --threshold {args.threshold:g} disagree; "
+                                 "give --threshold only")
+        print("warning: `prunepath baseline --tau` is deprecated; D2DMoE's threshold is --threshold", file=sys.stderr)
+        return args.tau
+    return D2DMOE_THRESHOLD if args.threshold is None else args.threshold
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise PrunePathError(f"--method {args.method} needs --sparsity (e.g. 0.5)")
 
     check_baseline_args(args)  # every generic option, before the model loads
+    threshold = d2dmoe_threshold(args) if args.method == "d2dmoe" else None
     if args.method in ("teal", "cats"):
         return _run_activation(args)
     model, tok = prunepath.load_model(args.model)
@@ -96,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         fit_router(model, tok, texts, method=args.method, steps=args.fit_steps, max_tokens=args.calib_tokens,
                    seed=args.seed, progress=args.progress)
-        e = model.prunepath_config.num_experts
+        e = state_of(model).config.num_experts
         if args.method == "moefication":
             prunepath.configure(model, k=args.k or max(1, e // 2))  # fit_router switched the method
             what = f"MoEfication router, top-{args.k or max(1, e // 2)}"
         else:
-            prunepath.configure(model, tau=args.tau)
-            what = f"D2DMoE router, τ {args.tau}"
+            prunepath.configure(model, tau=threshold)
+            what = f"D2DMoE router, τ {threshold}"
     out = prunepath.save(model, args.out, tokenizer=tok)
     print(f"saved {out}: {what}")
     return 0

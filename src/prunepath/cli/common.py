@@ -42,6 +42,11 @@ def parse_taus(text: str) -> list[float]:
     return taus
 
 
+# What --tau means, said once for every command that takes it (eval, generate, convert; each adds its default).
+TAU_HELP = ("τ, the PrunePath routing budget of a converted model: each token keeps its most probable experts "
+            "while their cumulative probability stays below τ (τ > 0; τ > 1 keeps every expert)")
+
+
 # ---- checks made before any model is loaded (a bad argument fails in a second, not after the load) ----------
 
 def check_tau(value: float | None, flag: str = "--tau") -> None:
@@ -128,4 +133,5 @@ def check_baseline_args(args: argparse.Namespace) -> None:
         raise PrunePathError(f"--sparsity must be in [0, 1) (got {sparsity})")
     check_min(args, 1, "calib_tokens", "fit_steps", "k", "neurons_per_expert")
     check_tau(getattr(args, "tau", None))
+    check_tau(getattr(args, "threshold", None), "--threshold")
     check_data_source(getattr(args, "calib_data", None), "lm", "--calib-data")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from prunepath.cli.common import add_model_arg, check_min, check_model_arg, check_out_dir, check_tau
+from prunepath.cli.common import (TAU_HELP, add_model_arg, check_min, check_model_arg, check_out_dir,
+                                  check_tau)
+from prunepath.state import state_of
 import prunepath
 from prunepath.routing.config import TAU_ALL
 
@@ -22,7 +24,7 @@ def register(sub) -> None:
                    help="expert construction (default: balanced k-means of normalised W_gate/W_1 rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tau", type=float, default=TAU_ALL,
-                   help=f"routing budget stored in the checkpoint (default {TAU_ALL})")
+                   help=f"{TAU_HELP}; stored in the checkpoint (default {TAU_ALL})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -39,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
                     clustering=args.clustering, routing=prunepath.RoutingConfig(tau=args.tau),
                     progress=args.progress)
     out = prunepath.save(model, args.out, tokenizer=tok)
-    cfg = model.prunepath_config
+    cfg = state_of(model).config
     print(f"saved {out}: {cfg.num_layers} layers x {cfg.num_experts} experts of {cfg.neurons_per_expert} neurons")
     return 0

@@ -10,7 +10,7 @@ from prunepath.cli.allocate import add_allocation_args, check_target
 from prunepath.cli.common import (add_device_arg, add_model_arg, check_data_arg, check_min, check_model_arg,
                                   resolve_device)
 from prunepath.errors import PrunePathError
-from prunepath.cli.common import check_tau
+from prunepath.cli.common import TAU_HELP, check_tau
 from prunepath.data.corpora import corpus_names, is_corpus_name
 from prunepath.evaluation.allocation import allocate_layer_tau
 from prunepath.evaluation.allocation import apply_allocation
@@ -19,6 +19,7 @@ from prunepath.evaluation.calibration import find_tau_for_sparsity
 from prunepath.evaluation.common import check_tokenizer
 from prunepath.evaluation.reports import run_meta, write_json
 from prunepath.evaluation.tasks import run_task
+from prunepath.state import state_of
 import prunepath
 
 GLUE_TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -80,7 +81,7 @@ def register(sub) -> None:
     add_model_arg(p)
     add_metric_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tau", type=float, default=None, help="routing budget τ (converted models; >1 = all experts)")
+    g.add_argument("--tau", type=float, default=None, help=f"{TAU_HELP}; default: the checkpoint's")
     g.add_argument("--target-sparsity", type=float, default=None,
                    help="find the τ giving this s_FFN on calibration text (bisection), report and use it; with "
                         "--allocate greedy, one τ per layer")
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                              "`prunepath convert` or `prunepath train`); this one is dense")
     apply_routing_args(model, args)
     if converted and (args.tau is not None or args.target_sparsity is not None) and \
-            model.prunepath_config.routing.allocation:
+            state_of(model).config.routing.allocation:
         print("note: --tau / --target-sparsity replace the per-layer τ allocation stored in this checkpoint",
               file=sys.stderr)
         prunepath.configure(model, layer_tau={}, allocation={})
@@ -229,9 +230,9 @@ def run(args: argparse.Namespace) -> int:
         prunepath.configure(model, tau=args.tau)
     result = run_task(model, tok, args.task, args.data, **metric_kwargs(args))
     if converted:
-        result["tau"] = model.prunepath_config.routing.tau
-        if model.prunepath_config.routing.layer_tau:
-            result["layer_tau"] = {str(k): v for k, v in model.prunepath_config.routing.layer_tau.items()}
+        result["tau"] = state_of(model).config.routing.tau
+        if state_of(model).config.routing.layer_tau:
+            result["layer_tau"] = {str(k): v for k, v in state_of(model).config.routing.layer_tau.items()}
     if calib is not None:
         result["target_sparsity"] = args.target_sparsity
         result["calibration"] = calib

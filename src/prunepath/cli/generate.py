@@ -6,10 +6,11 @@ import argparse
 import time
 
 from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
-from prunepath.cli.common import check_model_arg, check_tau
+from prunepath.cli.common import TAU_HELP, check_model_arg, check_tau
 from prunepath.decoding import generate
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
+from prunepath.state import state_of
 import prunepath
 
 
@@ -17,8 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text (static KV cache + CUDA graph + sparse FFN kernels on GPU)")
     add_model_arg(p)
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tau", type=float, default=None, help="PrunePath budget τ for this run (converted models; "
-                   "> 1 keeps every expert); default: the checkpoint's")
+    p.add_argument("--tau", type=float, default=None, help=f"{TAU_HELP}; for this run; default: the checkpoint's")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
@@ -61,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
                     device=device, kernels=args.kernels, ffn=args.ffn, seed=args.seed)
     dt = time.perf_counter() - t0
     print(text)
-    print(f"[{getattr(model, 'prunepath_display_name', args.model)} · {device} · {dt:.2f} s]", file=sys.stderr)
+    print(f"[{state_of(model).display_name} · {device} · {dt:.2f} s]", file=sys.stderr)
     return 0

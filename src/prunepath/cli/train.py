@@ -11,6 +11,7 @@ import json
 
 from prunepath.errors import PrunePathError
 from prunepath.cli.common import check_data_arg, check_data_source, check_model_arg, check_out_dir, parse_taus
+from prunepath.state import state_of
 from prunepath.training.config import TrainConfig, load_recipe
 from prunepath.training.data import glue_num_labels
 from prunepath.training.trainer import _write_json_atomic
@@ -209,7 +210,7 @@ def ppl_eval(model, tok, data: str, max_tokens: int, taus: str | None, cfg) -> l
                 res = perplexity.evaluate_perplexity(model, tok, data, max_tokens=max_tokens, progress=cfg.progress)
         row = {k: res[k] for k in ("ppl", "nll", "tokens", "s_ffn", "window") if k in res}
         row.update(data=data, tau=tau if tau is not None else (
-            model.prunepath_config.routing.tau if prunepath.is_converted(model) else None))
+            state_of(model).config.routing.tau if prunepath.is_converted(model) else None))
         runs.append(row)
         print(f"[prunepath] ppl {row['ppl']:.2f}  s_FFN {row.get('s_ffn', 0):.3f}  at tau {row['tau']}", flush=True)
     return runs

@@ -13,6 +13,7 @@ from prunepath.errors import PrunePathError
 from prunepath.models.adapters import Adapter, DenseFFN, adapter_by_name, adapter_for
 from prunepath.routing.config import RoutingConfig
 from prunepath.routing.ffn import PrunePathFFN, is_converted, prunepath_modules  # noqa: F401  (re-exported)
+from prunepath.state import state_of
 
 
 @dataclass
@@ -122,7 +123,7 @@ def moefy(
             acts = calibration_activations[site.layer_index] if calibration_activations is not None else None
             perm = cluster_neurons(dense.cluster_rows, e, method=clustering, seed=seed, activations=acts)
         adapter.install(site, build_ffn(dense, e, n, perm, site.layer_index, routing))
-    model.prunepath_config = PrunePathConfig(
+    state_of(model).config = PrunePathConfig(
         adapter=adapter.name, num_experts=num_experts, neurons_per_expert=neurons_per_expert,
         num_layers=len(sites), clustering=clustering, seed=seed, routing=routing,
         source_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -144,5 +145,5 @@ def install_structure(model: nn.Module, config: PrunePathConfig) -> nn.Module:
         dense = adapter.extract(site)
         adapter.install(site, build_ffn(dense, config.num_experts, config.neurons_per_expert, identity,
                                         site.layer_index, config.routing, config.router, config.router_kwargs))
-    model.prunepath_config = config
+    state_of(model).config = config
     return model

@@ -19,6 +19,7 @@ from prunepath.decoding.engine import DecodeEngine
 from prunepath.kernels._common import interpreting
 from prunepath.routing.control import routing as routing_ctx
 from prunepath.models.arch import DECODE_MODEL_TYPES
+from prunepath.state import state_of
 
 __all__ = ["DecodeEngine", "generate"]
 
@@ -32,10 +33,10 @@ def __getattr__(name: str):
 
 
 def _engine_for(model: nn.Module, batch: int, max_len: int, device: torch.device, ffn: str):
-    cache = getattr(model, "_prunepath_engines", None)
+    cache = state_of(model).engines
     if cache is None:
         cache = {}
-        model._prunepath_engines = cache  # noqa: SLF001 - engines are tied to this model's weights
+        state_of(model).engines = cache  # engines are tied to this model's weights
     key = (batch, device.type, device.index)
     eng = cache.get(key)
     if eng is None or eng.max_len < max_len:
@@ -85,7 +86,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | list[str], max_new_token
     eos = getattr(tokenizer, "eos_token_id", None)
     settings = {"tau": tau} if tau is not None else {}
     supported = getattr(getattr(model, "config", None), "model_type", None) in DECODE_MODEL_TYPES
-    method = model.prunepath_config.routing.method if is_converted(model) else "prunepath"
+    method = state_of(model).config.routing.method if is_converted(model) else "prunepath"
     why = (f"the decode engine does not support {model.config.model_type!r} models" if not supported else
            f"the decode kernels implement the prunepath routing method, not {method!r}" if method != "prunepath"
            else None)

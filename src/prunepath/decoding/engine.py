@@ -20,10 +20,11 @@ from torch import nn
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
 from prunepath.kernels.layout import PackedFFN, detect_activation, pack_ffn
-from prunepath.routing.config import RoutingConfig
+from prunepath.routing.config import TAU_ALL, RoutingConfig
 from prunepath.models.adapters import adapter_for
 from prunepath.models.arch import DECODE_MODEL_TYPES, decode_view
 from prunepath.routing.ffn import is_converted, prunepath_modules
+from prunepath.state import state_of
 
 # The Triton kernel modules (kernels.decode_ops / dense / ffn) import triton at their top: they are imported
 # inside the functions that build GPU paths, so that the engine's CPU path and importing prunepath never need
@@ -127,7 +128,7 @@ class DecodeEngine:
         self.model_type, self.batch, self.max_len = mt, batch, max_len
         self.converted = is_converted(model)
         # The engine's own copy of the routing settings: set_tau changes the engine, never the model's config.
-        self.routing: RoutingConfig = model.prunepath_config.routing.copy() if self.converted else RoutingConfig()
+        self.routing: RoutingConfig = state_of(model).config.routing.copy() if self.converted else RoutingConfig()
         kw = {"dtype": self.dtype, "device": self.device}
         self.ffn_tuning = dict(ffn_tuning or {})
 
@@ -160,6 +161,12 @@ class DecodeEngine:
             layer.k_cache = torch.zeros(batch, self.kv_heads, max_len, self.head_dim, **kw)
             layer.v_cache = torch.zeros(batch, self.kv_heads, max_len, self.head_dim, **kw)
             self.layers.append(layer)
+        # τ and k of every layer in one per-model device tensor each: every layer's FFN kernels (decode and
+        # prefill) read a view of their entry, so set_tau is one write and a captured graph follows it.
+        n = len(self.layers)
+        self.budget_tau = torch.full((n,), TAU_ALL, dtype=torch.float32, device=self.device)
+        self.budget_k = torch.tensor([lay.ffn.num_experts for lay in self.layers] if self.converted else [0] * n,
+                              dtype=torch.int32, device=self.device)
         from prunepath.kernels.decode_ops import DecodeAttention
         self.attn = DecodeAttention(batch, self.heads, self.kv_heads, self.head_dim, max_len, self.device)
         # Step state (device): current token, its position, the step counter, outputs.
@@ -219,10 +226,13 @@ class DecodeEngine:
             raise PrunePathError(f"the decode kernels implement the prunepath routing method, not {r.method!r}; "
                                  "use the PyTorch path (--kernels torch)")
         self._graphs.clear()  # drop the old graphs (and their memory pools) before building new FFN objects
+        self._write_budget(reset_k=True)  # new FFN objects start from the current settings, as new tensors would
         for i, layer in enumerate(self.layers):
+            budget = (self.budget_tau[i:i + 1], self.budget_k[i:i + 1])
             layer.sparse = None
-            layer.sparse = SparseFFN(layer.ffn, self.batch, r, mode=ffn, **self.ffn_tuning) if self.converted else None
-            layer.prefill_ffn = (GatedDense(layer.ffn, rule=r.rule, tau=r.tau_for(i), k=r.k, gates=r.gates,
+            layer.sparse = (SparseFFN(layer.ffn, self.batch, r, mode=ffn, budget=budget, **self.ffn_tuning)
+                            if self.converted else None)
+            layer.prefill_ffn = (GatedDense(layer.ffn, rule=r.rule, tau=budget[0], k=budget[1], gates=r.gates,
                                             gate_offset=r.gate_offset) if self.converted else None)
         self.ffn_mode = ffn
         self._sig = self._signature(ffn)
@@ -237,11 +247,17 @@ class DecodeEngine:
         if k is not None:
             self.routing.k = int(k)
         self.routing.validate()
-        for i, layer in enumerate(self.layers):
-            if layer.sparse is not None:
-                layer.sparse.set_tau(self.routing.tau_for(i), self.routing.k)
-            if layer.prefill_ffn is not None:
-                layer.prefill_ffn.set_tau(self.routing.tau_for(i), self.routing.k)
+        self._write_budget()
+
+    def _write_budget(self, reset_k: bool = False) -> None:
+        """τ (and k) of every layer into the per-model tensors, in place. k None keeps the current k, or
+        (``reset_k``, for freshly built FFN objects) means every expert."""
+        r = self.routing
+        self.budget_tau.copy_(torch.tensor([r.tau_for(i) for i in range(len(self.layers))], dtype=torch.float32))
+        if r.k is not None:
+            self.budget_k.fill_(int(r.k))
+        elif reset_k and self.converted:
+            self.budget_k.copy_(torch.tensor([lay.ffn.num_experts for lay in self.layers], dtype=torch.int32))
 
     # ---- the step ---------------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

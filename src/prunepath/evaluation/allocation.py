@@ -50,6 +50,7 @@ from prunepath.routing.control import configure
 from prunepath.routing.methods import get_method
 from prunepath.routing.control import routing_scope
 from prunepath.routing.config import TAU_ALL
+from prunepath.state import state_of
 
 METHODS = ("greedy", "uniform")
 #: dense, then 0.975 … 0.025 in steps of 0.025, then one expert per token (τ → 0)
@@ -79,7 +80,7 @@ def calibration_ids(tokenizer, calib, max_tokens: int | None) -> torch.Tensor:
 
 
 def _check_model(model: nn.Module):
-    cfg = getattr(model, "prunepath_config", None)
+    cfg = state_of(model).config
     if cfg is None:
         raise PrunePathError("per-layer allocation needs a converted model (prunepath.moefy or a PrunePath "
                              "checkpoint); a dense model has s_FFN 0 at any τ")

@@ -15,6 +15,7 @@ from prunepath.evaluation.perplexity import plan_windows, window_batches
 from prunepath.evaluation.perplexity import tokenize_text
 from prunepath.routing.control import routing_scope
 from prunepath.routing.config import TAU_ALL
+from prunepath.state import state_of
 
 
 @torch.inference_mode()
@@ -52,7 +53,7 @@ def find_tau_for_sparsity(
     Leaves the model's routing as it was. The reachable range is [s_FFN(τ=1), s_FFN(τ→0) = top-1 only].
     """
 
-    cfg = getattr(model, "prunepath_config", None)
+    cfg = state_of(model).config
     if cfg is None:
         raise PrunePathError("--target-sparsity needs a converted model; a dense model has s_FFN 0 at any τ")
     if cfg.routing.method != "prunepath" or cfg.routing.rule not in ("cumulative", "nucleus"):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.state import state_of
 from prunepath.stats import ActiveMeter, track_active  # noqa: F401  (re-exported: s_FFN counts live in stats)
 from prunepath.io import (  # noqa: F401  (re-exported: data paths live in io)
     shared_data_dir, repo_shared_data_dir, builtin_data_dir, data_search_paths, resolve_data_path, check_text_file)
@@ -37,14 +38,14 @@ def prepare_model(model: nn.Module, device: str | torch.device | None) -> torch.
 def model_name(model: nn.Module) -> str:
     """Exact display name for results: the source model (with quantisation), plus the expert layout when
     converted, e.g. ``SmolLM2-135M-Instruct (Q4_1, dequantised) + PrunePath 48x32``."""
-    base = getattr(model, "prunepath_display_name", None)
+    base = state_of(model).display_name
     if not base:
         base = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    cfg = getattr(model, "prunepath_config", None)
+    cfg = state_of(model).config
     if cfg is not None:
         router = "" if cfg.router == "linear" else f", router {cfg.router}"
         base = f"{base} + PrunePath {cfg.num_experts}x{cfg.neurons_per_expert} ({cfg.clustering}{router})"
-    act = getattr(model, "prunepath_activation", None)
+    act = state_of(model).activation
     if cfg is None and act is not None:  # TEAL / CATS: the method names the curve; the target is in model_meta
         base = f"{base} + {act.method.upper()}" + (f" ({act.allocation})" if act.method == "teal" else "")
     return str(base)
@@ -60,14 +61,14 @@ def model_dtype(model: nn.Module) -> str | None:
 
 def model_meta(model: nn.Module) -> dict:
     """Fields every result carries about the model and its routing."""
-    cfg = getattr(model, "prunepath_config", None)
+    cfg = state_of(model).config
     meta = {"model": model_name(model), "converted": cfg is not None,
-            "source": getattr(model, "prunepath_source", None), "dtype": model_dtype(model)}
+            "source": state_of(model).source, "dtype": model_dtype(model)}
     if cfg is not None:
         meta["num_experts"] = cfg.num_experts
         meta["neurons_per_expert"] = cfg.neurons_per_expert
         meta["routing"] = cfg.routing.to_dict()
-    act = getattr(model, "prunepath_activation", None)
+    act = state_of(model).activation
     if cfg is None and act is not None:
         meta["activation_sparsity"] = {"method": act.method, "target": act.target, "allocation": act.allocation}
     return meta

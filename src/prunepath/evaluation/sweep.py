@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -16,6 +17,7 @@ from prunepath.routing.control import routing_scope
 from prunepath.baselines.activation import (apply_activation_sparsity, check_target, collect_activation_stats,
                                             remove_activation_sparsity, thresholds_for)
 from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau
+from prunepath.state import state_of
 
 # Keys that are large per-run details; kept in the rows (JSON) but not printed in tables.
 DETAIL_KEYS = ("active_hist", "predictions", "samples", "per_layer_active", "per_layer_s_ffn")
@@ -92,10 +94,8 @@ def sweep(
     if allocate == "greedy" and target_sparsities is None:
         raise PrunePathError("allocate='greedy' needs target_sparsities (a τ per layer is chosen for each)")
     # a stored per-layer allocation would override every τ of the sweep: each point replaces it
-    clear = {"layer_tau": {}, "allocation": {}} if model.prunepath_config.routing.allocation else {}
-    cached = prepare_data(tokenizer, task, data, **metric_kwargs)
-    if task in ("ppl", "recon"):
-        metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
+    clear = {"layer_tau": {}, "allocation": {}} if state_of(model).config.routing.allocation else {}
+    cached, metric_kwargs = _prepare(tokenizer, task, data, metric_kwargs)
     points: list[tuple[float, float | None, dict | None]] = []
     if target_sparsities is not None:
         for s in sorted(set(float(x) for x in target_sparsities)):
@@ -110,14 +110,13 @@ def sweep(
             points.append((cal["tau"], s, cal))
     else:
         points = [(t, None, None) for t in validate_taus(taus)]
-    rows = []
-    for tau, target, cal in tqdm(points, desc=f"sweep {task}", disable=not progress, unit="τ"):
+    def scope(point: tuple):
+        tau, _, cal = point
         settings = {"tau": tau, **clear} if tau is not None else {"layer_tau": cal["layer_tau"], "allocation": {}}
-        with routing_scope(model, **settings):
-            kw = dict(metric_kwargs)
-            if task != "lm-eval":
-                kw["progress"] = progress
-            row = run_task(model, tokenizer, task, cached, **kw)
+        return routing_scope(model, **settings)
+
+    def annotate(row: dict, point: tuple) -> None:
+        tau, target, cal = point
         row["tau"] = tau
         if target is not None:
             row["target_sparsity"] = target
@@ -125,6 +124,32 @@ def sweep(
             if tau is None:
                 row["allocate"] = "greedy"
                 row["layer_tau"] = {str(k): v for k, v in cal["layer_tau"].items()}
+
+    return _evaluate_points(model, tokenizer, task, data, cached, metric_kwargs, progress,
+                            tqdm(points, desc=f"sweep {task}", disable=not progress, unit="τ"), scope, annotate)
+
+
+def _prepare(tokenizer, task: str, data: Any, metric_kwargs: dict) -> tuple[Any, dict]:
+    """The task's data, loaded / tokenized once for every point, and the metric arguments left for each point."""
+    cached = prepare_data(tokenizer, task, data, **metric_kwargs)
+    if task in ("ppl", "recon"):  # max_tokens was spent on preparing the data
+        metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
+    return cached, metric_kwargs
+
+
+def _evaluate_points(model: nn.Module, tokenizer, task: str, data: Any, cached: Any, metric_kwargs: dict,
+                     progress: bool, points: Iterable, scope: Callable[[Any], ContextManager],
+                     annotate: Callable[[dict, Any], None]) -> list[dict]:
+    """The one evaluation loop of the sweeps: for each point, the task under ``scope(point)``, then
+    ``annotate(row, point)`` (and the data name)."""
+    rows = []
+    for point in points:
+        with scope(point):
+            kw = dict(metric_kwargs)
+            if task != "lm-eval":
+                kw["progress"] = progress
+            row = run_task(model, tokenizer, task, cached, **kw)
+        annotate(row, point)
         if isinstance(data, str):
             row["data"] = data
         rows.append(row)
@@ -143,21 +168,17 @@ def activation_sweep(model: nn.Module, tokenizer, task: str, data: Any, method: 
     remove_activation_sparsity(model)
     stats = collect_activation_stats(model, tokenizer, calib_texts, max_tokens=calib_tokens, seq_len=seq_len,
                                      progress=progress)
-    cached = prepare_data(tokenizer, task, data, **metric_kwargs)
-    if task in ("ppl", "recon"):
-        metric_kwargs = {k: v for k, v in metric_kwargs.items() if k != "max_tokens"}
-    rows = []
+    cached, metric_kwargs = _prepare(tokenizer, task, data, metric_kwargs)
+
+    def scope(t: float):  # the thresholds stay until the next point replaces them (removed once, at the end)
+        apply_activation_sparsity(model, thresholds_for(stats, method, t, allocation))
+        return contextlib.nullcontext()
+
+    def annotate(row: dict, t: float) -> None:
+        row.update(target_sparsity=t, method=method, allocation=allocation, tau=None)
+
     try:
-        for t in targets:
-            apply_activation_sparsity(model, thresholds_for(stats, method, t, allocation))
-            kw = dict(metric_kwargs)
-            if task != "lm-eval":
-                kw["progress"] = progress
-            row = run_task(model, tokenizer, task, cached, **kw)
-            row.update(target_sparsity=t, method=method, allocation=allocation, tau=None)
-            if isinstance(data, str):
-                row["data"] = data
-            rows.append(row)
+        return _evaluate_points(model, tokenizer, task, data, cached, metric_kwargs, progress, targets, scope,
+                                annotate)
     finally:
         remove_activation_sparsity(model)
-    return rows

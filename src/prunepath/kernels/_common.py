@@ -39,12 +39,27 @@ def next_pow2(x: int) -> int:
 
 
 class DeviceBudget:
-    """τ and k held in device tensors (``tau_tensor``, ``k_tensor``): :meth:`set_tau` rewrites them in place, so a
-    captured CUDA graph sees the new values at its next replay. The one ``set_tau`` of the kernels (the router,
-    the dense-equivalent FFN and the per-layer :class:`~prunepath.kernels.ffn.SparseFFN` share it)."""
+    """τ and k held in device tensors (``tau``: float32 [1], ``k``: int32 [1]): :meth:`set_tau` rewrites them in
+    place, so a captured CUDA graph sees the new values at its next replay. The one ``set_tau`` of the kernels
+    (the router, the dense-equivalent FFN and the per-layer :class:`~prunepath.kernels.ffn.SparseFFN` share it).
+    The tensors may be views of the decode engine's one per-model tensor (one entry per layer, see
+    :func:`budget_tensors`); ``tau_tensor`` / ``k_tensor`` are their public names (benchmarks point ``k_tensor``
+    at a shared tensor to drive per-token counts)."""
 
-    tau_tensor: "torch.Tensor"
-    k_tensor: "torch.Tensor"
+    tau: "torch.Tensor"
+    k: "torch.Tensor"
+
+    @property
+    def tau_tensor(self) -> torch.Tensor:
+        return self.tau
+
+    @property
+    def k_tensor(self) -> torch.Tensor:
+        return self.k
+
+    @k_tensor.setter
+    def k_tensor(self, t: torch.Tensor) -> None:
+        self.k = t
 
     def set_tau(self, tau: float | None = None, k: int | None = None) -> None:
         """Change τ (and k) in place: a captured graph sees the new value at its next replay."""
@@ -52,3 +67,14 @@ class DeviceBudget:
             self.tau_tensor.fill_(float(tau))
         if k is not None:
             self.k_tensor.fill_(int(k))
+
+
+def budget_tensors(tau: "float | torch.Tensor", k: "int | torch.Tensor | None", num_experts: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ, k) as device tensors of one element: a tensor passed in is used as it is (a view of a per-model
+    tensor, shared with whoever rewrites it); a number gets a tensor of its own (k None: every expert)."""
+    if not isinstance(tau, torch.Tensor):
+        tau = torch.tensor([float(tau)], dtype=torch.float32, device=device)
+    if not isinstance(k, torch.Tensor):
+        k = torch.tensor([int(k) if k is not None else num_experts], dtype=torch.int32, device=device)
+    return tau, k

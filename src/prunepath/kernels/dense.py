@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from prunepath.errors import PrunePathError
-from prunepath.kernels._common import DeviceBudget, check_kernel_device, next_pow2
+from prunepath.kernels._common import DeviceBudget, budget_tensors, check_kernel_device, next_pow2
 from prunepath.kernels.experts import ACT_IDS, _act
 from prunepath.kernels.layout import PackedFFN, _act_reference
 from prunepath.kernels.route import RULE_IDS, _keep_one
@@ -111,16 +111,16 @@ class GatedDense(DeviceBudget):
     dropped) is written when ``write_weights`` is set (tests, statistics).
     """
 
-    def __init__(self, packed: PackedFFN, *, rule: str = "cumulative", tau: float = TAU_ALL, k: int | None = None,
-                 gates: bool = True, gate_offset: float = 0.0, block_j: int | None = None, num_warps: int = 4,
+    def __init__(self, packed: PackedFFN, *, rule: str = "cumulative", tau: float | torch.Tensor = TAU_ALL,
+                 k: int | torch.Tensor | None = None, gates: bool = True, gate_offset: float = 0.0,
+                 block_j: int | None = None, num_warps: int = 4,
                  write_weights: bool = False, fp32_logits: bool = True) -> None:
         if rule not in RULE_IDS:
             raise PrunePathError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULE_IDS)}")
         dev = packed.device
         e = packed.num_experts
         self.packed, self.rule, self.gates, self.gate_offset = packed, rule, gates, float(gate_offset)
-        self.tau = torch.tensor([float(tau)], dtype=torch.float32, device=dev)
-        self.k = torch.tensor([int(k) if k is not None else e], dtype=torch.int32, device=dev)
+        self.tau, self.k = budget_tensors(tau, k, e, dev)
         self.e_pad = max(16, next_pow2(e))
         n = packed.neurons_per_expert
         self.block_j = block_j or max(1, min(next_pow2(n), max(1, 4096 // self.e_pad)))
@@ -131,14 +131,6 @@ class GatedDense(DeviceBudget):
         # fp32-output GEMMs are slower on some GPU.
         self.fp32_logits = fp32_logits
         self._w_cat = packed.w_in_router()
-
-    @property
-    def tau_tensor(self) -> torch.Tensor:
-        return self.tau
-
-    @property
-    def k_tensor(self) -> torch.Tensor:
-        return self.k
 
     def pre_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """[B, E·R + E] (fused buffer) or [B, E·R] pre-activations + separate logits; returns (buffer, stride)."""

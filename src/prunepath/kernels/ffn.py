@@ -50,7 +50,7 @@ class SparseFFN(DeviceBudget):
     MODES = ("sparse", "dense", "dense_legacy")
 
     def __init__(self, packed: PackedFFN, batch: int, routing: RoutingConfig | None = None, *,
-                 mode: str = "sparse", **tuning) -> None:
+                 mode: str = "sparse", budget: tuple[torch.Tensor, torch.Tensor] | None = None, **tuning) -> None:
         routing = routing or RoutingConfig()
         if routing.method != "prunepath":
             raise PrunePathError(f"the decode kernels implement the prunepath routing method, not "
@@ -61,7 +61,8 @@ class SparseFFN(DeviceBudget):
         ex = {k: v for k, v in tuning.items() if not k.startswith("router_") and not k.startswith("dense_")}
         dn = {k[len("dense_"):]: v for k, v in tuning.items() if k.startswith("dense_")}
         self.packed, self.batch, self.mode = packed, batch, mode
-        tau, k = routing.tau_for(packed.layer_index), routing.k
+        # budget: (τ, k) views of the engine's per-model tensors; else this layer's own, from ``routing``
+        tau, k = budget if budget is not None else (routing.tau_for(packed.layer_index), routing.k)
         self.experts = ExpertRunner(packed, batch, **ex) if mode == "sparse" else None
         self.router = None
         self.dense = None
@@ -75,21 +76,21 @@ class SparseFFN(DeviceBudget):
                                  **{k[len("router_"):]: v for k, v in rt.items()})
 
     @property
-    def k_tensor(self) -> torch.Tensor:
-        """The device tensor holding k (benchmarks replace it with a view to drive per-token counts)."""
-        return self.dense.k if self.dense is not None else self.router.k
-
-    @k_tensor.setter
-    def k_tensor(self, t: torch.Tensor) -> None:
-        if self.dense is not None:
-            self.dense.k = t
-        else:
-            self.router.k = t
+    def _inner(self) -> DeviceBudget:
+        """The object whose tensors the kernels read: the dense path or the router."""
+        return self.dense if self.dense is not None else self.router
 
     @property
-    def tau_tensor(self) -> torch.Tensor:
-        """The device tensor holding τ (of the dense path or of the router)."""
-        return self.dense.tau if self.dense is not None else self.router.tau
+    def tau(self) -> torch.Tensor:  # the inherited set_tau / tau_tensor go through these
+        return self._inner.tau
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._inner.k
+
+    @k.setter
+    def k(self, t: torch.Tensor) -> None:
+        self._inner.k = t
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from prunepath.errors import PrunePathError
-from prunepath.kernels._common import DeviceBudget, check_kernel_device, next_pow2
+from prunepath.kernels._common import DeviceBudget, budget_tensors, check_kernel_device, next_pow2
 from prunepath.kernels.layout import PackedFFN
 from prunepath.routing.config import TAU_ALL
 
@@ -189,13 +189,13 @@ def _route_kernel(x_ptr, wr_ptr, logits_ptr, keep_ptr, wdense_ptr, ids_ptr, slot
 class Router(DeviceBudget):
     """Preallocated routing buffers for one layer shape and batch size (safe to capture in a CUDA graph).
 
-
-    ``tau`` and ``k`` are device tensors: ``set_tau`` changes them in place without recapture.
+    ``tau`` and ``k`` are device tensors (numbers get their own, tensors are shared as given): ``set_tau``
+    changes them in place without recapture.
     """
 
-    def __init__(self, packed: PackedFFN, batch: int, *, rule: str = "cumulative", tau: float = TAU_ALL,
-                 k: int | None = None, gates: bool = True, gate_offset: float = 0.0,
-                 block_e: int | None = None, block_k: int | None = None, num_warps: int = 8,
+    def __init__(self, packed: PackedFFN, batch: int, *, rule: str = "cumulative",
+                 tau: float | torch.Tensor = TAU_ALL, k: int | torch.Tensor | None = None, gates: bool = True,
+                 gate_offset: float = 0.0, block_e: int | None = None, block_k: int | None = None, num_warps: int = 8,
                  zero: torch.Tensor | None = None) -> None:
         if rule not in RULE_IDS:
             raise PrunePathError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULE_IDS)}")
@@ -212,21 +212,12 @@ class Router(DeviceBudget):
         self.slot_w = torch.zeros(e, batch, **f32)
         self.count = torch.zeros(1, dtype=torch.int32, device=dev)
         self.ticket = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.tau = torch.tensor([float(tau)], **f32)
-        self.k = torch.tensor([int(k) if k is not None else e], dtype=torch.int32, device=dev)
+        self.tau, self.k = budget_tensors(tau, k, e, dev)
         self.block_e = block_e or (2 if d >= 2048 else 4)
         self.block_k = block_k or min(next_pow2(d), 4096)
         self.num_warps = num_warps
         self.e_pad = max(16, next_pow2(e))
         self.select = True  # benchmarks switch it off to time the router GEMV alone
-
-    @property
-    def tau_tensor(self) -> torch.Tensor:
-        return self.tau
-
-    @property
-    def k_tensor(self) -> torch.Tensor:
-        return self.k
 
     def __call__(self, x: torch.Tensor) -> "Router":
         """Route ``x`` [B, d] (B = this router's batch); results land in ids / slot_w / count / weights."""

@@ -14,6 +14,7 @@ from torch import nn
 from prunepath.errors import PrunePathError
 from prunepath.io import CHECKPOINT_MARKER
 from prunepath.models.registry import BUILTIN_MODELS, builtin_path, check_builtin_typo
+from prunepath.state import state_of
 
 TASKS = ("auto", "causal-lm", "classify", "encoder")
 
@@ -189,14 +190,14 @@ def load_model(
     static = path / "prunepath_static.json" if path.is_dir() else None
     if static is not None and static.exists():
         # A statically pruned dense model (Wanda): evaluation reports its weight sparsity as s_FFN.
-        model.prunepath_static_sparsity = float(json.loads(static.read_text())["weight_sparsity"])
+        state_of(model).static_sparsity = float(json.loads(static.read_text())["weight_sparsity"])
     activation = path / ACTIVATION_SPEC if path.is_dir() else None
     if activation is not None and activation.exists():
         # TEAL / CATS on the original model (prunepath baseline --method teal|cats): re-apply the thresholds.
         activation_loader()(model, activation)
-    model.prunepath_source = name
-    model.prunepath_display_name = display_name(name)
-    model.prunepath_tokenizer = tok
+    state_of(model).source = name
+    state_of(model).display_name = display_name(name)
+    state_of(model).tokenizer = tok
     if device is not None:
         model.to(device)
     model.eval()

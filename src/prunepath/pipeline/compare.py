@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from prunepath.state import state_of
 import prunepath
 from prunepath.baselines import fitting
 from prunepath.calibration import calibration_texts  # noqa: F401  (re-exported)
@@ -87,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = prunepath.load_model(a.model, device=a.device)
     model.eval()
     if a.display_name:
-        model.prunepath_display_name = a.display_name
+        state_of(model).display_name = a.display_name
     if a.calib_file:
         texts, calib_desc = json.loads(Path(a.calib_file).read_text()), f"{a.calib_file}"
     else:
         texts, calib_desc = calibration_texts(a.calib)
-    meta = {"model": model.prunepath_display_name, "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, "
+    meta = {"model": state_of(model).display_name, "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, "
             "512-token non-overlapping windows)", "calibration": f"{calib_desc}, {a.calib_tokens} tokens",
             "fitting": f"backbone frozen; {a.steps} Adam steps x {a.batch} tokens per layer, lr {a.lr}",
             "command": "python -m prunepath.pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- converted model, cached FFN inputs shared by every router method -------------------------------------
     prunepath.moefy(model, neurons_per_expert=a.neurons_per_expert, progress=True)
     inputs = [x.to(a.device) for x in collect_ffn_inputs(model, batches)]
-    res.data["meta"]["experts"] = f"{model.prunepath_config.num_experts} x {a.neurons_per_expert} per layer (kmeans)"
+    res.data["meta"]["experts"] = f"{state_of(model).config.num_experts} x {a.neurons_per_expert} per layer (kmeans)"
     res.data["meta"]["calibration_tokens_used"] = int(inputs[0].shape[0])
     res.save()
     ffns = prunepath.prunepath_modules(model)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from prunepath.state import state_of
 import prunepath
 from prunepath.baselines import prepare_for_training
 from prunepath.baselines.calibration import collect_ffn_inputs, token_batches
@@ -56,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     targets = [float(t) for t in a.targets.split(",")]
     base, tok = prunepath.load_model(a.model)
     if a.display_name:
-        base.prunepath_display_name = a.display_name
+        state_of(base).display_name = a.display_name
     docs = json.loads(Path(a.train_file).read_text())
     calib = json.loads(Path(a.calib_file).read_text())
     steps = a.stage1_steps + a.stage2_steps
     data = build_lm_dataset(docs, tok, a.seq_len, max_tokens=steps * a.batch_size * a.seq_len + a.seq_len)
     common = dict(stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, batch_size=a.batch_size,
                   seq_len=a.seq_len, precision=a.precision, device=a.device, progress=False, tau_min=a.tau_min)
-    meta = {"model": base.prunepath_display_name, "training": {**common, "train_file": a.train_file,
+    meta = {"model": state_of(base).display_name, "training": {**common, "train_file": a.train_file,
             "tokens": steps * a.batch_size * a.seq_len, "optimiser": "trainer defaults (backbone lr 1e-4, router "
             "lr 1e-3 wd 1e-2, AdamW, constant)"},
             "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, 512-token non-overlapping windows)",

@@ -1,5 +1,5 @@
-"""The LM study's configuration helpers, jobs and run context (deadline, shards, job files); see
-:mod:`prunepath.pipeline.lm_study`."""
+"""The LM study's configuration helpers and run context (its deadline and job files, on the engine of
+:mod:`prunepath.pipeline.jobs`); see :mod:`prunepath.pipeline.lm_study`."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from prunepath.errors import PrunePathError
+from prunepath.state import state_of
 from prunepath.stats import router_byte_fraction
-from prunepath.evaluation.reports import atomic_write_text
 from prunepath.calibration import calibration_texts
 from prunepath.data.corpora import is_corpus_name
 from prunepath.data.text import load_texts
 from prunepath.evaluation.common import resolve_data_path
 from prunepath.evaluation.perplexity import tokenize_text
+from prunepath.pipeline.jobs import (  # noqa: F401  (re-exported: the study's names stay importable here)
+    Deadline, DeadlineReached, Job, chains_of, parse_shard, read_rows, require, rewrite_rows, select_jobs,
+    shard_jobs)
 from prunepath.training.config import TrainConfig, load_recipe
 import prunepath
 from prunepath.evaluation import perplexity
@@ -31,10 +31,6 @@ STUDY_KEYS = {"study", "name", "description", "model", "out", "seed", "train_tok
 
 def _log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class DeadlineReached(Exception):
-    """The study stopped before its deadline; every finished piece of work is on disk."""
 
 
 # ---- configuration -------------------------------------------------------------------------------------------
@@ -78,75 +74,21 @@ def train_config(cfg: dict, run: str, device: str):
     return TrainConfig.from_dict(settings, where=f"study train run {run}")
 
 
-# ---- jobs ----------------------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    id: str
-    chain: str
-    fn: Callable[["Context", "Job"], dict]
-    deps: list[str] = field(default_factory=list)
-    args: dict = field(default_factory=dict)
-
-
-def select_jobs(jobs: list[Job], patterns: list[str] | None) -> list[Job]:
-    """The jobs whose id matches one of ``patterns`` (shell wildcards; None: all). Their dependencies must be
-    finished already or selected too; a run only waits for them, it never starts unselected work."""
-    import fnmatch
-
-    if not patterns:
-        return jobs
-    chosen = [j for j in jobs if any(fnmatch.fnmatchcase(j.id, p) for p in patterns)]
-    if not chosen:
-        raise PrunePathError(f"jobs: no job matches {', '.join(patterns)}; jobs are "
-                             f"{', '.join(j.id for j in jobs)}")
-    return chosen
-
-
-def chains_of(jobs: list[Job]) -> list[str]:
-    seen: list[str] = []
-    for j in jobs:
-        if j.chain not in seen:
-            seen.append(j.chain)
-    return seen
-
-
-def shard_jobs(jobs: list[Job], index: int, count: int) -> list[Job]:
-    """The jobs of shard ``index`` of ``count``: whole chains, chain c (in order of first appearance) to shard
-    c mod count; every job lands in exactly one shard and its dependencies in the same one."""
-    if count < 1 or not 0 <= index < count:
-        raise PrunePathError(f"--shard {index}/{count}: need 0 <= i < n (e.g. --shard 0/2 and --shard 1/2)")
-    order = chains_of(jobs)
-    mine = {c for i, c in enumerate(order) if i % count == index}
-    return [j for j in jobs if j.chain in mine]
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    if not text:
-        return 0, 1
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError as exc:
-        raise PrunePathError(f"--shard takes i/n, e.g. 0/2 (got {text!r})") from exc
-    if n < 1 or not 0 <= i < n:
-        raise PrunePathError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
 # ---- the run context -----------------------------------------------------------------------------------------
 class Context:
     def __init__(self, cfg: dict, out: Path, device: str, deadline: float | None, progress: bool) -> None:
         self.cfg, self.out, self.device, self.deadline, self.progress = cfg, out, device, deadline, progress
+        self.clock = Deadline(deadline)
         self._ids = None
         self._calib = None
         self._display = None
 
-    # time
+    # time (the engine's Deadline)
     def left(self) -> float:
-        return math.inf if self.deadline is None else self.deadline - time.time()
+        return self.clock.left()
 
     def check(self, need: float = 0.0) -> None:
-        if self.left() < need:
-            raise DeadlineReached(f"{max(self.left(), 0):.0f} s left, need {need:.0f} s")
+        require(self.left(), need)  # through left(): tests move the clock by replacing it
 
     # files
     def job_file(self, job_id: str) -> Path:
@@ -156,21 +98,10 @@ class Context:
         return self.job_file(job_id).exists()
 
     def partial(self, job_id: str) -> list[dict]:
-        p = self.out / "partial" / f"{job_id}.jsonl"
-        rows = []
-        if p.exists():
-            for line in p.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut short: recompute from here
-        return rows
+        return read_rows(self.out / "partial" / f"{job_id}.jsonl")
 
     def add_partial(self, job_id: str, row: dict) -> None:
-        p = self.out / "partial" / f"{job_id}.jsonl"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        rows = self.partial(job_id) + [row]
-        atomic_write_text(p, "".join(json.dumps(r, default=float) + "\n" for r in rows))
+        rewrite_rows(self.out / "partial" / f"{job_id}.jsonl", self.partial(job_id) + [row])
 
     def ckpt(self, run: str) -> Path:
         return self.out / "ckpt" / run
@@ -204,7 +135,7 @@ class Context:
     def load_base(self, tokenizer_only: bool = False):
 
         model, tok = prunepath.load_model(self.cfg["model"])
-        self._display = getattr(model, "prunepath_display_name", None) or str(self.cfg["model"])
+        self._display = state_of(model).display_name or str(self.cfg["model"])
         if tokenizer_only:
             del model
             return None, tok
@@ -219,7 +150,7 @@ class Context:
             model, tok = prunepath.load_model(str(path))
         if tok is None:
             _, tok = self.load_base(tokenizer_only=True)
-        model.prunepath_display_name = self.display()
+        state_of(model).display_name = self.display()
         return (model.to(self.torch_device()) if to_device else model).eval(), tok
 
     def torch_device(self):
@@ -277,6 +208,6 @@ def _strip(row: dict) -> dict:
 
 def _structure(model) -> dict:
     """Expert size and the router's share of the FFN bytes (read by every token), for the records."""
-    cfg = model.prunepath_config
+    cfg = state_of(model).config
     return {"neurons_per_expert": int(cfg.neurons_per_expert), "num_experts": int(cfg.num_experts),
             "router_bytes_frac": round(router_byte_fraction(model), 6)}

@@ -25,6 +25,7 @@ from prunepath.evaluation.common import ActiveMeter, pad_id
 from prunepath.evaluation.generation import greedy_batch, stop_ids, uses_chat_template
 from prunepath.evaluation.reconstruction import topk_reconstruction
 from prunepath.models.adapters import needs_bos
+from prunepath.state import state_of
 from prunepath.training.selfgen import SelfCorpusInterrupted
 from prunepath.training.trainer import TrainingStopped, _checkpoints, train_from_config
 from prunepath.training.trainer import evaluate
@@ -32,6 +33,7 @@ import prunepath
 from prunepath.routing.config import TAU_ALL, is_valid_tau
 from prunepath.evaluation import generation
 from prunepath.baselines import wanda
+from prunepath.pipeline.jobs import resumable_sweep
 from prunepath.pipeline.lm_context import (ACTIVATION_JOBS, Context, DeadlineReached, Job, _log, _small, _strip,
                                            _structure, train_config)
 
@@ -89,19 +91,18 @@ def job_eval_dense_ft(ctx: Context, job: Job) -> dict:
 
 def _sweep(ctx: Context, job: Job, points: list, apply: Callable, make_row: Callable) -> list[dict]:
     """Evaluate ``points`` one by one (``apply(point)`` sets the model up), continuing after the ones done."""
+    def evaluate(p) -> dict:
+        row = make_row(p, apply(p))
+        row["_point"] = p
+        return row
+
+    def save(row: dict) -> None:
+        ctx.add_partial(job.id, row)
+        _log(f"{job.id} {row['_point']}: s_FFN {row['s_ffn']:.3f} PPL {row['ppl']:.3f}")
+
     done = {json.dumps(r["_point"]): r for r in ctx.partial(job.id)}
-    rows = []
-    for p in points:
-        key = json.dumps(p)
-        if key not in done:
-            ctx.check(float(ctx.cfg["min_job_s"]))
-            row = make_row(p, apply(p))
-            row["_point"] = p
-            ctx.add_partial(job.id, row)
-            _log(f"{job.id} {p}: s_FFN {row['s_ffn']:.3f} PPL {row['ppl']:.3f}")
-            done[key] = row
-        rows.append(done[key])
-    return rows
+    return resumable_sweep(points, done, evaluate, save, key=json.dumps,
+                           before=lambda p: ctx.check(float(ctx.cfg["min_job_s"])))
 
 
 def _variant_label(ctx: Context, run: str) -> str:
@@ -291,7 +292,7 @@ def job_router_baseline(ctx: Context, job: Job) -> dict:
     rows = _sweep(ctx, job, [float(t) for t in b["targets"]], apply, make_row)
     out = {"records": [_strip(r) for r in rows]}
     if method == "moefication":
-        e = model.prunepath_config.num_experts
+        e = state_of(model).config.num_experts
         out["topk"] = _topk(ctx, model, tok, "moefication", {"method": "moefication", "k": e}, f"{base} + fit")
     return out
 
@@ -402,6 +403,13 @@ def _systems(ctx: Context):
         yield f"prunepath@{tau:g}", tau, model, tok
 
 
+def _systems_sweep(ctx: Context, job: Job, evaluate: Callable, save: Callable) -> None:
+    """The generation jobs' sweep over systems (dense, PrunePath at each τ), continuing after the finished ones."""
+    done = {r["_point"]: r for r in ctx.partial(job.id)}
+    resumable_sweep(_systems(ctx), done, evaluate, save, key=lambda system: system[0],
+                    before=lambda system: ctx.check(float(ctx.cfg["min_job_s"])))
+
+
 def job_gen_xsum(ctx: Context, job: Job) -> dict:
     """Greedy summaries (ROUGE is scored on another machine from the predictions)."""
     import torch
@@ -409,11 +417,9 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
 
     g = ctx.cfg["generation"]
     examples = load_examples(g["xsum"])[: int(g["xsum_docs"])]
-    done = {r["_point"] for r in ctx.partial(job.id)}
-    for name, tau, model, tok in _systems(ctx):
-        if name in done:
-            continue
-        ctx.check(float(ctx.cfg["min_job_s"]))
+
+    def summarise(system) -> dict:
+        name, tau, model, tok = system
         t = time.time()
         bos = int(tok.bos_token_id) if needs_bos(model, tok) else None
         chat, stops = uses_chat_template(tok), stop_ids(tok)
@@ -434,10 +440,15 @@ def job_gen_xsum(ctx: Context, job: Job) -> dict:
                     preds.append({"system": name, "tau": tau, "id": ex.get("id", i + j), "prediction": text,
                                   "reference": ex.get("summary", ex["response"]).strip()})
         m = meter.result()
-        ctx.add_partial(job.id, {"_point": name, "system": name, "tau": tau, "s_ffn_decode": m["s_ffn"],
-                                 "s_ffn_prefill": pre.result()["s_ffn"], "examples": len(preds),
-                                 "seconds": round(time.time() - t, 1), "predictions": preds})
-        _log(f"{job.id} {name}: {len(preds)} summaries, decode s_FFN {m['s_ffn']:.3f}")
+        return {"_point": name, "system": name, "tau": tau, "s_ffn_decode": m["s_ffn"],
+                "s_ffn_prefill": pre.result()["s_ffn"], "examples": len(preds),
+                "seconds": round(time.time() - t, 1), "predictions": preds}
+
+    def save(row: dict) -> None:
+        ctx.add_partial(job.id, row)
+        _log(f"{job.id} {row['system']}: {row['examples']} summaries, decode s_FFN {row['s_ffn_decode']:.3f}")
+
+    _systems_sweep(ctx, job, summarise, save)
     rows = ctx.partial(job.id)
     summary = [{k: v for k, v in r.items() if k not in ("_point", "predictions")} for r in rows]
     return {"records": [], "gen_xsum": {"model": ctx.display(), "data": g["xsum"],
@@ -456,11 +467,9 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
     # the last examples: the study never trains on Alpaca, but keep away from the head used elsewhere
     loss_ex = examples[-int(g["alpaca_examples"]):]
     gen_ex = examples[: int(g["alpaca_generations"])]
-    done = {r["_point"] for r in ctx.partial(job.id)}
-    for name, tau, model, tok in _systems(ctx):
-        if name in done:
-            continue
-        ctx.check(float(ctx.cfg["min_job_s"]))
+
+    def instruct(system) -> dict:
+        name, tau, model, tok = system
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         ds = build_instruct_dataset(loss_ex, tok, 512)
@@ -474,9 +483,14 @@ def job_gen_alpaca(ctx: Context, job: Job) -> dict:
             outs = greedy_batch(model, prompts, int(g["max_new_tokens"]) * 2, stop_ids(tok), pad=pad_id(tok))
             gens = [{"prompt": ex["prompt"], "response": tok.decode(out, skip_special_tokens=True).strip(),
                      "reference": ex["response"]} for ex, out in zip(gen_ex, outs)]
-        ctx.add_partial(job.id, {"_point": name, "system": name, "tau": tau, "loss": ev["loss"], "ppl": ev["ppl"],
-                                 "tokens": ev["tokens"], "s_ffn": ev["s_ffn"], "generations": gens})
-        _log(f"{job.id} {name}: instruction loss {ev['loss']:.3f} at s_FFN {ev['s_ffn']:.3f}")
+        return {"_point": name, "system": name, "tau": tau, "loss": ev["loss"], "ppl": ev["ppl"],
+                "tokens": ev["tokens"], "s_ffn": ev["s_ffn"], "generations": gens}
+
+    def save(row: dict) -> None:
+        ctx.add_partial(job.id, row)
+        _log(f"{job.id} {row['system']}: instruction loss {row['loss']:.3f} at s_FFN {row['s_ffn']:.3f}")
+
+    _systems_sweep(ctx, job, instruct, save)
     rows = [{k: v for k, v in r.items() if k != "_point"} for r in ctx.partial(job.id)]
     return {"records": [], "gen_alpaca": {"model": ctx.display(), "data": g["alpaca"],
                                           "loss_examples": len(loss_ex), "seq_len": 512, "systems": rows}}

@@ -28,6 +28,7 @@ from prunepath.errors import PrunePathError
 from prunepath.evaluation.reports import atomic_write_text
 from prunepath.evaluation.reports import write_json
 from prunepath.routing.config import TAU_ALL, validate_tau
+from prunepath.pipeline.jobs import run_jobs as engine_run_jobs
 from prunepath.pipeline.lm_context import (  # noqa: F401  (re-exported: the study's names stay importable from here)
     STUDY_KEYS, _log, DeadlineReached, out_dir, train_config, Job, select_jobs, chains_of, shard_jobs,
     parse_shard, Context, ACTIVATION_JOBS)
@@ -142,46 +143,40 @@ def build_jobs(cfg: dict) -> list[Job]:
 
 
 def run_jobs(ctx: Context, jobs: list[Job]) -> dict:
-    """Run ``jobs`` in order, skipping finished ones; returns {"done", "ran", "left", "stopped"}."""
+    """Run ``jobs`` in order on the job engine, skipping finished ones; returns {"ran", "left", "failed",
+    "stopped"}. A finished job writes OUT/jobs/<job>.json; a failing one OUT/failed/<job>.txt (the others go on)."""
     import torch
 
-    ran, left, failed, stopped = [], [], [], None
-    for i, job in enumerate(jobs):
-        if ctx.done(job.id):
-            continue
-        missing = [d for d in job.deps if not ctx.done(d)]
-        if stopped is not None or missing:
-            left.append(job.id + (f" (waits for {', '.join(missing)})" if missing and stopped is None else ""))
-            continue
+    def execute(job: Job) -> None:
         try:
             ctx.check(float(ctx.cfg["min_job_s"]))
             _log(f"start {job.id}")
             t = time.time()
             result = job.fn(ctx, job)
-            result.update(id=job.id, chain=job.chain, seconds=round(time.time() - t, 1),
-                          finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            ctx.job_file(job.id).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(ctx.job_file(job.id), json.dumps(result, default=float, indent=1) + "\n")
-            ran.append(job.id)
-            _log(f"done {job.id} in {result['seconds']:.0f} s")
-        except DeadlineReached as why:
-            stopped = str(why)
-            left.append(job.id + " (interrupted: resumes on the next run)")
+        except DeadlineReached as why:  # before the job or inside it (a sweep stops between two points)
             _log(f"deadline: {why}")
-        except Exception as exc:  # noqa: BLE001 - one failing job must not stop the independent ones
-            import traceback
+            raise
+        result.update(id=job.id, chain=job.chain, seconds=round(time.time() - t, 1),
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        ctx.job_file(job.id).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ctx.job_file(job.id), json.dumps(result, default=float, indent=1) + "\n")
+        _log(f"done {job.id} in {result['seconds']:.0f} s")
 
-            tb = traceback.format_exc()
-            print(tb, flush=True)
-            (ctx.out / "failed").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(ctx.out / "failed" / f"{job.id}.txt", tb)
-            failed.append(job.id)
-            left.append(f"{job.id} (FAILED: {exc!r}; see failed/{job.id}.txt)")
-            _log(f"FAILED {job.id}: {exc!r}")
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    return {"ran": ran, "left": left, "failed": failed, "stopped": stopped}
+    def on_error(job: Job, exc: Exception) -> str:
+        import traceback
+
+        tb = traceback.format_exc()
+        print(tb, flush=True)
+        (ctx.out / "failed").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ctx.out / "failed" / f"{job.id}.txt", tb)
+        _log(f"FAILED {job.id}: {exc!r}")
+        return f"{job.id} (FAILED: {exc!r}; see failed/{job.id}.txt)"
+
+    def after(job: Job) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return engine_run_jobs(jobs, is_done=ctx.done, execute=execute, on_error=on_error, after=after)
 
 
 def merge(cfg: dict, out: Path) -> dict:

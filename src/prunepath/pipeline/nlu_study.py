@@ -34,6 +34,8 @@ from prunepath.evaluation.common import shared_data_dir
 from prunepath.evaluation.reports import atomic_write_text
 from prunepath.models.adapters import adapter_for
 from prunepath.models.loading import display_name
+from prunepath.pipeline.jobs import Deadline, Job, run_jobs
+from prunepath.state import state_of
 from prunepath.training.config import TrainConfig
 from prunepath.training.data import encode_classification
 from prunepath.training.config import load_recipe
@@ -152,7 +154,7 @@ class Study:
     def fits(self, unit: str, estimate: float) -> bool:
         if self.deadline is None:
             return True
-        left = self.deadline - time.time() - float(self.r["deadline_margin_s"])
+        left = Deadline(self.deadline).left() - float(self.r["deadline_margin_s"])
         if estimate > left:
             _log(f"skip {unit}: estimated {estimate:.0f}s > {max(left, 0):.0f}s left before the deadline")
             self.skipped.append({"unit": unit, "estimate_s": round(estimate, 1), "left_s": round(left, 1)})
@@ -315,7 +317,7 @@ class Study:
         kw = {k: p[k] for k in p if k not in ("stage1_steps", "stage2_steps")}
         tr, dt = self._train(m, task, "prunepath", int(p["stage1_steps"]), int(p["stage2_steps"]), **kw)
         info = {"train_s": round(dt, 1), "tau_min": float(p["tau_min"]), "clustering": variant,
-                "num_experts": m.prunepath_config.num_experts}
+                "num_experts": state_of(m).config.num_experts}
         recs = []
         prunepath.configure(m, tau=float(p["tau_min"]))
         res = self.evaluate(m, task)
@@ -379,6 +381,27 @@ class Study:
         self.commit(unit, recs)
 
 
+def units(r: dict, st: Study) -> list[Job]:
+    """The study's units (``<task>/<phase>``) in priority order, as jobs of one chain."""
+    def unit(name: str, fn, *args) -> Job:
+        return Job(name, "nlu", fn, args={"args": args})
+
+    tasks, phases = r["tasks"], r["phases"]
+    jobs = []
+    for task in tasks:  # priority 1: dense + PrunePath everywhere
+        jobs.append(unit(f"{task}/dense", st.phase_dense, task))
+        if "prunepath" in phases:
+            jobs.append(unit(f"{task}/prunepath", st._prunepath, task, "finetuned"))
+    for task in tasks:  # priority 2: the baselines
+        if "lte" in phases:
+            jobs.append(unit(f"{task}/lte", st.phase_lte, task))
+        if "wanda" in phases:
+            jobs.append(unit(f"{task}/wanda", st.phase_wanda, task))
+    if "ablation" in phases:  # priority 3: clustering from the pretrained weights
+        jobs += [unit(f"{task}/ablation", st._prunepath, task, "pretrained") for task in tasks]
+    return jobs
+
+
 def run(recipe: dict, *, progress: bool = True, deadline: float | None = None) -> dict:
     """Run the NLU study of ``recipe`` (see :data:`DEFAULTS`); ``deadline`` is an absolute ``time.time()``
     after which no unit is started whose estimated time does not fit. Returns {"records", "out", "skipped",
@@ -391,32 +414,21 @@ def run(recipe: dict, *, progress: bool = True, deadline: float | None = None) -
          + (f", {deadline - time.time():.0f}s to the deadline" if deadline else ""))
     st.save()
 
-    def unit(name: str, fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the others' results
-            if not r["continue_on_error"]:
-                raise
-            import traceback
+    def on_error(job: Job, exc: Exception) -> str:
+        if not r["continue_on_error"]:
+            raise
+        import traceback
 
-            _log(f"unit {name} FAILED: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-            st.failed.append({"unit": name, "error": f"{type(exc).__name__}: {exc}"})
-            st.save()
+        _log(f"unit {job.id} FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        st.failed.append({"unit": job.id, "error": f"{type(exc).__name__}: {exc}"})
+        st.save()
+        return f"{job.id} (FAILED)"
 
-    tasks = r["tasks"]
-    for task in tasks:  # priority 1: dense + PrunePath everywhere
-        unit(f"{task}/dense", st.phase_dense, task)
-        if "prunepath" in r["phases"]:
-            unit(f"{task}/prunepath", st._prunepath, task, "finetuned")
-    for task in tasks:  # priority 2: the baselines
-        if "lte" in r["phases"]:
-            unit(f"{task}/lte", st.phase_lte, task)
-        if "wanda" in r["phases"]:
-            unit(f"{task}/wanda", st.phase_wanda, task)
-    if "ablation" in r["phases"]:  # priority 3: clustering from the pretrained weights
-        for task in tasks:
-            unit(f"{task}/ablation", st._prunepath, task, "pretrained")
+    # Each phase skips its unit itself when it is done or does not fit the deadline (it needs the unit's own
+    # time estimate), so the engine only runs them in order and keeps a failing one from stopping the rest.
+    run_jobs(units(r, st), is_done=lambda unit: False, execute=lambda job: job.fn(*job.args["args"]),
+             on_error=on_error)
     st.save()
     summary = render_markdown(st.records)
     _log(f"done in {time.time() - st.t0:.0f}s: {len(st.records)} records, {len(st.skipped)} unit(s) skipped")

@@ -1,4 +1,5 @@
-"""Run a recipe end to end, resumably: every finished stage leaves a file that a re-run picks up.
+"""Run a recipe end to end, resumably: every finished stage leaves a file that a re-run picks up (the rows and
+the sweep loop of the job engine, :mod:`prunepath.pipeline.jobs`).
 
     out/dense.json        dense reference metric
     out/model/            the converted (and trained) PrunePath checkpoint (+ training log / checkpoints)
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.sweep import nearest_sparsity, value_at_sparsity
+from prunepath.pipeline.jobs import append_row, read_rows, resumable_sweep
 from prunepath.pipeline.recipe import Recipe
 from prunepath.baselines import activation
 from prunepath.calibration import calibration_texts
@@ -34,25 +36,6 @@ import prunepath
 
 def _log(msg: str) -> None:
     print(f"[prunepath run] {msg}", flush=True)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by an interruption: recompute from here
-    return rows
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
-        f.flush()
 
 
 class _Timing:
@@ -117,7 +100,7 @@ def _teal_rows(recipe: Recipe, model, tok, ids, out: Path, kw: dict, progress: b
         return []
 
     path = out / "teal.jsonl"
-    done = {r["target_s_ffn"]: r for r in _read_jsonl(path)}
+    done = {r["target_s_ffn"]: r for r in read_rows(path)}
     todo = [t for t in targets if t not in done]
     if todo:
         src = str((recipe.train or {}).get("data") or "mix:sotu,moby-dick,austen,brown")
@@ -126,14 +109,17 @@ def _teal_rows(recipe: Recipe, model, tok, ids, out: Path, kw: dict, progress: b
         stats = activation.collect_activation_stats(model, tok, texts,
                                                     max_tokens=int(recipe.sweep.get("teal_calib_tokens", 4096)),
                                                     seq_len=int(kw.get("window", 512)), progress=progress)
+        def evaluate(t: float) -> dict:
+            activation.apply_activation_sparsity(model, activation.teal_thresholds(stats, t))
+            res = perplexity.evaluate_perplexity(model, tok, ids, progress=progress, **kw)
+            return {**_record("teal", res, recipe), "target_s_ffn": t}
+
+        def save(row: dict) -> None:
+            append_row(path, row)
+            _log(f"TEAL target {row['target_s_ffn']}: PPL {row['ppl']:.3f} at measured s_FFN {row['s_ffn']:.3f}")
+
         try:
-            for t in todo:
-                activation.apply_activation_sparsity(model, activation.teal_thresholds(stats, t))
-                res = perplexity.evaluate_perplexity(model, tok, ids, progress=progress, **kw)
-                row = {**_record("teal", res, recipe), "target_s_ffn": t}
-                _append_jsonl(path, row)
-                done[t] = row
-                _log(f"TEAL target {t}: PPL {row['ppl']:.3f} at measured s_FFN {row['s_ffn']:.3f}")
+            resumable_sweep(todo, done, evaluate, save)
         finally:
             activation.remove_activation_sparsity(model)  # the original model goes on to conversion / training
     return sorted((done[t] for t in targets), key=lambda r: r["s_ffn"])
@@ -202,20 +188,21 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> dict:
     timing.save()
     method = "prunepath-sweep" if recipe.train is not None else "prunepath-untrained"
     sweep_file = out / "sweep.jsonl"
-    done = {r["tau"]: r for r in _read_jsonl(sweep_file)}
+    done = {r["tau"]: r for r in read_rows(sweep_file)}
 
-    for tau in sorted(validate_taus(recipe.sweep["taus"]), reverse=True):
-        if tau in done:
-            continue
-        _log(f"τ = {tau}")
+    def evaluate(tau: float) -> dict:
         with prunepath.routing(model, tau=tau):
             res = perplexity.evaluate_perplexity(model, tok, ids, progress=progress, **kw)
-        row = _record(method, res, recipe, tau=tau, train_tokens=train_tokens)
-        _append_jsonl(sweep_file, row)
+        return _record(method, res, recipe, tau=tau, train_tokens=train_tokens)
+
+    def save(row: dict) -> None:
+        append_row(sweep_file, row)
         timing.save()
-        done[tau] = row
-        _log(f"τ = {tau}: PPL {row['ppl']:.3f}, s_FFN {row['s_ffn']:.3f}")
-    rows = sorted(done.values(), key=lambda r: -r["tau"])
+        _log(f"τ = {row['tau']}: PPL {row['ppl']:.3f}, s_FFN {row['s_ffn']:.3f}")
+
+    resumable_sweep(sorted(validate_taus(recipe.sweep["taus"]), reverse=True), done, evaluate, save,
+                    before=lambda tau: _log(f"τ = {tau}"))
+    rows = sorted(done.values(), key=lambda r: -r["tau"])  # with any τ an earlier run of this out/ swept
     all_rows = ([dense_row] if dense_row else []) + rows + teal_rows
     write_json(out / "results.json", all_rows)
     columns = ["method", "tau", "s_ffn", "ppl", "eval_tokens", "train_tokens"]

@@ -12,12 +12,13 @@ from prunepath.errors import PrunePathError
 from prunepath.routing.config import RoutingConfig
 from prunepath.routing.ffn import prunepath_modules
 from prunepath.routing.routers import make_router
+from prunepath.state import state_of
 
 FIELDS = ("tau", "rule", "k", "gates", "gate_offset", "layer_tau", "method", "params", "allocation")
 
 
 def _require_converted(model: nn.Module):
-    cfg = getattr(model, "prunepath_config", None)
+    cfg = state_of(model).config
     if cfg is None:
         raise PrunePathError("this model has no PrunePath experts; convert it first with prunepath.moefy(model) "
                              "or load a PrunePath checkpoint with prunepath.load(path)")
@@ -73,7 +74,7 @@ def routing_scope(model: nn.Module, **settings) -> Iterator[RoutingConfig]:
 def set_router(model: nn.Module, kind: str, **router_kwargs) -> nn.Module:
     """Replace the router of every PrunePath FFN by a new one of ``kind`` (recorded in the model's config so
     that checkpoints rebuild it)."""
-    cfg = getattr(model, "prunepath_config", None)
+    cfg = state_of(model).config
     if cfg is None:
         raise PrunePathError("set_router needs a converted model (prunepath.moefy first)")
     for ffn in prunepath_modules(model):

@@ -12,6 +12,7 @@ from torch import nn
 from prunepath.routing.config import RoutingConfig
 from prunepath.routing.methods import get_method
 from prunepath.routing.routers import make_router
+from prunepath.state import state_of
 
 
 def output_shares(norms: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -135,4 +136,4 @@ def prunepath_modules(model: nn.Module) -> list[PrunePathFFN]:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return getattr(model, "prunepath_config", None) is not None
+    return state_of(model).config is not None

@@ -15,6 +15,7 @@ from prunepath.calibration import (  # noqa: F401  (re-exported: shared calibrat
 from prunepath.calibration import capture_ffn_inputs as collect_ffn_inputs  # noqa: F401  (its old name here)
 from prunepath.errors import PrunePathError
 from prunepath.routing.ffn import output_shares
+from prunepath.state import state_of
 from prunepath.training.losses import router_distill_kl
 from prunepath.conversion.moefy import prunepath_modules
 from prunepath.models.adapters import adapter_for
@@ -121,7 +122,7 @@ def layer_sensitivity(model: nn.Module, batches: list[dict], tau: float, progres
     """Increase of the LM loss (nats/token) when only layer l is sparse at ``tau``, for every layer."""
 
     device = next(model.parameters()).device
-    num_layers = model.prunepath_config.num_layers
+    num_layers = state_of(model).config.num_layers
 
     def loss() -> float:
         tot, n = 0.0, 0

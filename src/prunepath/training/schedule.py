@@ -16,6 +16,7 @@ from torch import nn
 
 from prunepath.routing.control import configure
 from prunepath.routing.config import TAU_ALL
+from prunepath.state import state_of
 
 StageHook = Callable[..., None]
 _HOOKS: dict[str, StageHook] = {}
@@ -74,7 +75,7 @@ def layer_taus(stage: int, step: int, total_steps: int, cfg, num_layers: int) ->
 
 
 def prunepath_stage_hook(model: nn.Module, stage: int, step: int, total_steps: int, cfg) -> None:
-    num_layers = model.prunepath_config.num_layers
+    num_layers = state_of(model).config.num_layers
     configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
                         layer_tau=layer_taus(stage, step, total_steps, cfg, num_layers),
                         gate_offset=float(cfg.gate_offset))

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
+from prunepath.state import state_of
 from prunepath.training.config import TrainConfig
 from prunepath.training.losses import get_aux_loss
 from prunepath.training.schedule import get_stage_hook, resolve_layers
@@ -194,10 +195,10 @@ def evaluate(model: nn.Module, dataset, task: str, *, batch_size: int = 4, devic
         res["ppl"] = math.exp(min(res["loss"], 50.0))
         res["tokens"] = tot_tok
     if converted:
-        e = model.prunepath_config.num_experts
+        e = state_of(model).config.num_experts
         per_layer = [float(torch.cat(c).float().mean()) for c in counts]
         res["s_ffn"] = 1.0 - sum(per_layer) / len(per_layer) / e
-        res["tau"] = model.prunepath_config.routing.tau
+        res["tau"] = state_of(model).config.routing.tau
     else:
         res["s_ffn"] = 0.0
     return res
@@ -229,8 +230,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_data, *, progress: b
         npe = None if cfg.num_experts is not None else cfg.neurons_per_expert
         moefy(model, neurons_per_expert=npe, num_experts=cfg.num_experts, seed=cfg.seed,
                         clustering=cfg.clustering, progress=progress, calibration_activations=acts)
-        info["converted"] = {"num_experts": model.prunepath_config.num_experts,
-                             "neurons_per_expert": model.prunepath_config.neurons_per_expert,
+        info["converted"] = {"num_experts": state_of(model).config.num_experts,
+                             "neurons_per_expert": state_of(model).config.neurons_per_expert,
                              "clustering": cfg.clustering}
     if cfg.method not in ("prunepath", "dense"):
         # A baseline installs its own router / routing before the optimiser exists (e.g. LTE's sigmoid router).
@@ -323,7 +324,7 @@ def _restore_or_prepare(model: nn.Module, cfg: TrainConfig, train_data, resume_d
         npe = None if cfg.num_experts is not None else cfg.neurons_per_expert
         moefy(model, neurons_per_expert=npe, num_experts=cfg.num_experts, seed=cfg.seed,
               clustering="random", progress=False)  # structure only; weights come from the state
-        model.prunepath_config.clustering = cfg.clustering
+        state_of(model).config.clustering = cfg.clustering
     if cfg.method not in ("prunepath", "dense"):
         # A baseline's own router (e.g. LTE's Linear with bias) must exist before the state is loaded,
         # exactly as prepare_model installs it on a fresh start; its weights then come from the state.

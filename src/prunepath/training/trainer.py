@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunepath.state import state_of
 from prunepath.stats import s_ffn_tensor
 from prunepath.training.config import TrainConfig
 from prunepath.training.losses import call_aux_loss, distill_kl, router_distill_kl, routing_terms
@@ -92,7 +93,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
                 (2, run.step - cfg.stage1_steps, cfg.stage2_steps)
             if run.hook is not None:
                 run.hook(raw, stage, s_step, s_total, cfg)
-            tau = raw.prunepath_config.routing.tau if run.converted else None
+            tau = state_of(raw).config.routing.tau if run.converted else None
             sums, grad_norm = _train_step(run)
             run.step += 1
             rec, acc, terms_acc = _step_record(run, sums, stage, tau, grad_norm, t0)

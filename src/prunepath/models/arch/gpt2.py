@@ -7,6 +7,8 @@ from torch import nn
 from prunepath.errors import PrunePathError
 from prunepath.models.arch.view import DecodeView, LayerView
 
+FFN_LINEARS = ("mlp.c_fc", "mlp.c_proj")  # the FFN's linear layers (Conv1D) under its block, as Wanda prunes them
+
 
 def decode_view(model: nn.Module, max_len: int) -> DecodeView:
     cfg, body = model.config, model.transformer

@@ -8,6 +8,10 @@ from torch import nn
 from prunepath.errors import PrunePathError
 from prunepath.models.arch.view import DecodeView, LayerView
 
+# The FFN's linear layers under its owner block, as Wanda prunes them: shared by every gated-MLP model of the
+# "gated-mlp" adapter (Llama, Mistral, Qwen2/3, SmolLM, Gemma).
+FFN_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
 
 def decode_view(model: nn.Module, max_len: int) -> DecodeView:
     cfg, body = model.config, model.model
