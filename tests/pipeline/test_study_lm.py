@@ -247,8 +247,17 @@ def test_study_recipe_has_the_distillation_variant():
     assert main.distill == 0.0 and dist.distill == 0.8
     same = ("gate_offset", "warmstart_steps", "tau_min", "stage1_steps", "stage2_steps", "data", "batch_size")
     assert all(getattr(main, k) == getattr(dist, k) for k in same)  # only the distillation differs
-    ids = [j.id for j in lm_study.build_jobs(cfg)]
+    jobs = lm_study.build_jobs(cfg)
+    ids = [j.id for j in jobs]
     assert ids.index("train-distill") < ids.index("eval-distill")
+    # More variants than single-letter chains: each still gets its own chain, shared by its train and eval jobs.
+    chain = {j.id: j.chain for j in jobs}
+    variants = [v for v in cfg["variants"] if v != "main"]
+    assert len(variants) > 13
+    assert all(chain[f"train-{v}"] == chain[f"eval-{v}"] for v in variants)
+    assert len({chain[f"train-{v}"] for v in variants}) == len(variants)
+    r5 = lm_study.train_config(cfg, "r5-sample-n16", "cpu")
+    assert (r5.tau_schedule, r5.neurons_per_expert, r5.train_scope) == ("sample", 16, "all")
 
 
 def test_round4_jobs_original_base_selection_and_budgets(study):
