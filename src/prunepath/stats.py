@@ -103,8 +103,21 @@ def active_counts(model: nn.Module, token_mask: torch.Tensor | None = None, *,
     return _per_token(prunepath_modules(model), "last_active", token_mask, keep_device)
 
 
+def inner_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, *,
+                      keep_device: bool = False) -> list[torch.Tensor] | None:
+    """With in-expert thresholds on (``RoutingConfig.inner``, or training with ``inner_sparsity_max``): per-(kept)
+    token fraction of FFN weight bytes not read, one 1-D tensor per layer; None when they were off."""
+    mods = prunepath_modules(model)
+    if not mods or any(m.last_inner_s is None for m in mods):
+        return None
+    return _per_token(mods, "last_inner_s", token_mask, keep_device)
+
+
 def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``sparsity(model, token_mask).s_ffn`` as a 0-d tensor on the model's device: no host read, for hot loops."""
+    inner = inner_s_per_token(model, token_mask, keep_device=True)
+    if inner is not None:
+        return torch.stack([s.mean() for s in inner]).mean()
     counts = active_counts(model, token_mask, keep_device=True)
     return 1.0 - torch.stack([c.mean() for c in counts]).mean() / state_of(model).config.num_experts
 
@@ -128,10 +141,12 @@ def sparsity(model: nn.Module, token_mask: torch.Tensor | None = None) -> Sparsi
     e = cfg.num_experts
     per_layer = [float(c.mean()) if c.numel() else float("nan") for c in counts]
     mean_active = sum(per_layer) / len(per_layer)
+    inner = inner_s_per_token(model, token_mask)
+    per_layer_s = ([float(s.mean()) for s in inner] if inner is not None else [1.0 - a / e for a in per_layer])
     return SparsityStats(
-        s_ffn=1.0 - mean_active / e, mean_active=mean_active, num_experts=e,
+        s_ffn=sum(per_layer_s) / len(per_layer_s), mean_active=mean_active, num_experts=e,
         tokens=int(counts[0].numel()) if counts else 0, per_layer_active=per_layer,
-        per_layer_s_ffn=[1.0 - a / e for a in per_layer],
+        per_layer_s_ffn=per_layer_s,
     )
 
 
@@ -153,6 +168,7 @@ class ActiveMeter:
         self.activation = not self.converted and state_of(model).activation is not None
         self.sums: list[float] | None = None
         self.hist: list[torch.Tensor] | None = None
+        self.inner_sums: list[float] | None = None  # in-expert thresholds: bytes not read, summed per layer
         self.tokens = 0
 
     def update(self, model: nn.Module, token_mask: torch.Tensor | None = None) -> None:
@@ -167,6 +183,10 @@ class ActiveMeter:
             return
 
         counts = active_counts(model, token_mask)
+        inner = inner_s_per_token(model, token_mask, keep_device=True)
+        if inner is not None:
+            sums = torch.stack([s.double().sum() for s in inner]).cpu().tolist()
+            self.inner_sums = sums if self.inner_sums is None else [a + b for a, b in zip(self.inner_sums, sums)]
         if self.sums is None:
             self.sums = [0.0] * len(counts)
             self.hist = [torch.zeros(self.num_experts + 1, dtype=torch.long) for _ in counts]
@@ -194,9 +214,15 @@ class ActiveMeter:
         e = self.num_experts
         per_layer = [s / self.tokens for s in self.sums]
         mean_active = sum(per_layer) / len(per_layer)
-        return {"s_ffn": 1.0 - mean_active / e, "mean_active": mean_active, "num_experts": e,
-                "per_layer_active": per_layer, "per_layer_s_ffn": [1.0 - a / e for a in per_layer],
-                "active_hist": [h.tolist() for h in self.hist], "stat_tokens": self.tokens}
+        out = {"s_ffn": 1.0 - mean_active / e, "mean_active": mean_active, "num_experts": e,
+               "per_layer_active": per_layer, "per_layer_s_ffn": [1.0 - a / e for a in per_layer],
+               "active_hist": [h.tolist() for h in self.hist], "stat_tokens": self.tokens}
+        if self.inner_sums is not None:  # bytes, not experts: in-expert thresholds skip parts of active experts
+            per_layer_s = [s / self.tokens for s in self.inner_sums]
+            out.update(s_ffn=sum(per_layer_s) / len(per_layer_s), per_layer_s_ffn=per_layer_s,
+                       s_ffn_kind="experts + in-expert activations (FFN weight bytes not read)",
+                       s_experts=1.0 - mean_active / e)
+        return out
 
 
 @contextmanager

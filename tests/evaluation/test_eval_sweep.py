@@ -137,3 +137,16 @@ def test_nearest_sparsity_picks_the_closest_row():
     assert nearest_sparsity(rows, 0.33)["tau"] == 0.8
     assert nearest_sparsity(rows, 0.9)["tau"] == 0.4
     assert nearest_sparsity([], 0.5) is None
+
+
+def test_pareto_front_equals_brute_force():
+    from prunepath.evaluation.sweep import pareto_front
+    g = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        rows = [{"s_ffn": float(s), "ppl": float(p)} for s, p in torch.rand(30, 2, generator=g).tolist()]
+        rows.append({"s_ffn": 0.5, "ppl": float("nan")})  # ignored
+        front = pareto_front(rows)
+        brute = sorted((r for r in rows[:-1] if not any(o is not r and o["s_ffn"] >= r["s_ffn"] and
+                                                        o["ppl"] <= r["ppl"] for o in rows[:-1])),
+                       key=lambda r: r["s_ffn"])
+        assert front == brute

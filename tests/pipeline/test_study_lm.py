@@ -307,3 +307,34 @@ def test_round4_jobs_original_base_selection_and_budgets(study):
     alloc = by["prunepath-alloc"]
     assert len(alloc) == 1 and abs(alloc[0]["s_ffn_calibration"] - 0.4) <= 0.05 and alloc[0]["layer_tau"]
     assert "train-dense-ft" not in result["ran"]  # not selected, never started
+
+
+def test_inner_variant_trains_with_thresholds_and_evaluates_its_grid(study):
+    """A variant with inner_sparsity_max trains with in-expert thresholds; inner_targets × inner_taus is evaluated
+    with thresholds calibrated on the calibration text; the frontier is the grid's (and τ sweep's) Pareto front."""
+    tmp, recipe = study
+    recipe = {**recipe, "sweep_taus": [1.05, 0.7],
+              "variants": {**recipe["variants"], "hyb": {"label": "hybrid", "tau_min": 0.6, "tau_schedule": "sample",
+                                                         "inner_sparsity_max": 0.5, "inner_targets": [0.2, 0.5],
+                                                         "inner_taus": [1.05, 0.8]}}}
+    cfg = lm_study.load_study(recipe)
+    assert lm_study.train_config(cfg, "hyb", "cpu").inner_sparsity_max == 0.5
+    for bad in ({"inner_targets": [1.2]}, {"inner_taus": [0]}):
+        with pytest.raises(PrunePathError, match="variants.hyb.inner"):
+            lm_study.load_study({**recipe, "variants": {**recipe["variants"], "hyb": {**recipe["variants"]["hyb"],
+                                                                                        **bad}}})
+    result = lm_study.run(recipe, progress=False, jobs=["*-hyb"])
+    assert not result["failed"], result["left"]
+    rows = json.loads((tmp / "out" / "results" / "lm-tiny.json").read_text())
+    grid = [r for r in rows if r["method"] == "prunepath-inner-grid"]
+    assert sorted((r["tau"], r["inner_target"]) for r in grid) == [(0.8, 0.2), (0.8, 0.5), (1.05, 0.2), (1.05, 0.5)]
+    dense_f = {r["inner_target"]: r for r in grid if r["tau"] == 1.05}
+    assert 0.1 < dense_f[0.2]["s_ffn"] < dense_f[0.5]["s_ffn"] < 0.65 and dense_f[0.5]["s_experts"] == 0.0
+    sweep = [r for r in rows if r["method"] == "prunepath-sweep"]
+    front = sorted((r for r in rows if r["method"] == "prunepath-inner"), key=lambda r: r["s_ffn"])
+    cloud = grid + sweep
+    for r in cloud:  # nothing in the cloud beats a front point on both axes; every non-front point is beaten
+        on_front = any(f["s_ffn"] == r["s_ffn"] and f["ppl"] == r["ppl"] for f in front)
+        beaten = any(o["s_ffn"] >= r["s_ffn"] and o["ppl"] < r["ppl"] for o in cloud)
+        assert on_front != beaten or (on_front and not beaten)
+    assert all(a["ppl"] < b["ppl"] for a, b in zip(front, front[1:]))

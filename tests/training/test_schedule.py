@@ -3,6 +3,7 @@
 import pytest
 
 import prunepath
+from prunepath.routing.config import TAU_ALL
 from prunepath.training.config import TrainConfig
 from prunepath.training.schedule import (get_stage_hook, layer_taus, prunepath_stage_hook, register_stage_hook,
                                          scheduled_tau)
@@ -55,10 +56,12 @@ def test_sample_schedule_covers_the_range_and_replays():
         assert layer_taus(2, s, 400, cfg2, 3)[1] == pytest.approx(1.0 - 0.2 * u)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(tau_all_prob=1.0), "tau-all-prob"), (dict(tau_all_prob=-0.1), "tau-all-prob"),
+@pytest.mark.parametrize("kw,match", [(dict(tau_all_prob=1.01), "tau-all-prob"), (dict(tau_all_prob=-0.1), "tau-all-prob"),
                                       (dict(train_scope="attention"), "train-scope"),
                                       (dict(train_scope="ffn", method="dense"), "train-scope")])
 def test_schedule_and_scope_errors(kw, match):
+    """Out-of-range schedule settings are refused by name (tau_all_prob 1.0, every step dense, is allowed: it
+    trains only in-expert sparsity)."""
     from prunepath.errors import PrunePathError
 
     with pytest.raises(PrunePathError, match=match):
@@ -92,3 +95,8 @@ def test_register_stage_hook():
     get_stage_hook("unit-test-hook")(None, 2, 1, 3, None)
     assert calls == [(None, 2, 1, 3, None)]
     assert get_stage_hook("prunepath") is prunepath_stage_hook
+
+
+def test_every_step_dense_with_tau_all_prob_one():
+    cfg = TrainConfig(stage2_steps=50, tau_schedule="sample", tau_all_prob=1.0)
+    assert {scheduled_tau(2, s, 50, cfg) for s in range(50)} == {TAU_ALL}

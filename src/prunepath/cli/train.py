@@ -75,6 +75,10 @@ def register(sub) -> None:
                    help="linear (paper: 1.0 → τ_min in rounds), fixed (τ_min) or sample (each step draws τ in "
                         "[τ_min, 1], or every expert with --tau-all-prob)")
     g.add_argument("--tau-all-prob", type=float, help="sample schedule: share of steps with every expert (0.25)")
+    g.add_argument("--inner-sparsity-max", type=float,
+                   help="train with TEAL-style in-expert activation sparsity: each step zeroes the smallest fraction "
+                        "f ~ U[0, this] of FFN inputs and intermediates inside active experts (default 0: off)")
+    g.add_argument("--inner-off-prob", type=float, help="share of steps without in-expert sparsity (0.125)")
     g.add_argument("--tau-rounds", type=int, help="rounds T of the linear schedule (default 10)")
     g.add_argument("--eta", type=float, help="entropy weight η (default 3e-4)")
     g.add_argument("--lam", "--lambda", dest="lam", type=float, help="balance weight λ (default 1e-3)")

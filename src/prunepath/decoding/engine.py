@@ -48,6 +48,13 @@ def warmup_stream(device: torch.device | str) -> "torch.cuda.Stream":
     return _WARMUP_STREAMS[key]
 
 
+def _check_no_inner(routing: RoutingConfig) -> None:
+    if routing.inner:
+        raise PrunePathError("the decode kernels skip whole experts; they do not skip entries inside an expert, so "
+                             "this model's in-expert thresholds would be ignored. Clear them first "
+                             "(prunepath.evaluation.inner.apply_inner(model, None)), or evaluate with the PyTorch path")
+
+
 @dataclass
 class _Layer:
     ln1_w: torch.Tensor
@@ -108,6 +115,8 @@ class DecodeEngine:
                  graphs: bool | None = None, ffn_tuning: dict | None = None, crossover: int = 2,
                  prefill: str = "dense") -> None:
         cfg = model.config
+        if is_converted(model):
+            _check_no_inner(state_of(model).config.routing)
         mt = getattr(cfg, "model_type", None)
         if mt not in SUPPORTED:
             raise PrunePathError(f"the decode engine supports {', '.join(SUPPORTED)} models, not {mt!r}; "
@@ -203,6 +212,7 @@ class DecodeEngine:
         """Adopt a copy of ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate
         setting or FFN path rebuilds the layer FFNs (the next step recaptures)."""
         if routing is not None:
+            _check_no_inner(routing)
             self.routing = routing.copy()
         mode = self.resolve_mode(ffn)
         if self._signature(mode) != self._sig:

@@ -40,6 +40,21 @@ def nearest_sparsity(rows: list[dict], target: float) -> dict | None:
     return min(rows, key=lambda r: abs(r["s_ffn"] - target)) if rows else None
 
 
+def pareto_front(rows: list[dict], key: str = "ppl") -> list[dict]:
+    """The rows no other row beats on both axes (at least as sparse and at most as bad), sorted by s_FFN: the
+    frontier of a grid of two knobs (e.g. τ × in-expert fraction)."""
+    import math
+
+    pts = sorted((r for r in rows if r.get(key) is not None and math.isfinite(r[key])),
+                 key=lambda r: (-r["s_ffn"], r[key]))
+    front, best = [], math.inf
+    for r in pts:  # from the sparsest down: keep a row when it is better than everything sparser
+        if r[key] < best:
+            front.append(r)
+            best = r[key]
+    return front[::-1]
+
+
 def value_at_sparsity(rows: list[dict], s: float, key: str = "ppl") -> float | None:
     """``key`` at s_FFN ``s``, interpolated linearly in log(value) between the measured points that bracket it
     (None outside them); on a non-monotone curve the lowest bracketing value is used."""

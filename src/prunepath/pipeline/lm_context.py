@@ -29,6 +29,11 @@ STUDY_KEYS = {"study", "name", "description", "model", "out", "seed", "train_tok
               "save_margin_s", "min_train_s", "results_tag", "jobs", "activation", "allocation"}
 
 
+# variant keys read by the evaluation of a run trained with in-expert sparsity: the fractions and the τ values of
+# its (τ, fraction) grid
+INNER_EVAL_KEYS = ("inner_targets", "inner_taus")
+
+
 def _log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -61,6 +66,8 @@ def train_config(cfg: dict, run: str, device: str):
             base = {k: v for k, v in load_recipe(var.pop("recipe")).items() if k not in keep}
             settings.update(base)
         var.pop("label", None)
+        for key in INNER_EVAL_KEYS:  # evaluation settings of the variant, not training ones
+            var.pop(key, None)
         budget = int(var.pop("train_tokens", budget))
         frac = float(var.pop("stage1_fraction", frac))
         settings.update(var)

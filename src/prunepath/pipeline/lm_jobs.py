@@ -10,7 +10,8 @@ import time
 from typing import Callable
 
 from prunepath.errors import PrunePathError
-from prunepath.evaluation.sweep import nearest_sparsity
+from prunepath.evaluation import inner
+from prunepath.evaluation.sweep import nearest_sparsity, pareto_front
 from prunepath.baselines import activation
 from prunepath.baselines import fitting
 from prunepath.baselines.calibration import collect_ffn_inputs, token_batches
@@ -145,11 +146,46 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
             records.append({**_strip(r), "method": "prunepath"})
         if job.args["sweep"]:
             records.append(_strip(r))
+    records += _inner_grid(ctx, job, model, tok, run, rows, dict(tau_min=tau_min, variant=variant,
+                                                              train_tokens=train_tokens, run=run, **struct))
     out: dict = {"records": records}
     if run == "main":
         out["density"] = _density(ctx, rows)
         out["topk"] = _topk(ctx, model, tok, "prunepath", {"tau": TAU_ALL}, run)
     return out
+
+
+def _inner_grid(ctx: Context, job: Job, model, tok, run: str, tau_rows: list[dict], extra: dict) -> list[dict]:
+    """A variant with ``inner_targets``: in-expert thresholds calibrated on the calibration text, evaluated on the
+    grid ``inner_taus`` × ``inner_targets``; every grid point (``prunepath-inner-grid``) and the grid's frontier
+    with the τ sweep (``prunepath-inner``)."""
+    var = ctx.cfg["variants"].get(run, {})
+    fractions = [float(f) for f in var.get("inner_targets") or []]
+    if not fractions:
+        return []
+    taus = [float(t) for t in var.get("inner_taus") or [TAU_ALL, 0.95, 0.9, 0.85, 0.8]]
+    calib = ctx.cfg["baselines"]["calib"]
+    stats = inner.collect_inner_stats(model, tok, calib, max_tokens=int(ctx.cfg["activation"]["calib_tokens"]),
+                                      window=int(ctx.cfg["evaluation"]["window"]))
+    specs = {f: inner.inner_spec(stats, f) for f in fractions}
+
+    def apply(point):
+        tau, f = point
+        inner.apply_inner(model, specs[f])
+        try:
+            with prunepath.routing(model, tau=tau):
+                return ctx.ppl(model, tok)
+        finally:
+            inner.apply_inner(model, None)
+
+    def make_row(point, res):
+        return ctx.record("prunepath-inner-grid", res, tau=point[0], inner_target=point[1],
+                          s_experts=res.get("s_experts"), inner_calibration=specs[point[1]]["calibration"], **extra)
+
+    grid = _sweep(ctx, job, [[t, f] for t in taus for f in fractions], apply, make_row)
+    grid = [_strip(r) for r in grid]
+    front = pareto_front(grid + [{**_strip(r), "inner_target": 0.0} for r in tau_rows])
+    return grid + [{**r, "method": "prunepath-inner"} for r in front]
 
 
 def _density(ctx: Context, rows: list[dict]) -> list[dict]:

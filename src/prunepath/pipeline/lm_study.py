@@ -27,7 +27,7 @@ from pathlib import Path
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.reports import atomic_write_text
 from prunepath.evaluation.reports import write_json
-from prunepath.routing.config import TAU_ALL, validate_tau
+from prunepath.routing.config import TAU_ALL, validate_sparsity_fraction, validate_tau
 from prunepath.pipeline.jobs import run_jobs as engine_run_jobs
 from prunepath.pipeline.lm_context import (  # noqa: F401  (re-exported: the study's names stay importable from here)
     STUDY_KEYS, _log, DeadlineReached, out_dir, train_config, Job, select_jobs, chains_of, shard_jobs,
@@ -101,6 +101,10 @@ def load_study(recipe: dict, *, overrides: dict | None = None) -> dict:
     for v, var in cfg["variants"].items():
         if "train_tokens" in var and int(var["train_tokens"]) < 1:
             raise PrunePathError(f"variants.{v}.train_tokens must be >= 1")
+        for f in var.get("inner_targets") or []:
+            validate_sparsity_fraction(f, f"variants.{v}.inner_targets")
+        for t in var.get("inner_taus") or []:
+            validate_tau(t, TAU_ALL, message=f"variants.{v}.inner_taus: every τ must be in (0, {TAU_ALL}] (got {t})")
     cfg["density"] = {"targets": [0.5, 0.7], **(cfg.get("density") or {})}
     for t in cfg["sweep_taus"]:
         validate_tau(t, TAU_ALL, message=f"sweep_taus: every τ must be in (0, {TAU_ALL}] (got {t})")

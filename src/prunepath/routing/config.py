@@ -52,6 +52,36 @@ def validate_rule(rule: str, tau: float | None, k: int | None) -> None:
 
 
 
+def validate_sparsity_fraction(value, what: str = "target sparsity") -> float:
+    """A fraction of bytes or entries to skip: a float in (0, 1), or a PrunePathError naming the fix."""
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        s = float("nan")
+    if not 0.0 < s < 1.0:
+        raise PrunePathError(f"{what} must be in (0, 1) (got {value}); e.g. 0.4 skips 40 %")
+    return s
+
+
+def validate_inner(inner: dict | None) -> dict:
+    """Check a :attr:`RoutingConfig.inner` mapping (thresholds per layer, >= 0 or None); returns a copy."""
+    if not inner:
+        return {}
+    try:
+        t_in = [None if t is None else float(t) for t in inner["t_in"]]
+        t_mid = [None if t is None else float(t) for t in inner["t_mid"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PrunePathError(f"routing inner thresholds need t_in and t_mid lists of numbers or None ({exc}); "
+                             "calibrate them with prunepath.evaluation.inner.calibrate_inner") from exc
+    if len(t_in) != len(t_mid) or any(t is not None and not t >= 0 for t in t_in + t_mid):
+        raise PrunePathError(f"routing inner thresholds: {len(t_in)} t_in and {len(t_mid)} t_mid, all must be >= 0 "
+                             "and one per layer; calibrate them again on this model")
+    out = {**inner, "t_in": t_in, "t_mid": t_mid}
+    if "target" in out:
+        out["target"] = validate_sparsity_fraction(out["target"], "inner target sparsity")
+    return out
+
+
 @dataclass
 class RoutingConfig:
     """How each PrunePath FFN picks and scales its experts.
@@ -69,6 +99,10 @@ class RoutingConfig:
     allocation: provenance of a calibrated ``layer_tau`` (prunepath.evaluation.allocation): target s_FFN, method,
         achieved s_FFN and calibration tokens; empty when ``layer_tau`` was set by hand. Checkpoints without it
         load with {}.
+    inner: in-expert activation sparsity (beyond the paper; :func:`validate_inner`): inside the active experts,
+        FFN-input entries with |x_j| <= t_in[layer] and intermediate entries with |h_i| <= t_mid[layer] are
+        zeroed, TEAL-style. Keys ``target`` (the calibrated fraction), ``t_in``, ``t_mid`` (one entry per layer,
+        None for no masking) and ``calibration`` (provenance); {} means off.
     """
 
     tau: float = TAU_ALL
@@ -80,10 +114,12 @@ class RoutingConfig:
     method: str = "prunepath"
     params: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)
+    inner: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_tau = {int(i): float(t) for i, t in (self.layer_tau or {}).items()}
         self.allocation = dict(self.allocation or {})
+        self.inner = validate_inner(self.inner)
         self.validate()
 
     def validate(self) -> None:
@@ -96,10 +132,17 @@ class RoutingConfig:
 
     def copy(self) -> "RoutingConfig":
         """An independent copy (its dicts are copied too): e.g. the decode engine's own settings."""
-        return replace(self, layer_tau=dict(self.layer_tau), params=dict(self.params), allocation=dict(self.allocation))
+        return replace(self, layer_tau=dict(self.layer_tau), params=dict(self.params), allocation=dict(self.allocation),
+                       inner=dict(self.inner))
 
     def tau_for(self, layer_index: int) -> float:
         return self.layer_tau.get(layer_index, self.tau)
+
+    def inner_for(self, layer_index: int) -> tuple[float | None, float | None]:
+        """(t_in, t_mid) of the in-expert activation thresholds of one layer; (None, None) when off."""
+        if not self.inner:
+            return None, None
+        return self.inner["t_in"][layer_index], self.inner["t_mid"][layer_index]
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -14,7 +14,7 @@ from prunepath.routing.ffn import prunepath_modules
 from prunepath.routing.routers import make_router
 from prunepath.state import state_of
 
-FIELDS = ("tau", "rule", "k", "gates", "gate_offset", "layer_tau", "method", "params", "allocation")
+FIELDS = ("tau", "rule", "k", "gates", "gate_offset", "layer_tau", "method", "params", "allocation", "inner")
 
 
 def _require_converted(model: nn.Module):
@@ -37,8 +37,10 @@ def configure(
     method: str | None = None,
     params: dict | None = None,
     allocation: dict | None = None,
+    inner: dict | None = None,
 ) -> RoutingConfig:
-    """Change routing on every PrunePath FFN of ``model``; arguments left as None keep their value.
+    """Change routing on every PrunePath FFN of ``model``; arguments left as None keep their value (``inner={}``
+    switches the in-expert thresholds off).
 
     Validates before changing anything, so a bad value leaves the model as it was. Returns the new settings.
     """
@@ -46,9 +48,12 @@ def configure(
     current = cfg.routing
     updates = {name: value for name, value in
                dict(tau=tau, rule=rule, k=k, gates=gates, gate_offset=gate_offset, layer_tau=layer_tau,
-                    method=method, params=params, allocation=allocation).items()
+                    method=method, params=params, allocation=allocation, inner=inner).items()
                if value is not None}
     new = replace(current, **updates)  # __post_init__ validates
+    if new.inner and len(new.inner["t_in"]) != cfg.num_layers:
+        raise PrunePathError(f"inner thresholds for {len(new.inner['t_in'])} layers, but the model has "
+                             f"{cfg.num_layers}; calibrate them on this model")
     for field_name in FIELDS:
         setattr(current, field_name, getattr(new, field_name))
     # Every FFN shares the same RoutingConfig object; re-point any that were given their own.
@@ -62,8 +67,7 @@ def routing_scope(model: nn.Module, **settings) -> Iterator[RoutingConfig]:
     """Temporarily change routing (``with prunepath.routing_scope(model, tau=0.6): ...``; the old name
     ``prunepath.routing`` still works, see ``prunepath/__init__.py``)."""
     cfg = _require_converted(model)
-    saved = replace(cfg.routing, layer_tau=dict(cfg.routing.layer_tau), params=dict(cfg.routing.params),
-                    allocation=dict(cfg.routing.allocation))
+    saved = cfg.routing.copy()
     try:
         yield configure(model, **settings)
     finally:

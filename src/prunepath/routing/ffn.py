@@ -72,6 +72,10 @@ class PrunePathFFN(nn.Module):
         self.capture_norm_target: float | None = None
         self.last_norm_target: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
+        # training with inner_sparsity_max: this step's in-expert fraction; thresholds come from the batch
+        self.inner_fraction: float | None = None
+        # per-token fraction of FFN weight bytes not read, when in-expert thresholds were on (else None)
+        self.last_inner_s: torch.Tensor | None = None
 
     @property
     def intermediate_size(self) -> int:
@@ -110,7 +114,20 @@ class PrunePathFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
-        h = self.intermediate(x)
+        # in-expert thresholds: this batch's quantiles while training with inner_fraction, else the calibrated ones
+        batch_fraction = self.inner_fraction if self.training else None
+        t_in, t_mid = (batch_quantile(x, batch_fraction), None) if batch_fraction else r.inner_for(self.layer_index)
+        drop_x = drop_h = None
+        if t_in is not None:
+            drop_x = x.abs() <= t_in
+            h = self.intermediate(x.masked_fill(drop_x, 0))
+        else:
+            h = self.intermediate(x)
+        if batch_fraction:
+            t_mid = batch_quantile(h, batch_fraction)
+        if t_mid is not None:
+            drop_h = h.abs() <= t_mid
+            h = h.masked_fill(drop_h, 0)
         if self.capture_norm_target is not None:
             with torch.no_grad():  # each expert's share of the true output: what the router should rank by
                 c = self._norms_of_intermediate(h.detach()).view(*x.shape[:-1], self.num_experts)
@@ -126,8 +143,35 @@ class PrunePathFFN(nn.Module):
                  * weights.to(h.dtype).unsqueeze(-1)).view(*lead, self.intermediate_size)
             self.last_active = mask.sum(-1).detach()
         else:
+            mask = None
             self.last_active = torch.full(x.shape[:-1], self.num_experts, device=x.device)
+        self.last_inner_s = None if t_in is None and t_mid is None else self._inner_s(drop_x, drop_h, mask, x)
         return self.dropout(self.down_proj(h))
+
+    @torch.no_grad()
+    def _inner_s(self, drop_x, drop_h, mask, x: torch.Tensor) -> torch.Tensor:
+        """Per-token fraction of FFN weight bytes not read with in-expert thresholds: an active expert reads the
+        gate/up (or W_in) columns of the kept input entries and the down rows of its kept intermediate entries."""
+        lead, e, n = x.shape[:-1], self.num_experts, self.neurons_per_expert
+        w_in = 2 / 3 if self.gated else 1 / 2
+        active = (mask.float() if mask is not None else torch.ones(*lead, e, device=x.device))
+        kept_x = 1.0 - drop_x.float().mean(-1) if drop_x is not None else torch.ones(lead, device=x.device)
+        if drop_h is not None:
+            kept_h = ((~drop_h).view(*lead, e, n).float().sum(-1) * active).sum(-1) / (e * n)
+        else:
+            kept_h = active.mean(-1)
+        return 1.0 - w_in * active.mean(-1) * kept_x - (1 - w_in) * kept_h
+
+
+def batch_quantile(v: torch.Tensor, fraction: float, samples: int = 1 << 18) -> torch.Tensor:
+    """The |v| value (0-d tensor, no host sync) with ``fraction`` of the entries at or below it, estimated on at
+    most ``samples`` entries drawn at random: exact quantiles of tens of millions of entries per step cost more
+    than they are worth."""
+    a = v.detach().abs().reshape(-1)
+    if a.numel() > samples:
+        a = a[torch.randint(a.numel(), (samples,), device=a.device)]
+    k = max(1, min(a.numel(), int(round(fraction * a.numel()))))
+    return a.float().kthvalue(k).values.to(v.dtype)
 
 
 def prunepath_modules(model: nn.Module) -> list[PrunePathFFN]:

@@ -47,6 +47,11 @@ class TrainConfig:
     # expert (TAU_ALL) with probability tau_all_prob, so one checkpoint is trained for the whole τ range and
     # its all-expert model stays anchored to the teacher
     tau_all_prob: float = 0.25
+    # in-expert activation sparsity (beyond the paper): each stage-2 step zeroes, inside the active experts, the
+    # smallest fraction f of the FFN inputs and of the intermediate entries (TEAL-style, thresholds from the
+    # batch), f drawn uniformly from [0, inner_sparsity_max], or f = 0 with probability inner_off_prob; 0: off
+    inner_sparsity_max: float = 0.0
+    inner_off_prob: float = 0.125
     # losses
     eta: float = 3e-4  # L_ent weight
     lam: float = 1e-3  # L_bal weight
@@ -112,8 +117,16 @@ class TrainConfig:
             raise PrunePathError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.tau_schedule not in SCHEDULES:
             raise PrunePathError(f"unknown --tau-schedule {self.tau_schedule!r}; choose linear, fixed or sample")
-        if not 0 <= self.tau_all_prob < 1:
-            raise PrunePathError(f"--tau-all-prob must be in [0, 1) (got {self.tau_all_prob}): the probability "
+        if not 0 <= self.inner_sparsity_max < 1:
+            raise PrunePathError(f"--inner-sparsity-max must be in [0, 1) (got {self.inner_sparsity_max}): the "
+                                 "largest fraction of FFN inputs / intermediates zeroed in a training step (0: off)")
+        if not 0 <= self.inner_off_prob <= 1:
+            raise PrunePathError(f"--inner-off-prob must be in [0, 1] (got {self.inner_off_prob})")
+        if self.inner_sparsity_max > 0 and self.method != "prunepath":
+            raise PrunePathError(f"--inner-sparsity-max trains PrunePath experts; not available for --method "
+                                 f"{self.method}")
+        if not 0 <= self.tau_all_prob <= 1:
+            raise PrunePathError(f"--tau-all-prob must be in [0, 1] (got {self.tau_all_prob}): the probability "
                                  "that a stage-2 step of --tau-schedule sample runs every expert")
         if self.train_scope not in TRAIN_SCOPES:
             raise PrunePathError(f"unknown --train-scope {self.train_scope!r}; choose all or ffn")

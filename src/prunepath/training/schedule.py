@@ -16,6 +16,7 @@ from torch import nn
 
 from prunepath.routing.control import configure
 from prunepath.routing.config import TAU_ALL
+from prunepath.routing.ffn import prunepath_modules
 from prunepath.state import state_of
 
 StageHook = Callable[..., None]
@@ -49,6 +50,16 @@ def scheduled_tau(stage: int, step: int, total_steps: int, cfg, tau_min: float |
     return cfg.tau_start + (tau_min - cfg.tau_start) * r / (rounds - 1)
 
 
+def inner_fraction(stage: int, step: int, cfg) -> float:
+    """The in-expert fraction f of a training step (``inner_sparsity_max``): 0 in stage 1, else 0 with
+    probability ``inner_off_prob`` and uniform in [0, inner_sparsity_max] otherwise; its own stream of draws,
+    so τ's draws are those of a run without it."""
+    if stage == 1 or not cfg.inner_sparsity_max:
+        return 0.0
+    off, u = _draw(int(cfg.seed) + 104_729, step)
+    return 0.0 if off < cfg.inner_off_prob else float(cfg.inner_sparsity_max) * u
+
+
 def _draw(seed: int, step: int) -> tuple[float, float]:
     """Two uniform numbers that depend only on (seed, step): a resumed run replays the same τ sequence, and every
     layer (and every process) of one step shares the draw."""
@@ -79,4 +90,7 @@ def prunepath_stage_hook(model: nn.Module, stage: int, step: int, total_steps: i
     configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
                         layer_tau=layer_taus(stage, step, total_steps, cfg, num_layers),
                         gate_offset=float(cfg.gate_offset))
+    f = inner_fraction(stage, step, cfg)
+    for m in prunepath_modules(model):
+        m.inner_fraction = f or None
 

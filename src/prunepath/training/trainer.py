@@ -116,6 +116,7 @@ def train(model: nn.Module, tokenizer, train_data, cfg: TrainConfig, *, eval_dat
         f.capture_router_logits = False
         f.capture_norm_target, f.last_norm_target = None, None
         f.last_router_logits = None
+        f.inner_fraction = None  # batch thresholds are a training device; inference uses calibrated ones
     run.accelerator.wait_for_everyone()
 
     eval_res: dict = {}
