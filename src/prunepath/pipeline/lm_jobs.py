@@ -121,6 +121,7 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
     tcfg = json.loads((ctx.ckpt(run) / "train_config.json").read_text())
     tau_min = float(tcfg["tau_min"])
     variant, train_tokens = _variant_label(ctx, run), int(info.get("tokens", 0))
+    seed = int(tcfg.get("seed", ctx.cfg["seed"]))  # a variant may train with its own seed
     near = sorted({round(tau_min + d, 4) for d in ctx.cfg["near_tau"] if is_valid_tau(tau_min + d, TAU_ALL)}, reverse=True)
     points = sorted({float(t) for t in ctx.cfg["sweep_taus"]} | set(near), reverse=True) if job.args["sweep"] \
         else near
@@ -133,7 +134,7 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
 
     def make_row(tau, res):
         row = ctx.record("prunepath-sweep", res, tau=tau, tau_min=tau_min, variant=variant,
-                         train_tokens=train_tokens, run=run, **struct)
+                         train_tokens=train_tokens, run=run, seed=seed, **struct)
         row["_active_hist"] = res.get("active_hist")
         row["_num_experts"] = res.get("num_experts")
         return row
@@ -147,7 +148,8 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
         if job.args["sweep"]:
             records.append(_strip(r))
     records += _inner_grid(ctx, job, model, tok, run, rows, dict(tau_min=tau_min, variant=variant,
-                                                              train_tokens=train_tokens, run=run, **struct))
+                                                              train_tokens=train_tokens, run=run, seed=seed,
+                                                              **struct))
     out: dict = {"records": records}
     if run == "main":
         out["density"] = _density(ctx, rows)
