@@ -5,7 +5,7 @@
 #        NLU_MODEL_DIR (default .stage/g3/minilm-l6, built by scripts/gpu/pack_nlu.sh), NLU_RECIPE (default
 #        recipes/study-nlu-minilm.yaml), NLU_WORK (resumable state, default $HOLD or /tmp + /study-nlu-minilm),
 #        NLU_DEVICE (default cuda), NLU_MARGIN_S (seconds kept for copying results, default 15).
-# Runs python -m prunepath.pipeline.nlu_study (units in priority order, each skipped when it would not fit before
+# Runs prunepath nlu-study (units in priority order, each skipped when it would not fit before
 # the deadline; hard-stopped by `timeout` as a last resort: the record list is rewritten atomically after every
 # unit, so it is always valid JSON), then copies into OUTDIR: nlu-minilm.json (records), nlu-minilm.md (tables),
 # study-nlu-minilm.png (plot), nlu-status.json (skipped units, timings), nlu.log.
@@ -56,7 +56,7 @@ log "device $DEVICE, recipe $RECIPE, work $WORK, model '$DISPLAY', ${left}s for 
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null | tee -a "$LOG" || true
 set +e
 timeout --signal=TERM --kill-after=5 "$left" \
-    python3 -m prunepath.pipeline.nlu_study "$RECIPE" --device "$DEVICE" --out "$WORK" --no-progress \
+    python3 -m prunepath.cli.main nlu-study "$RECIPE" --device "$DEVICE" --out "$WORK" --no-progress \
         --display-name "$DISPLAY" --data-dir "$DATA_DIR" --deadline-s "$(( left - 5 ))" >> "$LOG" 2>&1
 rc=$?
 set -e
@@ -64,7 +64,7 @@ log "study exited with status $rc" | tee -a "$LOG"
 if [[ -f "$WORK/nlu-minilm.json" ]]; then
     cp "$WORK/nlu-minilm.json" "$OUTDIR/nlu-minilm.json"
     [[ -f "$WORK/status.json" ]] && cp "$WORK/status.json" "$OUTDIR/nlu-status.json"
-    python3 -m prunepath.pipeline.nlu_study --report "$WORK/nlu-minilm.json" --plot "$OUTDIR/study-nlu-minilm.png" \
+    python3 -m prunepath.cli.main nlu-study --report "$WORK/nlu-minilm.json" --plot "$OUTDIR/study-nlu-minilm.png" \
         > "$OUTDIR/nlu-minilm.md" 2>> "$LOG" || log "report failed (records are in nlu-minilm.json)" | tee -a "$LOG"
     log "records: $(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$OUTDIR/nlu-minilm.json")" | tee -a "$LOG"
 else

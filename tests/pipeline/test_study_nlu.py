@@ -198,13 +198,15 @@ def test_cli_report_and_run(setup, capsys):
     import yaml
 
     rec = setup / "r.yaml"
+    from prunepath.cli.main import main
+
     rec.write_text(yaml.safe_dump(_recipe(setup, tasks=["sst2"], phases=["dense", "prunepath"])))
-    assert N.main([str(rec), "--no-progress", "--out", str(setup / "o2")]) == 0
+    assert main(["nlu-study", str(rec), "--no-progress", "--out", str(setup / "o2")]) == 0
     path = setup / "o2" / N.RECORDS_NAME
-    assert N.main(["--report", str(path), "--plot", str(setup / "p.png")]) == 0
+    assert main(["nlu-study", "--report", str(path), "--plot", str(setup / "p.png")]) == 0
     assert "prunepath-sweep" in capsys.readouterr().out and (setup / "p.png").exists()
     rec.write_text(yaml.safe_dump({"study": "nlu", "taus": "x"}))
-    assert N.main([str(rec)]) == 2
+    assert main(["nlu-study", str(rec)]) == 2
 
 
 def test_prunepath_run_dispatches_here(setup, capsys):

@@ -42,6 +42,23 @@ def parse_taus(text: str) -> list[float]:
     return taus
 
 
+def parse_floats(text: str, flag: str, *, allow_empty: bool = False) -> list[float]:
+    """A comma-separated list of numbers (``--targets 0.3,0.5``); ``allow_empty`` skips empty items (and so
+    accepts an empty list)."""
+    items = text.split(",")
+    try:
+        return [float(t) for t in items if t or not allow_empty]
+    except ValueError as exc:
+        raise PrunePathError(f"{flag} must be a comma-separated list of numbers (got {text!r})") from exc
+
+
+def command_line() -> str:
+    """The command as typed (``prunepath SUBCOMMAND ...``), for the records a command writes."""
+    import sys
+
+    return "prunepath " + " ".join(sys.argv[1:])
+
+
 # What --tau means, said once for every command that takes it (eval, generate, convert; each adds its default).
 TAU_HELP = ("τ, the PrunePath routing budget of a converted model: each token keeps its most probable experts "
             "while their cumulative probability stays below τ (τ > 0; τ > 1 keeps every expert)")

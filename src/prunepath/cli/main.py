@@ -24,6 +24,11 @@ COMMAND_MODULES = (
     "prunepath.cli.plot",
     "prunepath.cli.generate",
     "prunepath.cli.run",
+    "prunepath.cli.nlu_study",
+    "prunepath.cli.study_report",
+    "prunepath.cli.compare",
+    "prunepath.cli.compare_trained",
+    "prunepath.cli.compare_report",
 )
 
 

@@ -2,7 +2,7 @@
 only), on the same calibration tokens, evaluated by the same perplexity code. Results are appended row by row to
 a JSON file (written to a temp name, then renamed), so an interrupted run resumes where it stopped.
 
-    python -m prunepath.pipeline.compare --out docs/results/baselines-smollm2-135m.json
+    prunepath compare --out docs/results/baselines-smollm2-135m.json      # the CLI: prunepath.cli.compare
 
 What this is *not*: the paper's protocol (joint training of router + backbone for PrunePath and LTE). LTE here is
 the layer-local proxy of :mod:`prunepath.baselines.fitting`; PrunePath is the router warm start (KL to each
@@ -11,12 +11,12 @@ expert's output-norm share) with unit gates. See docs/baselines.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -54,64 +54,64 @@ class Results:
         tmp.replace(self.path)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default="docs/results/baselines-smollm2-135m.json")
-    p.add_argument("--eval-data", default=str(data_root() / "wikitext-2" / "wiki.valid.raw"))
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--calib", default="mix:sotu,moby-dick,brown")
-    p.add_argument("--calib-file", default=None, help="JSON list of calibration texts (instead of --calib)")
-    p.add_argument("--display-name", default=None, help="exact model name for results (e.g. for a .gguf path)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=200, help="router fitting steps per layer (every method)")
-    p.add_argument("--batch", type=int, default=256, help="tokens per fitting step")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--targets", default="0.3,0.5,0.7,0.9", help="target s_FFN values")
-    p.add_argument("--lte-etas", default="0.05,0.2,1.0")
-    p.add_argument("--lte-delta-sweep", default="0.2", help="η values whose δ is also swept to the targets")
-    p.add_argument("--methods", default="dense,prunepath,lte,moefication,d2dmoe,static,wanda")
-    p.add_argument("--neurons-per-expert", type=int, default=32)
-    return p
+DEFAULT_OUT = "docs/results/baselines-smollm2-135m.json"
+DEFAULT_METHODS = ("dense", "prunepath", "lte", "moefication", "d2dmoe", "static", "wanda")
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+def default_eval_data() -> str:
+    """The default evaluation text: WikiText-2 validation under the shared data folder."""
+    return str(data_root() / "wikitext-2" / "wiki.valid.raw")
+
+
+def compare_baselines(*, model: str = "smollm2-135m", out: str | Path = DEFAULT_OUT, eval_data: str | None = None,
+                      eval_tokens: int = 16384, calib: str = "mix:sotu,moby-dick,brown",
+                      calib_file: str | None = None, display_name: str | None = None, device: str = "cpu",
+                      calib_tokens: int = 16384, seq_len: int = 256, steps: int = 200, batch: int = 256,
+                      lr: float = 3e-3, targets: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+                      lte_etas: Sequence[float] = (0.05, 0.2, 1.0), lte_delta_sweep: Sequence[float] = (0.2,),
+                      methods: Sequence[str] = DEFAULT_METHODS, neurons_per_expert: int = 32,
+                      command: str | None = None) -> Path:
+    """Run PrunePath and the baselines side by side on ``model`` with the backbone frozen (router fitting only),
+    appending one row per (method, target s_FFN) to the JSON file ``out`` (resumable: rows already there are
+    skipped). ``eval_data`` defaults to :func:`default_eval_data`; ``calib_file`` (a JSON list of texts) replaces
+    the ``calib`` corpus mix; ``lte_delta_sweep`` lists the LTE η whose δ is also swept to the ``targets``;
+    ``command`` is recorded in the file's meta. Returns the path of the results file."""
+    eval_data = default_eval_data() if eval_data is None else eval_data
+    if command is None:
+        command = f"prunepath.pipeline.compare.compare_baselines(model={model!r}, out={str(out)!r}, ...)"
+    targets = [float(t) for t in targets]
+    methods = list(methods)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    targets = [float(t) for t in a.targets.split(",")]
-    methods = a.methods.split(",")
     t0 = time.time()
-    model, tok = prunepath.load_model(a.model, device=a.device)
+    model, tok = prunepath.load_model(model, device=device)
     model.eval()
-    if a.display_name:
-        state_of(model).display_name = a.display_name
-    if a.calib_file:
-        texts, calib_desc = json.loads(Path(a.calib_file).read_text()), f"{a.calib_file}"
+    if display_name:
+        state_of(model).display_name = display_name
+    if calib_file:
+        texts, calib_desc = json.loads(Path(calib_file).read_text()), f"{calib_file}"
     else:
-        texts, calib_desc = calibration_texts(a.calib)
-    meta = {"model": state_of(model).display_name, "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, "
-            "512-token non-overlapping windows)", "calibration": f"{calib_desc}, {a.calib_tokens} tokens",
-            "fitting": f"backbone frozen; {a.steps} Adam steps x {a.batch} tokens per layer, lr {a.lr}",
-            "command": "python -m prunepath.pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": (torch.cuda.get_device_name() if a.device.startswith("cuda") else
+        texts, calib_desc = calibration_texts(calib)
+    meta = {"model": state_of(model).display_name, "eval": f"{eval_data} (first {eval_tokens} tokens, "
+            "512-token non-overlapping windows)", "calibration": f"{calib_desc}, {calib_tokens} tokens",
+            "fitting": f"backbone frozen; {steps} Adam steps x {batch} tokens per layer, lr {lr}",
+            "command": command,
+            "machine": (torch.cuda.get_device_name() if device.startswith("cuda") else
                         f"{platform.machine()} {os.cpu_count()} cores (shared)") + f", torch {torch.__version__}, fp32"}
-    res = Results(Path(a.out), meta)
+    res = Results(Path(out), meta)
 
     def evaluate(key: str, method: str, m, extra: dict, s_override: float | None = None) -> None:
         t = time.time()
-        r = perplexity.evaluate_perplexity(m, tok, a.eval_data, window=512, max_tokens=a.eval_tokens, progress=False,
-                                batch_size=4 if a.device == "cpu" else 32)
+        r = perplexity.evaluate_perplexity(m, tok, eval_data, window=512, max_tokens=eval_tokens, progress=False,
+                                batch_size=4 if device == "cpu" else 32)
         s = r["s_ffn"] if s_override is None else s_override
         res.add({"key": key, "method": method, "s_ffn": s, "ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"],
                  "per_layer_s_ffn": r.get("per_layer_s_ffn"), "eval_s": round(time.time() - t, 1), **extra})
 
     if "dense" in methods and not res.done("dense"):
         evaluate("dense", "dense", model, {})
-    batches = token_batches(tok, texts, seq_len=a.seq_len, max_tokens=a.calib_tokens)
+    batches = token_batches(tok, texts, seq_len=seq_len, max_tokens=calib_tokens)
 
     # ---- Wanda on the dense model (weights restored between levels) --------------------------------------------
     if "wanda" in methods and not all(res.done(f"wanda@{t}") for t in targets):
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         del saved
 
     # ---- converted model, cached FFN inputs shared by every router method -------------------------------------
-    prunepath.moefy(model, neurons_per_expert=a.neurons_per_expert, progress=True)
-    inputs = [x.to(a.device) for x in collect_ffn_inputs(model, batches)]
-    res.data["meta"]["experts"] = f"{state_of(model).config.num_experts} x {a.neurons_per_expert} per layer (kmeans)"
+    prunepath.moefy(model, neurons_per_expert=neurons_per_expert, progress=True)
+    inputs = [x.to(device) for x in collect_ffn_inputs(model, batches)]
+    res.data["meta"]["experts"] = f"{state_of(model).config.num_experts} x {neurons_per_expert} per layer (kmeans)"
     res.data["meta"]["calibration_tokens_used"] = int(inputs[0].shape[0])
     res.save()
     ffns = prunepath.prunepath_modules(model)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 prune_experts(model, tok, texts, t, mass=mass, progress=False)
                 evaluate(f"static@{t}", "static", model, {"knob": {"sparsity": t}})
 
-    fit = dict(steps=a.steps, batch_size=a.batch, lr=a.lr, inputs=inputs)
+    fit = dict(steps=steps, batch_size=batch, lr=lr, inputs=inputs)
     for method in ("prunepath", "moefication", "d2dmoe"):
         if method not in methods or all(res.done(f"{method}@{t}") for t in targets):
             continue
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                      "fit_final_loss_mean": sum(info["final_loss"]) / len(info["final_loss"])})
 
     if "lte" in methods:
-        for eta in [float(e) for e in a.lte_etas.split(",")]:
-            sweep = eta in [float(e) for e in a.lte_delta_sweep.split(",") if e]
+        for eta in [float(e) for e in lte_etas]:
+            sweep = eta in [float(e) for e in lte_delta_sweep]
             keys = [f"lte(eta={eta})@delta=0.5"] + ([f"lte(eta={eta})@{t}" for t in targets] if sweep else [])
             if all(res.done(k) for k in keys):
                 continue
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 evaluate(key, "lte", model, {**extra, "knob": {"threshold": delta}, "s_ffn_calibration": s_cal})
     res.data["meta"]["wall_s"] = round(time.time() - t0, 1)
     res.save()
-    return 0
+    return res.path
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command line moved to `prunepath compare` (prunepath.cli.compare)
+    sys.exit("python -m prunepath.pipeline.compare moved: run `prunepath compare` (same options)")

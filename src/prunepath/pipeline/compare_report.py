@@ -1,12 +1,11 @@
 """Plot and table of the side-by-side runs (``compare`` and ``compare_trained`` JSON files).
 
-    python -m prunepath.pipeline.compare_report docs/results/baselines-smollm2-135m-routers.json \\
+    prunepath compare-report docs/results/baselines-smollm2-135m-routers.json \\
         docs/results/baselines-smollm2-135m-trained.json --png docs/results/baselines-smollm2-135m.png
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -65,23 +64,23 @@ def table(rows: list[dict], targets=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("routers")
-    p.add_argument("trained", nargs="?")
-    p.add_argument("--png", default="docs/results/baselines-smollm2-135m.png")
-    a = p.parse_args(argv)
-    r = json.loads(Path(a.routers).read_text())
+DEFAULT_PNG = "docs/results/baselines-smollm2-135m.png"
+
+
+def compare_report(routers: str | Path, trained: str | Path | None = None,
+                   png: str | Path = DEFAULT_PNG) -> tuple[list[str], Path]:
+    """Tables and plot of a ``compare`` results file (``routers``: frozen backbone) and optionally a
+    ``compare_trained`` one (``trained``). Returns (markdown sections, one per panel; the PNG written)."""
+    r = json.loads(Path(routers).read_text())
     panels = [("frozen backbone, routers fitted on the same 65,536 calibration tokens", r["rows"])]
-    print("### Frozen backbone\n\n" + table(r["rows"]))
-    if a.trained:
-        t = json.loads(Path(a.trained).read_text())
+    sections = ["### Frozen backbone\n\n" + table(r["rows"])]
+    if trained:
+        t = json.loads(Path(trained).read_text())
         dense = [x for x in r["rows"] if x["method"] == "dense"]
         panels.append((f"trained (backbone + router), {t['meta']['training']['tokens']:,} tokens each", dense + t["rows"]))
-        print("### Trained\n\n" + table(t["rows"], targets=(0.0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.9)))
-    print(f"plot: {plot(panels, Path(a.png))}")
-    return 0
+        sections.append("### Trained\n\n" + table(t["rows"], targets=(0.0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.9)))
+    return sections, plot(panels, Path(png))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command line moved to `prunepath compare-report` (prunepath.cli.compare_report)
+    sys.exit("python -m prunepath.pipeline.compare_report moved: run `prunepath compare-report` (same options)")

@@ -3,17 +3,17 @@ swept at inference) vs dense fine-tuning, all through ``prunepath.training.train
 training tokens, steps, optimiser settings and precision; evaluated by the same perplexity code. Rows are
 appended to a JSON file as they come (temp name, then renamed).
 
-    python -m prunepath.pipeline.compare_trained --model PATH.gguf --train-file train.json \\
+    prunepath compare-trained --model PATH.gguf --train-file train.json \\
         --calib-file calib.json --eval-data wiki.valid.raw --device cuda --out results.json
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,64 +31,58 @@ from prunepath.routing.config import TAU_ALL
 from prunepath.evaluation import perplexity
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--display-name", default=None)
-    p.add_argument("--train-file", required=True, help="JSON list of training documents")
-    p.add_argument("--calib-file", required=True, help="JSON list of texts used to set τ / δ for target s_FFN")
-    p.add_argument("--eval-data", required=True)
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--precision", default="bf16")
-    p.add_argument("--stage1-steps", type=int, default=300)
-    p.add_argument("--stage2-steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--tau-min", type=float, default=0.7)
-    p.add_argument("--lte-etas", default="0.1,0.5,2.0")
-    p.add_argument("--targets", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9")
-    p.add_argument("--methods", default="dense,prunepath,lte")
-    p.add_argument("--calib-tokens", type=int, default=16384)
-    a = p.parse_args(argv)
-
+def compare_trained_baselines(*, train_file: str, calib_file: str, eval_data: str, out: str | Path,
+                              model: str = "smollm2-135m", display_name: str | None = None, eval_tokens: int = 16384,
+                              device: str = "cuda", precision: str = "bf16", stage1_steps: int = 300,
+                              stage2_steps: int = 300, batch_size: int = 8, seq_len: int = 512, tau_min: float = 0.7,
+                              lte_etas: Sequence[float] = (0.1, 0.5, 2.0),
+                              targets: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                              methods: Sequence[str] = ("dense", "prunepath", "lte"), calib_tokens: int = 16384,
+                              command: str | None = None) -> Path:
+    """Train dense fine-tuning, PrunePath (one checkpoint, τ swept at inference) and LTE (one checkpoint per η,
+    δ swept) with the same tokens, steps and settings, and append one row per evaluated point to the JSON file
+    ``out`` (resumable: a method whose ``@trained`` row is there is skipped). ``train_file`` / ``calib_file``:
+    JSON lists of texts (training documents; texts that set τ / δ for each target s_FFN); ``command`` is
+    recorded in the file's meta. Returns the path of the results file."""
+    if command is None:
+        command = (f"prunepath.pipeline.compare_trained.compare_trained_baselines(model={model!r}, "
+                   f"out={str(out)!r}, ...)")
     t0 = time.time()
-    targets = [float(t) for t in a.targets.split(",")]
-    base, tok = prunepath.load_model(a.model)
-    if a.display_name:
-        state_of(base).display_name = a.display_name
-    docs = json.loads(Path(a.train_file).read_text())
-    calib = json.loads(Path(a.calib_file).read_text())
-    steps = a.stage1_steps + a.stage2_steps
-    data = build_lm_dataset(docs, tok, a.seq_len, max_tokens=steps * a.batch_size * a.seq_len + a.seq_len)
-    common = dict(stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, batch_size=a.batch_size,
-                  seq_len=a.seq_len, precision=a.precision, device=a.device, progress=False, tau_min=a.tau_min)
-    meta = {"model": state_of(base).display_name, "training": {**common, "train_file": a.train_file,
-            "tokens": steps * a.batch_size * a.seq_len, "optimiser": "trainer defaults (backbone lr 1e-4, router "
+    targets = [float(t) for t in targets]
+    base, tok = prunepath.load_model(model)
+    if display_name:
+        state_of(base).display_name = display_name
+    docs = json.loads(Path(train_file).read_text())
+    calib = json.loads(Path(calib_file).read_text())
+    steps = stage1_steps + stage2_steps
+    data = build_lm_dataset(docs, tok, seq_len, max_tokens=steps * batch_size * seq_len + seq_len)
+    common = dict(stage1_steps=stage1_steps, stage2_steps=stage2_steps, batch_size=batch_size,
+                  seq_len=seq_len, precision=precision, device=device, progress=False, tau_min=tau_min)
+    meta = {"model": state_of(base).display_name, "training": {**common, "train_file": train_file,
+            "tokens": steps * batch_size * seq_len, "optimiser": "trainer defaults (backbone lr 1e-4, router "
             "lr 1e-3 wd 1e-2, AdamW, constant)"},
-            "eval": f"{a.eval_data} (first {a.eval_tokens} tokens, 512-token non-overlapping windows)",
-            "knob_calibration": f"{a.calib_file}, {a.calib_tokens} tokens",
-            "command": "python -m prunepath.pipeline.compare_trained " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu")
+            "eval": f"{eval_data} (first {eval_tokens} tokens, 512-token non-overlapping windows)",
+            "knob_calibration": f"{calib_file}, {calib_tokens} tokens",
+            "command": command,
+            "machine": (torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
             + f", torch {torch.__version__}"}
-    res = Results(Path(a.out), meta)
+    res = Results(Path(out), meta)
 
     def evaluate(key, method, m, extra):
         t = time.time()
-        r = perplexity.evaluate_perplexity(m, tok, a.eval_data, window=512, max_tokens=a.eval_tokens, progress=False,
+        r = perplexity.evaluate_perplexity(m, tok, eval_data, window=512, max_tokens=eval_tokens, progress=False,
                                 batch_size=32)
         res.add({"key": key, "method": method, "s_ffn": r["s_ffn"], "ppl": r["ppl"], "nll": r["nll"],
                  "tokens": r["tokens"], "per_layer_s_ffn": r.get("per_layer_s_ffn"),
                  "eval_s": round(time.time() - t, 1), **extra})
 
     runs = []
-    if "dense" in a.methods:
+    if "dense" in methods:
         runs.append(("dense", {}, "dense-ft"))
-    if "prunepath" in a.methods:
+    if "prunepath" in methods:
         runs.append(("prunepath", {}, "prunepath"))
-    if "lte" in a.methods:
-        runs += [("lte", {"eta": float(e)}, f"lte(eta={float(e)})") for e in a.lte_etas.split(",")]
+    if "lte" in methods:
+        runs += [("lte", {"eta": float(e)}, f"lte(eta={float(e)})") for e in lte_etas]
     for method, params, name in runs:
         if res.done(f"{name}@trained"):
             continue
@@ -108,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if method == "dense":
             evaluate(f"{name}@trained", "dense-ft", model, info)
             continue
-        inputs = [x.to(a.device) for x in collect_ffn_inputs(
-            model, token_batches(tok, calib, max_tokens=a.calib_tokens), progress=False)]
+        inputs = [x.to(device) for x in collect_ffn_inputs(
+            model, token_batches(tok, calib, max_tokens=calib_tokens), progress=False)]
         if method == "prunepath":
             prunepath.configure(model, tau=TAU_ALL)
             evaluate(f"{name}@trained", name, model, {**info, "knob": {"tau": TAU_ALL}})
@@ -127,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                 prunepath.configure(model, method="lte", params={"soft": False, "threshold": delta})
                 evaluate(f"{name}@{t}", name, model, {**info, "knob": {"threshold": delta}, "s_ffn_calibration": s_cal})
         del model, inputs
-        if a.device.startswith("cuda"):
+        if device.startswith("cuda"):
             torch.cuda.empty_cache()
     res.data["meta"]["wall_s"] = round(time.time() - t0, 1)
     res.save()
-    return 0
+    return res.path
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command line moved to `prunepath compare-trained` (prunepath.cli.compare_trained)
+    sys.exit("python -m prunepath.pipeline.compare_trained moved: run `prunepath compare-trained` (same options)")

@@ -4,8 +4,8 @@ swept over τ), LTE (δ swept), Wanda (several sparsities) and the clustering ab
 fine-tuned vs the pretrained FFN weights).
 
     prunepath run recipes/study-nlu-minilm.yaml                   # (dispatched here by ``study: nlu``)
-    python -m prunepath.pipeline.nlu_study recipes/study-nlu-minilm.yaml --device cuda --out DIR
-    python -m prunepath.pipeline.nlu_study --report DIR/nlu-minilm.json --plot docs/img/study-nlu-minilm.png
+    prunepath nlu-study recipes/study-nlu-minilm.yaml --device cuda --out DIR
+    prunepath nlu-study --report DIR/nlu-minilm.json --plot docs/img/study-nlu-minilm.png
 
 Work is done in units (``<task>/<phase>``) in priority order: dense + PrunePath on every task, then LTE and
 Wanda, then the ablation. The record list (``OUT/nlu-minilm.json``) is rewritten atomically after every unit, so
@@ -16,7 +16,6 @@ it is valid JSON at any time; a re-run skips finished units (fine-tuned dense we
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -435,45 +434,28 @@ def run(recipe: dict, *, progress: bool = True, deadline: float | None = None) -
     return {"records": st.records, "out": str(out), "skipped": st.skipped, "failed": st.failed, "summary": summary}
 
 
+def run_recipe_file(recipe: str | Path, *, device: str | None = None, out: str | None = None,
+                    display_name: str | None = None, data_dir: str | None = None, deadline_s: float | None = None,
+                    progress: bool = True) -> dict:
+    """Run the NLU study of the recipe file ``recipe`` (YAML/JSON, ``study: nlu``) with the given settings
+    overriding the recipe's (``None``: keep the recipe's); ``deadline_s`` is seconds from now (see :func:`run`).
+    Returns what :func:`run` returns."""
+    loaded = load_recipe(str(recipe))
+    loaded.setdefault("source", str(recipe))
+    if device:
+        loaded["device"] = device
+    for key, value in (("out", out), ("display_name", display_name), ("data_dir", data_dir)):
+        if value:
+            loaded[key] = value
+    deadline = time.time() + deadline_s if deadline_s else None
+    return run(loaded, progress=progress, deadline=deadline)
+
+
 # ---- report --------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prunepath.pipeline.nlu_study", description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", nargs="?", help="recipe YAML/JSON (study: nlu)")
-    p.add_argument("--device", help="override the recipe's device (cpu, cuda)")
-    p.add_argument("--out", help="override the recipe's out directory")
-    p.add_argument("--display-name", help="override the model name written into the records")
-    p.add_argument("--data-dir", help="override the recipe's data_dir (folder with sst2/ mrpc/ rte/ cola/)")
-    p.add_argument("--deadline-s", type=float, help="seconds from now after which no unit that does not fit starts")
-    p.add_argument("--report", help="render an existing record list (markdown to stdout) instead of running")
-    p.add_argument("--plot", help="with --report (or after a run): write the plot here")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    a = p.parse_args(argv)
-    try:
-        if a.report:
-            recs = json.loads(Path(a.report).read_text())
-            print(render_markdown(recs))
-            if a.plot:
-                print(f"plot: {plot_records(recs, a.plot)}", file=sys.stderr)
-            return 0
-        if not a.recipe:
-            p.error("give a recipe (or --report RECORDS)")
-        recipe = load_recipe(a.recipe)
-        recipe.setdefault("source", a.recipe)
-        if a.device:
-            recipe["device"] = a.device
-        for key in ("out", "display_name", "data_dir"):
-            if getattr(a, key):
-                recipe[key] = getattr(a, key)
-        deadline = time.time() + a.deadline_s if a.deadline_s else None
-        res = run(recipe, progress=a.progress, deadline=deadline)
-        print(res["summary"])
-        if a.plot and res["records"]:
-            print(f"plot: {plot_records(res['records'], a.plot)}")
-    except PrunePathError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def read_records(path: str | Path) -> list[dict]:
+    """The record list of a study (``OUT/nlu-minilm.json``), for :func:`render_markdown` / :func:`plot_records`."""
+    return json.loads(Path(path).read_text())
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command line moved to `prunepath nlu-study` (prunepath.cli.nlu_study)
+    sys.exit("python -m prunepath.pipeline.nlu_study moved: run `prunepath nlu-study` (same options)")

@@ -1,6 +1,6 @@
 """Tables and the frontier plot of the LM study from its merged results (``prunepath.pipeline.lm_study``).
 
-    python -m prunepath.pipeline.study_report RESULTS_DIR [--tag smollm2] [--docs docs] [--img docs/img]
+    prunepath study-report RESULTS_DIR [--tag smollm2] [--docs docs] [--img docs/img]
 
 Reads RESULTS_DIR/lm-TAG.json (+ topk-TAG.json, gen-TAG-raw.json, gen-TAG-predictions.jsonl,
 study-TAG-meta.json when present); writes DOCS/results/lm-TAG.json (copy), DOCS/results/gen-TAG.json (ROUGE-L
@@ -10,7 +10,6 @@ computed here: rouge-score is not on the GPU machine), DOCS/results/topk-TAG.jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -327,7 +326,10 @@ def topk_table(topk: list[dict]) -> str:
     return "\n".join(lines + ([""] + failed if failed else []))
 
 
-def build(results: Path, tag: str, docs: Path, img: Path) -> dict:
+def build(results: Path, tag: str, docs: Path, img: Path) -> dict[str, str]:
+    """Write the LM study's report from its merged results folder ``results`` (files named with ``tag``):
+    result copies and the markdown tables under ``docs``/results, the frontier plot under ``img``. Returns
+    {what: path written} (lm, plot, markdown; topk, gen, density when their inputs are there)."""
     rows = json.loads((results / f"lm-{tag}.json").read_text())
     meta_p = results / f"study-{tag}-meta.json"
     meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
@@ -378,17 +380,5 @@ def build(results: Path, tag: str, docs: Path, img: Path) -> dict:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", help="the study's merged results folder (OUT/results) or the files fetched from it")
-    p.add_argument("--tag", default="smollm2")
-    p.add_argument("--docs", default="docs")
-    p.add_argument("--img", default="docs/img")
-    a = p.parse_args(argv)
-    for k, v in build(Path(a.results), a.tag, Path(a.docs), Path(a.img)).items():
-        print(f"{k}: {v}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command line moved to `prunepath study-report` (prunepath.cli.study_report)
+    sys.exit("python -m prunepath.pipeline.study_report moved: run `prunepath study-report` (same options)")
