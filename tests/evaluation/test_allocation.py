@@ -276,3 +276,23 @@ def test_sweep_with_greedy_allocation():
     taus = sweep(model, None, "ppl", ids, [0.5, 1.05], window=64, progress=False)
     assert taus[1]["s_ffn"] == 0 and taus[0]["s_ffn"] > 0
     assert model.prunepath.config.routing.layer_tau == res["layer_tau"]
+
+
+def test_cli_eval_inner_sparsity(files, capsys):
+    """eval --inner-sparsity calibrates in-expert thresholds on --calib-data (required) and reports byte s_FFN."""
+    from prunepath.cli.main import main
+
+    res = files["root"] / "inner.json"
+    assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",
+                 "--tau", "1.05", "--inner-sparsity", "0.3", "--calib-data", files["calib"], "--calib-tokens", "512",
+                 "--json", str(res), "--no-progress"]) == 0
+    r = json.loads(res.read_text())
+    assert r["inner"]["target"] == 0.3 and len(r["inner"]["t_in"]) == len(r["inner"]["t_mid"]) == 2
+    assert 0.2 < r["s_ffn"] < 0.4 and r["s_experts"] == 0.0
+    capsys.readouterr()
+    assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",
+                 "--inner-sparsity", "0.3"]) == 2
+    assert "--calib-data" in capsys.readouterr().err
+    assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",
+                 "--inner-sparsity", "1.5", "--calib-data", files["calib"]]) == 2
+    assert "(0, 1)" in capsys.readouterr().err

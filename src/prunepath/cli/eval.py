@@ -15,6 +15,8 @@ from prunepath.data.corpora import corpus_names, is_corpus_name
 from prunepath.evaluation.allocation import allocate_layer_tau
 from prunepath.evaluation.allocation import apply_allocation
 from prunepath.evaluation.allocation import calibration_ids
+from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
+from prunepath.routing.config import validate_sparsity_fraction
 from prunepath.evaluation.calibration import find_tau_for_sparsity
 from prunepath.evaluation.common import check_tokenizer
 from prunepath.evaluation.reports import run_meta, write_json
@@ -89,10 +91,39 @@ def register(sub) -> None:
                    help="calibration text for --target-sparsity (default: the first --calib-tokens of --data if "
                         "it is raw text, else WikiText-2 validation)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--inner-sparsity", type=float, default=None, metavar="F",
+                   help="in-expert (TEAL-style) thresholds: zero the smallest fraction F of FFN inputs and of "
+                        "intermediates inside the active experts, calibrated on --calib-data (required; never the "
+                        "evaluation text); 0 clears thresholds stored in the checkpoint. See docs/evaluation.md")
     add_allocation_args(p)
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON (atomically)")
     add_device_arg(p)
     p.set_defaults(func=run)
+
+
+def check_inner_args(args: argparse.Namespace) -> None:
+    f = getattr(args, "inner_sparsity", None)
+    if f is None or f == 0:
+        return
+    validate_sparsity_fraction(f, "--inner-sparsity")
+    if not getattr(args, "calib_data", None):
+        raise PrunePathError("--inner-sparsity calibrates thresholds and needs --calib-data, text that is not the "
+                             "evaluation text (e.g. mix:sotu,moby-dick,austen,brown or a text file)")
+
+
+def apply_inner_args(model, tok, args: argparse.Namespace) -> dict | None:
+    """Calibrate and set (or with 0 clear) the in-expert thresholds; returns the spec (None when untouched)."""
+    f = getattr(args, "inner_sparsity", None)
+    if f is None:
+        return None
+    if f == 0:
+        return apply_inner(model, None)
+    stats = collect_inner_stats(model, tok, args.calib_data, max_tokens=args.calib_tokens, window=args.window,
+                                progress=not args.no_progress)
+    spec = apply_inner(model, inner_spec(stats, f))
+    print(f"in-expert thresholds for fraction {f:g} calibrated on {stats.tokens} tokens of {args.calib_data}",
+          file=sys.stderr)
+    return spec
 
 
 def load_for_eval(args: argparse.Namespace):
@@ -202,12 +233,16 @@ def run(args: argparse.Namespace) -> int:
         if args.target_sparsity is None:
             raise PrunePathError(f"--allocate {args.allocate} needs --target-sparsity S")
         check_target(args.target_sparsity)
+    check_inner_args(args)
     model, tok = load_for_eval(args)
     converted = prunepath.is_converted(model)
-    if (args.tau is not None or args.target_sparsity is not None) and not converted:
-        raise PrunePathError("--tau / --target-sparsity need a converted model (a PrunePath checkpoint from "
-                             "`prunepath convert` or `prunepath train`); this one is dense")
+    if (args.tau is not None or args.target_sparsity is not None or args.inner_sparsity is not None) \
+            and not converted:
+        raise PrunePathError("--tau / --target-sparsity / --inner-sparsity need a converted model (a PrunePath "
+                             "checkpoint from `prunepath convert` or `prunepath train`); this one is dense (for "
+                             "activation sparsity on a dense model: prunepath baseline --method teal)")
     apply_routing_args(model, args)
+    inner = apply_inner_args(model, tok, args)
     if converted and (args.tau is not None or args.target_sparsity is not None) and \
             state_of(model).config.routing.allocation:
         print("note: --tau / --target-sparsity replace the per-layer τ allocation stored in this checkpoint",
@@ -233,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
         result["tau"] = state_of(model).config.routing.tau
         if state_of(model).config.routing.layer_tau:
             result["layer_tau"] = {str(k): v for k, v in state_of(model).config.routing.layer_tau.items()}
+    if inner:
+        result["inner"] = inner
     if calib is not None:
         result["target_sparsity"] = args.target_sparsity
         result["calibration"] = calib

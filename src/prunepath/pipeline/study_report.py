@@ -44,12 +44,14 @@ KNOWN = [
     ("wanda", None, "Wanda (weight sparsity)", "x-"),
     ("static", None, "static expert pruning", "d-"),
 ]
-METHOD_ORDER = ["prunepath-alloc", "prunepath-sweep", "prunepath", "teal", "teal-greedy", "cats", "lte",
+METHOD_ORDER = ["prunepath-inner", "prunepath-alloc", "prunepath-sweep", "prunepath", "teal", "teal-greedy", "cats", "lte",
                 "moefication-topk", "d2dmoe", "wanda", "static"]
 TARGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 # Issue 13's targets, as a ratio to the original model: with every expert on, at s_FFN 0.4 and at 0.5.
 GOALS = (("all experts on", None, 1.02), ("s_FFN 0.4", 0.4, 1.10), ("s_FFN 0.5", 0.5, 1.20))
 TRAINING_FREE = ("teal", "teal-greedy", "cats")
+# methods with one curve per trained variant, named by what was swept
+PER_VARIANT = {"prunepath-alloc": "target sweep", "prunepath-inner": "frontier of τ × in-expert fraction"}
 
 
 def curves(rows: list[dict]) -> list[tuple[str, str | None, str, str]]:
@@ -72,11 +74,11 @@ def curves(rows: list[dict]) -> list[tuple[str, str | None, str, str]]:
         if method in covered:
             continue
         for v in dict.fromkeys(r.get("variant") for r in rows if r["method"] == method):
-            key = (method, v if method in split or method == "prunepath-alloc" else None)
-            if key in seen or (method not in split and method != "prunepath-alloc" and (method, None) in seen):
+            key = (method, v if method in split or method in PER_VARIANT else None)
+            if key in seen or (method not in split and method not in PER_VARIANT and (method, None) in seen):
                 continue
             seen.add(key)
-            what = "target sweep" if method == "prunepath-alloc" else "τ sweep"
+            what = PER_VARIANT.get(method, "τ sweep")
             label = f"PrunePath ({v}), {what}" if method.startswith("prunepath") else f"{method} ({v})"
             out.append((method, key[1], label, next(styles)))
     return out
@@ -170,7 +172,7 @@ def targets_check(rows: list[dict]) -> str:
     """Issue 13's targets for every trained PrunePath setting (τ sweep and per-layer allocation), against the
     ORIGINAL model; and whether each is below TEAL and CATS at s 0.3–0.6 at equal FFN bytes (router counted)."""
     orig = _ref(rows, "dense")
-    cands = [c for c in curves(rows) if c[0] in ("prunepath-sweep", "prunepath-alloc")]
+    cands = [c for c in curves(rows) if c[0] in ("prunepath-sweep", *PER_VARIANT)]
     if not orig or not cands:
         return "(no original-model record or PrunePath curve yet)"
     o = orig["ppl"]
