@@ -153,3 +153,21 @@ def test_recipe_file_rejects_unknown_keys_and_flags_override(tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(PrunePathError, match="--device cpu"):
         train(converted(), None, tiny_lm_data(), cfg(device="cuda"))
+
+
+def test_inner_sparsity_training_logs_fraction_and_byte_sparsity(tmp_path):
+    """--inner-sparsity-max: stage-2 steps run with batch thresholds at the scheduled fraction; the log records
+    it, s_FFN counts the bytes they skip, and the finished model carries no training thresholds."""
+    from prunepath.training.schedule import inner_fraction
+
+    data = tiny_lm_data()
+    m = converted()
+    c = cfg(tau_schedule="sample", tau_all_prob=1.0, inner_sparsity_max=0.6, inner_off_prob=0.0)
+    train(m, tiny_tokenizer(), data, c, out_dir=tmp_path / "run")
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["inner"] == 0 and r["s_ffn"] == 0 for r in log[:6])  # stage 1: off
+    for r in log[6:]:
+        f = inner_fraction(2, r["step"] - 7, c)
+        assert r["inner"] == pytest.approx(f) and r["tau"] == 1.05
+        assert r["s_ffn"] == pytest.approx(f, abs=0.08)  # every expert on: (2f + f) / 3 of the bytes skipped
+    assert all(f.inner_fraction is None for f in prunepath.prunepath_modules(m))

@@ -227,6 +227,8 @@ def _step_record(run: _Run, sums: dict, stage: int, tau, grad_norm, t0: float) -
            "tokens": run.tokens_seen, "elapsed_s": round(time.time() - t0, 3)}
     if not run.converted:
         rec.pop("H"), rec.pop("s_ffn")
+    elif run.cfg.inner_sparsity_max:  # this step's in-expert fraction (0: thresholds off)
+        rec["inner"] = float(run.ffns[0].inner_fraction or 0.0) if run.ffns else 0.0
     return rec, acc, terms_acc
 
 
