@@ -49,7 +49,7 @@ from prunepath.evaluation.perplexity import tokenize_text
 from prunepath.routing.control import configure
 from prunepath.routing.methods import get_method
 from prunepath.routing.control import routing_scope
-from prunepath.routing.config import TAU_ALL
+from prunepath.routing.config import TAU_ALL, validate_sparsity_fraction
 from prunepath.state import state_of
 
 METHODS = ("greedy", "uniform")
@@ -88,17 +88,6 @@ def _check_model(model: nn.Module):
         raise PrunePathError(f"per-layer allocation tunes τ of the cumulative/nucleus rule; this model routes with "
                              f"method={cfg.routing.method!r}, rule={cfg.routing.rule!r} (set --rule cumulative)")
     return cfg
-
-
-def _check_target(target: float) -> float:
-    try:
-        t = float(target)
-    except (TypeError, ValueError) as exc:
-        raise PrunePathError(f"target sparsity must be a number in (0, 1) (got {target!r})") from exc
-    if not 0.0 < t < 1.0:
-        raise PrunePathError(f"target sparsity must be in (0, 1) (got {target}); e.g. 0.5 for half the experts "
-                             "inactive")
-    return t
 
 
 def validate_tau_grid(tau_grid: Sequence[float] | None) -> list[float]:
@@ -341,7 +330,7 @@ def allocate_layer_tau(
 
     if method not in METHODS:
         raise PrunePathError(f"unknown allocation method {method!r}; choose one of {', '.join(METHODS)}")
-    target = _check_target(target)
+    target = validate_sparsity_fraction(target, "target sparsity")
     if not 0 < tol < 1:
         raise PrunePathError(f"tol must be in (0, 1) (got {tol})")
     if window < 1:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunepath.baselines.activation import quantile_threshold
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.allocation import _run_windows, calibration_ids
 from prunepath.evaluation.common import pad_id
@@ -39,11 +40,6 @@ class InnerStats:
     h_abs: list[torch.Tensor]
     tokens: int
     source: str
-
-
-def _quantile(sorted_abs: torch.Tensor, fraction: float) -> float | None:
-    k = min(int(round(fraction * sorted_abs.numel())), sorted_abs.numel())
-    return float(sorted_abs[k - 1]) if k > 0 else None
 
 
 @torch.no_grad()
@@ -107,8 +103,8 @@ def inner_spec(stats: InnerStats, fraction: float) -> dict:
     """The ``RoutingConfig.inner`` mapping that zeroes a ``fraction`` of the entries of x and of h in every layer
     (on the calibration data, every expert on)."""
     f = validate_sparsity_fraction(fraction, "inner sparsity")
-    return {"target": f, "t_in": [_quantile(x, f) for x in stats.x_abs],
-            "t_mid": [_quantile(h, f) for h in stats.h_abs],
+    return {"target": f, "t_in": [quantile_threshold(x, f) for x in stats.x_abs],
+            "t_mid": [quantile_threshold(h, f) for h in stats.h_abs],
             "calibration": {"tokens": stats.tokens, "source": stats.source, "rule": "uniform"}}
 
 

@@ -72,7 +72,8 @@ def validate_inner(inner: dict | None) -> dict:
         t_mid = [None if t is None else float(t) for t in inner["t_mid"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise PrunePathError(f"routing inner thresholds need t_in and t_mid lists of numbers or None ({exc}); "
-                             "calibrate them with prunepath.evaluation.inner.calibrate_inner") from exc
+                             "calibrate them with prunepath.evaluation.inner (collect_inner_stats, inner_spec) or "
+                             "prunepath eval --inner-sparsity") from exc
     if len(t_in) != len(t_mid) or any(t is not None and not t >= 0 for t in t_in + t_mid):
         raise PrunePathError(f"routing inner thresholds: {len(t_in)} t_in and {len(t_mid)} t_mid, all must be >= 0 "
                              "and one per layer; calibrate them again on this model")
