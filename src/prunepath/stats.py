@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from prunepath.models.adapters import ffn_byte_weights
 from prunepath.routing.ffn import prunepath_modules
 from prunepath.state import state_of
 
@@ -53,7 +54,8 @@ def activation_s_ffn(s_in, s_mid, *, gated: bool, method: str = "teal"):
         return s_mid * (2 / 3)
     if method != "teal":
         raise ValueError(f"unknown activation-sparsity method {method!r}")
-    return (2 * s_in + s_mid) / 3 if gated else (s_in + s_mid) / 2
+    w_in, w_mid = ffn_byte_weights(gated)
+    return w_in * s_in + w_mid * s_mid
 
 
 def router_byte_fraction(model: nn.Module) -> float:
@@ -108,9 +110,20 @@ def inner_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, 
     """With in-expert thresholds on (``RoutingConfig.inner``, or training with ``inner_sparsity_max``): per-(kept)
     token fraction of FFN weight bytes not read, one 1-D tensor per layer; None when they were off."""
     mods = prunepath_modules(model)
-    if not mods or any(m.last_inner_s is None for m in mods):
+    if not mods or any(m.last_inner_kept is None for m in mods):
         return None
-    return _per_token(mods, "last_inner_s", token_mask, keep_device)
+    kept = _per_token(mods, "last_inner_kept", _pair_mask(token_mask), keep_device)
+    out = []
+    for m, k in zip(mods, kept):
+        w_in, w_mid = ffn_byte_weights(m.gated)
+        k = k.view(-1, 2)
+        out.append(1.0 - w_in * k[:, 0] - w_mid * k[:, 1])
+    return out
+
+
+def _pair_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A token mask widened to the (kept input bytes, kept intermediate bytes) pair every token records."""
+    return None if token_mask is None else token_mask.to(torch.bool).unsqueeze(-1).expand(*token_mask.shape, 2)
 
 
 def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:

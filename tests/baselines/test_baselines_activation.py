@@ -8,9 +8,10 @@ import torch
 
 import prunepath
 from prunepath.baselines.activation import (ActivationSparseFFN, ActivationSparsity, activation_modules,
-                                            apply_activation_sparsity, calibration_batches, cats_thresholds,
-                                            collect_activation_stats, load_spec, remove_activation_sparsity,
-                                            save_activation_model, teal_thresholds)
+                                            apply_activation_sparsity, block_allocation, calibration_batches,
+                                            cats_thresholds, collect_activation_stats, load_spec,
+                                            remove_activation_sparsity, save_activation_model, split_greedy,
+                                            teal_thresholds)
 from prunepath.cli.main import main
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.perplexity import evaluate_perplexity
@@ -175,6 +176,51 @@ def test_greedy_reaches_the_target_and_spares_the_sensitive_layer():
     assert sum(layer_s) / 2 == pytest.approx(0.4, abs=1e-9)
     assert s_in[1] > s_in[0] + 0.2 and layer_s[1] > layer_s[0]
     assert spec.allocation == "greedy" and spec.s_in[1] > spec.s_in[0]
+
+
+def brute_force_split(error, target, weights, step):
+    """The split_greedy path by hand: every step tries both tensors and keeps the cheaper per byte."""
+    level, total, err = [0.0, 0.0], 0.0, error(0.0, 0.0)
+    while total < target - 1e-12:
+        costs = []
+        for k in range(2):
+            trial = list(level)
+            trial[k] += step
+            costs.append((error(*trial) - err) / (weights[k] * step))
+        k = 0 if costs[0] <= costs[1] else 1
+        gain = min(weights[k] * step, target - total)
+        level[k] += gain / weights[k]
+        total += gain
+        err = error(*level)
+    return tuple(level)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_greedy_matches_a_hand_walk_and_meets_the_byte_target(seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b, p = (float(v) for v in torch.rand(3, generator=g) * torch.tensor([3.0, 3.0, 2.0]) + torch.tensor([0.1, 0.1, 1.5]))
+    error = lambda u, v: a * u ** p + b * v ** p  # noqa: E731  (convex, random weights)
+    target = float(torch.rand(1, generator=g) * 0.6 + 0.1)
+    got = split_greedy(error, target, (2 / 3, 1 / 3), step=0.05)
+    want = brute_force_split(error, target, (2 / 3, 1 / 3), 0.05)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert 2 / 3 * got[0] + 1 / 3 * got[1] == pytest.approx(target, abs=1e-9)
+    # the tensor whose error grows faster gets less of the sparsity
+    cheap = split_greedy(lambda u, v: 10 * u ** 2 + v ** 2, 0.4, (2 / 3, 1 / 3))
+    assert cheap[1] > cheap[0]
+
+
+def test_block_allocation_keeps_every_layer_at_the_target():
+    torch.set_num_threads(1)
+    m = tiny_llama(layers=2)
+    stats = collect_activation_stats(m, tiny_tokenizer(), CALIB, max_tokens=1024, seq_len=64, progress=False,
+                                     samples=1 << 15, cache_tokens=256)
+    s_in, s_mid = block_allocation(stats, 0.4)
+    for a, b in zip(s_in, s_mid):
+        assert activation_s_ffn(a, b, gated=True) == pytest.approx(0.4, abs=1e-9)
+        assert 0 <= a <= 0.95 and 0 <= b <= 0.95
+    spec = teal_thresholds(stats, 0.4, "block")
+    assert spec.allocation == "block" and spec.s_in == pytest.approx(s_in, abs=0.02)
 
 
 def test_perplexity_reports_measured_s_ffn(calibrated, tmp_path):

@@ -296,3 +296,14 @@ def test_cli_eval_inner_sparsity(files, capsys):
     assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",
                  "--inner-sparsity", "1.5", "--calib-data", files["calib"]]) == 2
     assert "(0, 1)" in capsys.readouterr().err
+    for extra in (["--inner-allocation", "block"], ["--inner-mid-bias", "0.25"]):
+        assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",
+                     "--tau", "1.05", "--inner-sparsity", "0.3", "--calib-data", files["calib"], "--calib-tokens",
+                     "512", "--json", str(res), "--no-progress", *extra]) == 0
+        r = json.loads(res.read_text())
+        assert r["inner"]["f_in"][0] < 0.3 < r["inner"]["f_mid"][0] or extra[0] == "--inner-allocation"
+        assert r["inner"]["calibration"]["rule"] == ("block" if extra[0] == "--inner-allocation" else "uniform")
+        assert 0.2 < r["s_ffn"] < 0.4
+    assert main(["eval", "--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--window", "64",
+                 "--inner-sparsity", "0.3", "--calib-data", files["calib"], "--inner-mid-bias", "1.2"]) == 2
+    assert "mid bias" in capsys.readouterr().err

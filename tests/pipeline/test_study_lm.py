@@ -258,6 +258,8 @@ def test_study_recipe_has_the_distillation_variant():
     assert len({chain[f"train-{v}"] for v in variants}) == len(variants)
     r5 = lm_study.train_config(cfg, "r5-sample-n16", "cpu")
     assert (r5.tau_schedule, r5.neurons_per_expert, r5.train_scope) == ("sample", 16, "all")
+    r7 = lm_study.train_config(cfg, "r7-split-n16", "cpu")  # evaluation keys do not reach the trainer
+    assert (r7.inner_mid_bias, r7.inner_sparsity_max, r7.stage1_steps + r7.stage2_steps) == (0.15, 0.6, 1221)
 
 
 def test_round4_jobs_original_base_selection_and_budgets(study):
@@ -316,10 +318,11 @@ def test_inner_variant_trains_with_thresholds_and_evaluates_its_grid(study):
     recipe = {**recipe, "sweep_taus": [1.05, 0.7],
               "variants": {**recipe["variants"], "hyb": {"label": "hybrid", "tau_min": 0.6, "tau_schedule": "sample",
                                                          "inner_sparsity_max": 0.5, "inner_targets": [0.2, 0.5],
-                                                         "inner_taus": [1.05, 0.8]}}}
+                                                         "inner_taus": [1.05, 0.8], "inner_mid_bias": 0.2,
+                                                         "inner_allocations": ["uniform", "block"]}}}
     cfg = lm_study.load_study(recipe)
     assert lm_study.train_config(cfg, "hyb", "cpu").inner_sparsity_max == 0.5
-    for bad in ({"inner_targets": [1.2]}, {"inner_taus": [0]}):
+    for bad in ({"inner_targets": [1.2]}, {"inner_taus": [0]}, {"inner_allocations": ["greedy"]}):
         with pytest.raises(PrunePathError, match="variants.hyb.inner"):
             lm_study.load_study({**recipe, "variants": {**recipe["variants"], "hyb": {**recipe["variants"]["hyb"],
                                                                                         **bad}}})
@@ -327,8 +330,11 @@ def test_inner_variant_trains_with_thresholds_and_evaluates_its_grid(study):
     assert not result["failed"], result["left"]
     rows = json.loads((tmp / "out" / "results" / "lm-tiny.json").read_text())
     grid = [r for r in rows if r["method"] == "prunepath-inner-grid"]
-    assert sorted((r["tau"], r["inner_target"]) for r in grid) == [(0.8, 0.2), (0.8, 0.5), (1.05, 0.2), (1.05, 0.5)]
-    dense_f = {r["inner_target"]: r for r in grid if r["tau"] == 1.05}
+    points = [(t, f, a) for t in (0.8, 1.05) for f in (0.2, 0.5) for a in ("block", "uniform")]
+    assert sorted((r["tau"], r["inner_target"], r["inner_allocation"]) for r in grid) == points
+    uniform = [r for r in grid if r["inner_allocation"] == "uniform"]
+    assert all(r["inner_f_in"][0] < r["inner_target"] < r["inner_f_mid"][0] for r in uniform)  # the trained bias
+    dense_f = {r["inner_target"]: r for r in uniform if r["tau"] == 1.05}
     assert 0.1 < dense_f[0.2]["s_ffn"] < dense_f[0.5]["s_ffn"] < 0.65 and dense_f[0.5]["s_experts"] == 0.0
     sweep = [r for r in rows if r["method"] == "prunepath-sweep"]
     front = sorted((r for r in rows if r["method"] == "prunepath-inner"), key=lambda r: r["s_ffn"])

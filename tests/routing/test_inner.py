@@ -9,15 +9,21 @@ import torch
 import prunepath
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
-from prunepath.routing.config import RoutingConfig
-from prunepath.routing.ffn import batch_quantile
-from prunepath.stats import ActiveMeter, sparsity
+from prunepath.routing.config import INNER_CAP, RoutingConfig, inner_split
+from prunepath.routing.ffn import batch_quantile, prunepath_modules
+from prunepath.stats import ActiveMeter, inner_s_per_token, sparsity
 from prunepath.training.config import TrainConfig
-from prunepath.training.schedule import inner_fraction
+from prunepath.training.schedule import inner_fraction, prunepath_stage_hook
 from routing.test_ffn import make_ffn
 from test_eval_fixtures import one_thread, tiny_converted  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def skipped(ffn) -> torch.Tensor | None:
+    """Per-token fraction of the FFN's weight bytes not read in its last forward (None: thresholds off)."""
+    out = inner_s_per_token(ffn)
+    return None if out is None else out[0]
 
 
 def reference(ffn, x, t_in, t_mid):
@@ -70,8 +76,8 @@ def test_forward_and_bytes_match_float64_reference(gated, bias, tau):
         y = ffn(x)
     ref_y, ref_s = reference(ffn, x, t_in, t_mid)
     torch.testing.assert_close(y.double(), ref_y, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ffn.last_inner_s.double().reshape(-1), ref_s, rtol=0, atol=1e-6)
-    assert float(ffn.last_inner_s.mean()) > 0.2  # something was skipped beyond the experts
+    torch.testing.assert_close(skipped(ffn).double(), ref_s, rtol=0, atol=1e-6)
+    assert float(skipped(ffn).mean()) > 0.2  # something was skipped beyond the experts
 
 
 def test_thresholds_off_is_the_plain_ffn_and_zero_threshold_changes_nothing():
@@ -79,12 +85,12 @@ def test_thresholds_off_is_the_plain_ffn_and_zero_threshold_changes_nothing():
     x = torch.randn(7, ffn.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = ffn(x)
-        assert ffn.last_inner_s is None
+        assert skipped(ffn) is None
         ffn.routing.inner = {"t_in": [0.0], "t_mid": [None]}
         same = ffn(x)
     torch.testing.assert_close(same, plain, rtol=0, atol=0)
     # with only experts skipped, the byte count is the expert count
-    torch.testing.assert_close(ffn.last_inner_s, 1 - ffn.last_active.float() / ffn.num_experts)
+    torch.testing.assert_close(skipped(ffn), 1 - ffn.last_active.float().reshape(-1) / ffn.num_experts)
 
 
 def test_training_thresholds_come_from_the_batch():
@@ -93,11 +99,11 @@ def test_training_thresholds_come_from_the_batch():
     ffn.inner_fraction = 0.3
     ffn(x)
     # about 30 % of the inputs and of the intermediates zeroed: s = (2·0.3 + 0.3) / 3 at every expert on
-    assert float(ffn.last_inner_s.mean()) == pytest.approx(0.3, abs=0.02)
+    assert float(skipped(ffn).mean()) == pytest.approx(0.3, abs=0.02)
     ffn.eval()
     with torch.no_grad():
         ffn(x)
-    assert ffn.last_inner_s is None  # batch thresholds are a training device only
+    assert skipped(ffn) is None  # batch thresholds are a training device only
     v = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
     exact = v.abs().sort().values[int(0.25 * v.numel()) - 1]
     assert float(batch_quantile(v, 0.25, samples=1 << 20)) == pytest.approx(float(exact), abs=1e-6)
@@ -177,3 +183,67 @@ def test_decode_engine_refuses_in_expert_thresholds():
     apply_inner(model, {"t_in": [0.1, 0.1], "t_mid": [0.1, None]})
     with pytest.raises(PrunePathError, match="in-expert thresholds"):
         DecodeEngine(model, graphs=False)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("f,k", [(0.3, 0.0), (0.4, 0.15), (0.5, 0.25), (0.7, 0.3), (0.9, 0.5)])
+def test_inner_split_keeps_the_bytes_and_the_cap(gated, f, k):
+    a, b = inner_split(f, k, gated)
+    w_in = 2 / 3 if gated else 1 / 2
+    assert w_in * a + (1 - w_in) * b == pytest.approx(f, abs=1e-12)  # the same bytes as f on both
+    assert 0 <= a <= f <= b <= INNER_CAP + 1e-12
+    if k == 0:
+        assert a == b == pytest.approx(f)
+    with pytest.raises(PrunePathError, match="mid bias"):
+        inner_split(f, 1.0, gated)
+    with pytest.raises(PrunePathError, match="inner-mid-bias"):
+        TrainConfig(method="prunepath", inner_sparsity_max=0.5, inner_mid_bias=-0.1)
+
+
+def test_training_split_thresholds_each_tensor_at_its_own_fraction():
+    ffn = make_ffn(True, False, RoutingConfig(tau=1.05), seed=4, E=8, n=16, d=64).train()
+    x = torch.randn(4, 256, 64, generator=torch.Generator().manual_seed(5))
+    ffn.inner_fraction = inner_split(0.4, 0.25, True)  # (0.3, 0.6)
+    ffn(x)
+    kept = ffn.last_inner_kept.reshape(-1, 2).mean(0)
+    assert float(kept[0]) == pytest.approx(0.7, abs=0.02) and float(kept[1]) == pytest.approx(0.4, abs=0.02)
+    assert float(skipped(ffn).mean()) == pytest.approx(0.4, abs=0.02)
+    cfg = TrainConfig(method="prunepath", inner_sparsity_max=0.5, inner_mid_bias=0.2, seed=1)
+    model = tiny_converted(seed=1, layers=2)
+    step = next(s for s in range(50) if inner_fraction(2, s, cfg) > 0)
+    prunepath_stage_hook(model, 2, step, 100, cfg)
+    f = inner_fraction(2, step, cfg)
+    assert all(m.inner_fraction == pytest.approx(inner_split(f, 0.2, True)) for m in prunepath_modules(model))
+
+
+def test_block_allocation_meets_the_bytes_per_layer_and_beats_a_bad_split():
+    model = tiny_converted(seed=2, layers=2, router_std=0.2)
+    ids = torch.randint(4, 64, (2048,), generator=torch.Generator().manual_seed(6))
+    stats = collect_inner_stats(model, None, ids, window=64, samples_per_layer=1 << 16, keep_inputs=512)
+    assert all(x.shape[0] == 512 for x in stats.inputs)
+    spec = inner_spec(stats, 0.4, allocation="block", model=model)
+    assert spec["calibration"]["rule"] == "block"
+    for a, b in zip(spec["f_in"], spec["f_mid"]):
+        assert 2 / 3 * a + 1 / 3 * b == pytest.approx(0.4, abs=1e-3)
+
+    def output_error(s):
+        errs = []
+        with torch.no_grad(), prunepath.routing(model, tau=1.05):
+            for i, m in enumerate(prunepath_modules(model)):
+                x = stats.inputs[i]
+                y0 = m.thresholded_forward(x, None, None)
+                y = m.thresholded_forward(x, s["t_in"][i], s["t_mid"][i])
+                errs.append(float(((y - y0) ** 2).sum() / (y0 ** 2).sum()))
+        return errs
+
+    # the greedy split is no worse, layer by layer, than both fixed rules at the same bytes
+    for k in (0.0, 0.5):
+        other = output_error(inner_spec(stats, 0.4, mid_bias=k))
+        assert all(e <= o * 1.05 + 1e-9 for e, o in zip(output_error(spec), other))
+    with pytest.raises(PrunePathError, match="pass model="):
+        inner_spec(stats, 0.4, allocation="block")
+    with pytest.raises(PrunePathError, match="unknown in-expert allocation"):
+        inner_spec(stats, 0.4, allocation="greedy", model=model)
+    bare = collect_inner_stats(model, None, ids, window=64, keep_inputs=0)
+    with pytest.raises(PrunePathError, match="keep_inputs"):
+        inner_spec(bare, 0.4, allocation="block", model=model)

@@ -27,7 +27,7 @@ import tempfile
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.errors import PrunePathError
-from prunepath.models.adapters import Adapter, DenseFFN, FFNSite, adapter_by_name, adapter_for
+from prunepath.models.adapters import Adapter, DenseFFN, FFNSite, adapter_by_name, adapter_for, ffn_byte_weights
 from prunepath.state import state_of
 from prunepath.stats import activation_modules as stats_activation_modules
 from prunepath.stats import activation_s_ffn
@@ -44,7 +44,7 @@ from prunepath.baselines.activation_calibration import (  # noqa: F401  (re-expo
     ActivationStats, _sample, _takes_cache, calibration_batches, collect_activation_stats)
 
 METHODS = ("teal", "cats")
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "block")
 SPEC_FILE = "prunepath_activation.json"
 GREEDY_STEP = 0.05  # sparsity added to one (layer, tensor) per greedy step
 GREEDY_MAX = 0.95  # no tensor of a layer is made sparser than this by the greedy allocation
@@ -59,7 +59,8 @@ def check_target(method: str, sparsity: float, allocation: str = "uniform") -> N
     if allocation not in ALLOCATIONS:
         raise PrunePathError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if method == "cats" and allocation != "uniform":
-        raise PrunePathError("CATS has one threshold per layer and no greedy allocation; use allocation='uniform'")
+        raise PrunePathError("CATS has one threshold per layer and no greedy or block allocation; use "
+                             "allocation='uniform'")
     s = float(sparsity)
     if not 0.0 < s < 1.0:
         raise PrunePathError(f"target sparsity must be in (0, 1) (got {sparsity}); e.g. 0.4 skips 40 % of the "
@@ -67,7 +68,7 @@ def check_target(method: str, sparsity: float, allocation: str = "uniform") -> N
     if method == "cats" and s >= 2 / 3:
         raise PrunePathError(f"CATS always reads the gate, so its s_FFN is at most 2/3 (neuron sparsity 1.5·s must be "
                              f"< 1); got {sparsity}; choose a target below 0.667")
-    if method == "teal" and allocation == "greedy" and s > GREEDY_MAX:
+    if method == "teal" and allocation != "uniform" and s > GREEDY_MAX:
         raise PrunePathError(f"greedy allocation reaches at most s_FFN {GREEDY_MAX} (got {sparsity}); use a smaller "
                              "target or allocation='uniform'")
 
@@ -138,11 +139,6 @@ def _fraction_below(sorted_abs: torch.Tensor, t: float | None) -> float:
     return float(pos.item()) / sorted_abs.numel()
 
 
-def _byte_weights(gated: bool) -> tuple[float, float]:
-    """Share of the FFN weight bytes behind x (gate+up columns, or W₁) and behind h (down rows, or W₂)."""
-    return (2 / 3, 1 / 3) if gated else (1 / 2, 1 / 2)
-
-
 def _spec(stats: ActivationStats, method: str, sparsity: float, allocation: str, s_in: Sequence[float],
           s_mid: Sequence[float]) -> ActivationSparsity:
     mid = stats.gate_abs if method == "cats" else stats.h_abs
@@ -157,14 +153,16 @@ def _spec(stats: ActivationStats, method: str, sparsity: float, allocation: str,
 def teal_thresholds(stats: ActivationStats, sparsity: float, allocation: str = "uniform") -> ActivationSparsity:
     """TEAL thresholds for a target s_FFN (fraction of FFN weight bytes not read per token).
 
-    ``uniform``: every layer has s_in = s_mid = ``sparsity``. ``greedy``: TEAL's greedy allocation across layers
-    and tensors (:func:`greedy_allocation`), measured on the cached calibration inputs.
+    ``uniform``: every layer has s_in = s_mid = ``sparsity``. ``block``: TEAL's own block-wise greedy, every
+    layer at ``sparsity`` bytes, split between x and h by :func:`block_allocation`. ``greedy``: a greedy
+    allocation across layers and tensors (:func:`greedy_allocation`). Both measure on the cached calibration inputs.
     """
     check_target("teal", sparsity, allocation)
     n = stats.num_layers
     if allocation == "uniform":
         return _spec(stats, "teal", sparsity, allocation, [float(sparsity)] * n, [float(sparsity)] * n)
-    s_in, s_mid = greedy_allocation(stats, float(sparsity))
+    alloc = block_allocation if allocation == "block" else greedy_allocation
+    s_in, s_mid = alloc(stats, float(sparsity))
     return _spec(stats, "teal", sparsity, allocation, s_in, s_mid)
 
 
@@ -364,7 +362,7 @@ def greedy_allocation(stats: ActivationStats, target: float, step: float = GREED
     FFN's output error is measured layer-locally on the same calibration tokens.
     """
     n = stats.num_layers
-    w_in, w_mid = _byte_weights(stats.gated)
+    w_in, w_mid = ffn_byte_weights(stats.gated)
     weights = (w_in, w_mid)
     level = [[0.0, 0.0] for _ in range(n)]
     f0 = stats.ffns[0]
@@ -400,6 +398,54 @@ def greedy_allocation(stats: ActivationStats, target: float, step: float = GREED
         cost[i] = candidates(i)
     bar.close()
     return [lv[0] for lv in level], [lv[1] for lv in level]
+
+
+def split_greedy(error: Callable[[float, float], float], target: float, weights: tuple[float, float], *,
+                 step: float = GREEDY_STEP, cap: float = GREEDY_MAX) -> tuple[float, float]:
+    """TEAL's block-wise greedy for one FFN: from (s_in, s_mid) = (0, 0), raise by ``step`` whichever of the two
+    costs the least extra ``error(s_in, s_mid)`` per byte saved (``weights``: the byte shares of x and h), until
+    the FFN's byte sparsity w_in·s_in + w_mid·s_mid reaches ``target``; the last step is cut short so it is met
+    exactly. Neither fraction goes above ``cap``."""
+    level = [0.0, 0.0]
+    total, err = 0.0, error(0.0, 0.0)
+    while total < target - 1e-9:
+        best: tuple[float, int] | None = None
+        for k in range(2):
+            if level[k] + step > cap + 1e-9:
+                continue
+            trial = list(level)
+            trial[k] += step
+            cost = (error(*trial) - err) / (weights[k] * step)
+            if best is None or cost < best[0]:
+                best = (cost, k)
+        if best is None:
+            break  # both at the cap (check_target keeps targets below it)
+        k = best[1]
+        gain = min(weights[k] * step, target - total)
+        level[k] += gain / weights[k]
+        total += gain
+        err = error(*level)
+    return level[0], level[1]
+
+
+@torch.no_grad()
+def block_allocation(stats: ActivationStats, target: float, step: float = GREEDY_STEP,
+                     progress: bool = False) -> tuple[list[float], list[float]]:
+    """TEAL's allocation (its block-wise greedy, FFN part): every layer reaches the same byte sparsity
+    ``target``; within a layer :func:`split_greedy` splits it between x and h by the FFN's relative output error
+    on its cached calibration inputs. Returns per-layer (s_in, s_mid)."""
+    weights = ffn_byte_weights(stats.gated)
+    f0 = stats.ffns[0]
+    dev, dtype = f0.up_w.device, f0.up_w.dtype
+    s_in, s_mid = [], []
+    for i in tqdm(range(stats.num_layers), desc="block allocation", disable=not progress, leave=False):
+        x = stats.inputs[i].to(dev, dtype)
+        y0 = masked_ffn(stats.ffns[i], x, None, None)[0].float()
+        a, b = split_greedy(lambda u, v: _layer_error(stats, i, u, v, x, y0) if u or v else 0.0, target, weights,
+                            step=step)
+        s_in.append(a)
+        s_mid.append(b)
+    return s_in, s_mid
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ def register(sub) -> None:
     p.add_argument("--calib-seq-len", type=int, default=512, help="teal / cats: calibration window length")
     p.add_argument("--sparsity", type=float, help="static / wanda: fraction of experts / weights to drop; teal / "
                                                   "cats: target s_FFN (fraction of FFN weight bytes not read)")
-    p.add_argument("--allocate", choices=["uniform", "greedy"], default="uniform",
-                   help="teal: the same sparsity in every layer, or TEAL's greedy allocation across layers")
+    p.add_argument("--allocate", choices=["uniform", "block", "greedy"], default="uniform",
+                   help="teal: the same sparsity for x and h in every layer (uniform); every layer at the target, "
+                        "split between x and h by TEAL's block-wise greedy (block); or greedy across layers too")
     p.add_argument("--k", type=int, help="moefication: experts per token stored in the checkpoint (default E/2)")
     p.add_argument("--threshold", type=float, default=None,
                    help=f"d2dmoe: keep experts with predicted norm >= (1 - threshold)·max (default "

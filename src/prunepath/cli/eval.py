@@ -15,8 +15,9 @@ from prunepath.data.corpora import corpus_names, is_corpus_name
 from prunepath.evaluation.allocation import allocate_layer_tau
 from prunepath.evaluation.allocation import apply_allocation
 from prunepath.evaluation.allocation import calibration_ids
+from prunepath.evaluation.inner import ALLOCATIONS as INNER_ALLOCATIONS
 from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
-from prunepath.routing.config import validate_sparsity_fraction
+from prunepath.routing.config import inner_split, validate_sparsity_fraction
 from prunepath.evaluation.calibration import find_tau_for_sparsity
 from prunepath.evaluation.common import check_tokenizer
 from prunepath.evaluation.reports import run_meta, write_json
@@ -95,6 +96,12 @@ def register(sub) -> None:
                    help="in-expert (TEAL-style) thresholds: zero the smallest fraction F of FFN inputs and of "
                         "intermediates inside the active experts, calibrated on --calib-data (required; never the "
                         "evaluation text); 0 clears thresholds stored in the checkpoint. See docs/evaluation.md")
+    p.add_argument("--inner-allocation", choices=list(INNER_ALLOCATIONS), default="uniform",
+                   help="--inner-sparsity: F bytes per layer split between inputs and intermediates by a fixed "
+                        "rule (uniform, with --inner-mid-bias) or by TEAL's block-wise greedy per layer (block)")
+    p.add_argument("--inner-mid-bias", type=float, default=0.0, metavar="K",
+                   help="--inner-sparsity with uniform allocation: inputs at F(1-K), intermediates at F(1+2K) "
+                        "(gated FFN; the same bytes); use the value the checkpoint was trained with (default 0)")
     add_allocation_args(p)
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON (atomically)")
     add_device_arg(p)
@@ -106,6 +113,7 @@ def check_inner_args(args: argparse.Namespace) -> None:
     if f is None or f == 0:
         return
     validate_sparsity_fraction(f, "--inner-sparsity")
+    inner_split(f, getattr(args, "inner_mid_bias", 0.0), True)  # checks K
     if not getattr(args, "calib_data", None):
         raise PrunePathError("--inner-sparsity calibrates thresholds and needs --calib-data, text that is not the "
                              "evaluation text (e.g. mix:sotu,moby-dick,austen,brown or a text file)")
@@ -120,8 +128,9 @@ def apply_inner_args(model, tok, args: argparse.Namespace) -> dict | None:
         return apply_inner(model, None)
     stats = collect_inner_stats(model, tok, args.calib_data, max_tokens=args.calib_tokens, window=args.window,
                                 progress=not args.no_progress)
-    spec = apply_inner(model, inner_spec(stats, f))
-    print(f"in-expert thresholds for fraction {f:g} calibrated on {stats.tokens} tokens of {args.calib_data}",
+    spec = apply_inner(model, inner_spec(stats, f, mid_bias=args.inner_mid_bias, allocation=args.inner_allocation,
+                                         model=model))
+    print(f"in-expert thresholds ({args.inner_allocation}) for fraction {f:g} calibrated on {stats.tokens} tokens of {args.calib_data}",
           file=sys.stderr)
     return spec
 

@@ -16,6 +16,13 @@ from torch import nn
 from prunepath.errors import PrunePathError
 
 
+def ffn_byte_weights(gated: bool) -> tuple[float, float]:
+    """Shares of an FFN's weight bytes behind its input x (the W_gate and W_up columns, or W₁'s) and behind its
+    intermediate h (the W_down rows, or W₂'s): a gated FFN has three equal matrices, a plain one two (biases
+    ignored). Every byte-level s_FFN (TEAL, CATS, in-expert thresholds) weighs its two fractions with these."""
+    return (2 / 3, 1 / 3) if gated else (1 / 2, 1 / 2)
+
+
 @dataclass
 class DenseFFN:
     """A dense FFN in canonical form. Weights are [out, in] like ``nn.Linear``.

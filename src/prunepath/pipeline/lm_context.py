@@ -30,8 +30,8 @@ STUDY_KEYS = {"study", "name", "description", "model", "out", "seed", "train_tok
 
 
 # variant keys read by the evaluation of a run trained with in-expert sparsity: the fractions and the τ values of
-# its (τ, fraction) grid
-INNER_EVAL_KEYS = ("inner_targets", "inner_taus")
+# its (τ, fraction, allocation) grid
+INNER_EVAL_KEYS = ("inner_targets", "inner_taus", "inner_allocations")
 
 
 def _log(msg: str) -> None:
@@ -195,7 +195,8 @@ class Context:
 # ---- job implementations -------------------------------------------------------------------------------------
 
 
-ACTIVATION_JOBS = {"teal": ("teal", "uniform"), "teal-greedy": ("teal", "greedy"), "cats": ("cats", None)}
+ACTIVATION_JOBS = {"teal": ("teal", "uniform"), "teal-block": ("teal", "block"), "teal-greedy": ("teal", "greedy"),
+                   "cats": ("cats", None)}
 
 
 def _small(obj):

@@ -159,21 +159,24 @@ def job_eval_prunepath(ctx: Context, job: Job) -> dict:
 
 def _inner_grid(ctx: Context, job: Job, model, tok, run: str, tau_rows: list[dict], extra: dict) -> list[dict]:
     """A variant with ``inner_targets``: in-expert thresholds calibrated on the calibration text, evaluated on the
-    grid ``inner_taus`` × ``inner_targets``; every grid point (``prunepath-inner-grid``) and the grid's frontier
-    with the τ sweep (``prunepath-inner``)."""
+    grid ``inner_taus`` × ``inner_targets`` × ``inner_allocations`` (uniform: the variant's training split
+    ``inner_mid_bias``; block: TEAL's per-layer split); every grid point (``prunepath-inner-grid``) and the grid's
+    frontier with the τ sweep (``prunepath-inner``)."""
     var = ctx.cfg["variants"].get(run, {})
     fractions = [float(f) for f in var.get("inner_targets") or []]
     if not fractions:
         return []
     taus = [float(t) for t in var.get("inner_taus") or [TAU_ALL, 0.95, 0.9, 0.85, 0.8]]
     calib = ctx.cfg["baselines"]["calib"]
+    allocations = [str(a) for a in var.get("inner_allocations") or ["uniform"]]
     stats = inner.collect_inner_stats(model, tok, calib, max_tokens=int(ctx.cfg["activation"]["calib_tokens"]),
                                       window=int(ctx.cfg["evaluation"]["window"]))
-    specs = {f: inner.inner_spec(stats, f) for f in fractions}
+    specs = {(f, a): inner.inner_spec(stats, f, mid_bias=float(var.get("inner_mid_bias", 0.0)), allocation=a,
+                                      model=model) for f in fractions for a in allocations}
 
     def apply(point):
-        tau, f = point
-        inner.apply_inner(model, specs[f])
+        tau, f, a = point
+        inner.apply_inner(model, specs[f, a])
         try:
             with prunepath.routing(model, tau=tau):
                 return ctx.ppl(model, tok)
@@ -181,10 +184,12 @@ def _inner_grid(ctx: Context, job: Job, model, tok, run: str, tau_rows: list[dic
             inner.apply_inner(model, None)
 
     def make_row(point, res):
+        spec = specs[point[1], point[2]]
         return ctx.record("prunepath-inner-grid", res, tau=point[0], inner_target=point[1],
-                          s_experts=res.get("s_experts"), inner_calibration=specs[point[1]]["calibration"], **extra)
+                          inner_allocation=point[2], inner_f_in=spec["f_in"], inner_f_mid=spec["f_mid"],
+                          s_experts=res.get("s_experts"), inner_calibration=spec["calibration"], **extra)
 
-    grid = _sweep(ctx, job, [[t, f] for t in taus for f in fractions], apply, make_row)
+    grid = _sweep(ctx, job, [[t, f, a] for t in taus for a in allocations for f in fractions], apply, make_row)
     grid = [_strip(r) for r in grid]
     front = pareto_front(grid + [{**_strip(r), "inner_target": 0.0} for r in tau_rows])
     return grid + [{**r, "method": "prunepath-inner"} for r in front]

@@ -28,6 +28,7 @@ from prunepath.errors import PrunePathError
 from prunepath.evaluation.reports import atomic_write_text
 from prunepath.evaluation.reports import write_json
 from prunepath.routing.config import TAU_ALL, validate_sparsity_fraction, validate_tau
+from prunepath.evaluation.inner import ALLOCATIONS as INNER_ALLOCATIONS
 from prunepath.pipeline.jobs import run_jobs as engine_run_jobs
 from prunepath.pipeline.lm_context import (  # noqa: F401  (re-exported: the study's names stay importable from here)
     STUDY_KEYS, _log, DeadlineReached, out_dir, train_config, Job, select_jobs, chains_of, shard_jobs,
@@ -105,6 +106,10 @@ def load_study(recipe: dict, *, overrides: dict | None = None) -> dict:
             validate_sparsity_fraction(f, f"variants.{v}.inner_targets")
         for t in var.get("inner_taus") or []:
             validate_tau(t, TAU_ALL, message=f"variants.{v}.inner_taus: every τ must be in (0, {TAU_ALL}] (got {t})")
+        for a in var.get("inner_allocations") or []:
+            if a not in INNER_ALLOCATIONS:
+                raise PrunePathError(f"variants.{v}.inner_allocations: unknown {a!r}; choose from "
+                                     f"{', '.join(INNER_ALLOCATIONS)}")
     cfg["density"] = {"targets": [0.5, 0.7], **(cfg.get("density") or {})}
     for t in cfg["sweep_taus"]:
         validate_tau(t, TAU_ALL, message=f"sweep_taus: every τ must be in (0, {TAU_ALL}] (got {t})")

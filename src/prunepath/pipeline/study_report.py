@@ -36,6 +36,7 @@ KNOWN = [
      "PrunePath (+ distillation α 0.8 + router distill ×4), τ sweep", "o-."),
     ("prunepath", None, "PrunePath trained to τ_min (at τ_min ± 0.05)", "*"),
     ("teal", None, "TEAL (training-free, uniform)", "P-"),
+    ("teal-block", None, "TEAL (training-free, block-wise x/h split)", "P:"),
     ("teal-greedy", None, "TEAL (training-free, greedy allocation)", "P--"),
     ("cats", None, "CATS (training-free)", "X-"),
     ("lte", None, "LTE (trained), δ sweep", "s-"),
@@ -44,12 +45,12 @@ KNOWN = [
     ("wanda", None, "Wanda (weight sparsity)", "x-"),
     ("static", None, "static expert pruning", "d-"),
 ]
-METHOD_ORDER = ["prunepath-inner", "prunepath-alloc", "prunepath-sweep", "prunepath", "teal", "teal-greedy", "cats", "lte",
-                "moefication-topk", "d2dmoe", "wanda", "static"]
+METHOD_ORDER = ["prunepath-inner", "prunepath-alloc", "prunepath-sweep", "prunepath", "teal", "teal-block", "teal-greedy",
+                "cats", "lte", "moefication-topk", "d2dmoe", "wanda", "static"]
 TARGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 # Issue 13's targets, as a ratio to the original model: with every expert on, at s_FFN 0.4 and at 0.5.
 GOALS = (("all experts on", None, 1.02), ("s_FFN 0.4", 0.4, 1.10), ("s_FFN 0.5", 0.5, 1.20))
-TRAINING_FREE = ("teal", "teal-greedy", "cats")
+TRAINING_FREE = ("teal", "teal-block", "teal-greedy", "cats")
 # methods with one curve per trained variant, named by what was swept
 PER_VARIANT = {"prunepath-alloc": "target sweep", "prunepath-inner": "frontier of τ × in-expert fraction"}
 
@@ -177,7 +178,7 @@ def targets_check(rows: list[dict]) -> str:
         return "(no original-model record or PrunePath curve yet)"
     o = orig["ppl"]
     free = {m: curve(rows, m, None) for m in TRAINING_FREE if curve(rows, m, None)}
-    names = {"teal": "TEAL", "teal-greedy": "TEAL-greedy", "cats": "CATS"}
+    names = {"teal": "TEAL", "teal-block": "TEAL-block", "teal-greedy": "TEAL-greedy", "cats": "CATS"}
     vs = ("below the best of " + ", ".join(names[m] for m in free)) if free else "below training-free (none measured)"
     lines = ["| setting | " + " | ".join(f"{g[0]} (≤ {g[2]}×)" for g in GOALS) + f" | {vs} at s 0.3–0.6 "
              "(router counted) |", "|---" * (len(GOALS) + 2) + "|"]

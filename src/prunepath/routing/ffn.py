@@ -72,10 +72,11 @@ class PrunePathFFN(nn.Module):
         self.capture_norm_target: float | None = None
         self.last_norm_target: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
-        # training with inner_sparsity_max: this step's in-expert fraction; thresholds come from the batch
-        self.inner_fraction: float | None = None
-        # per-token fraction of FFN weight bytes not read, when in-expert thresholds were on (else None)
-        self.last_inner_s: torch.Tensor | None = None
+        # training with inner_sparsity_max: this step's in-expert fraction, f or (f_in, f_mid); thresholds come
+        # from the batch
+        self.inner_fraction: float | tuple[float, float] | None = None
+        # per token, fractions of the input-side and down weights read, when in-expert thresholds were on (else None)
+        self.last_inner_kept: torch.Tensor | None = None
 
     @property
     def intermediate_size(self) -> int:
@@ -113,18 +114,26 @@ class PrunePathFFN(nn.Module):
         return torch.cat([torch.einsum("ten,den->ted", part.float(), w).norm(dim=-1) for part in flat.split(chunk)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.routing
         # in-expert thresholds: this batch's quantiles while training with inner_fraction, else the calibrated ones
-        batch_fraction = self.inner_fraction if self.training else None
-        t_in, t_mid = (batch_quantile(x, batch_fraction), None) if batch_fraction else r.inner_for(self.layer_index)
+        batch = self.inner_fraction if self.training else None
+        if batch:
+            return self.thresholded_forward(x, *_fraction_pair(batch), batch=True)
+        return self.thresholded_forward(x, *self.routing.inner_for(self.layer_index))
+
+    def thresholded_forward(self, x: torch.Tensor, t_in, t_mid, *, batch: bool = False) -> torch.Tensor:
+        """The FFN with in-expert thresholds ``t_in`` on |x| and ``t_mid`` on |h| (None: no masking there); with
+        ``batch`` they are fractions of this batch's entries instead (training), the thresholds their quantiles."""
+        r = self.routing
         drop_x = drop_h = None
+        if batch:
+            t_in = batch_quantile(x, t_in) if t_in else None
         if t_in is not None:
             drop_x = x.abs() <= t_in
             h = self.intermediate(x.masked_fill(drop_x, 0))
         else:
             h = self.intermediate(x)
-        if batch_fraction:
-            t_mid = batch_quantile(h, batch_fraction)
+        if batch:
+            t_mid = batch_quantile(h, t_mid) if t_mid else None
         if t_mid is not None:
             drop_h = h.abs() <= t_mid
             h = h.masked_fill(drop_h, 0)
@@ -145,22 +154,28 @@ class PrunePathFFN(nn.Module):
         else:
             mask = None
             self.last_active = torch.full(x.shape[:-1], self.num_experts, device=x.device)
-        self.last_inner_s = None if t_in is None and t_mid is None else self._inner_s(drop_x, drop_h, mask, x)
+        self.last_inner_kept = None if drop_x is None and drop_h is None else self._kept(drop_x, drop_h, mask, x)
         return self.dropout(self.down_proj(h))
 
     @torch.no_grad()
-    def _inner_s(self, drop_x, drop_h, mask, x: torch.Tensor) -> torch.Tensor:
-        """Per-token fraction of FFN weight bytes not read with in-expert thresholds: an active expert reads the
-        gate/up (or W_in) columns of the kept input entries and the down rows of its kept intermediate entries."""
+    def _kept(self, drop_x, drop_h, mask, x: torch.Tensor) -> torch.Tensor:
+        """Per token, the fractions of the input-side weights (gate/up or W_in) and of the down rows it reads
+        with in-expert thresholds, shape [..., 2]: an active expert reads the columns of the kept input entries
+        and the down rows of its kept intermediate entries (:func:`prunepath.stats.inner_s_per_token` turns them
+        into bytes)."""
         lead, e, n = x.shape[:-1], self.num_experts, self.neurons_per_expert
-        w_in = 2 / 3 if self.gated else 1 / 2
         active = (mask.float() if mask is not None else torch.ones(*lead, e, device=x.device))
         kept_x = 1.0 - drop_x.float().mean(-1) if drop_x is not None else torch.ones(lead, device=x.device)
         if drop_h is not None:
             kept_h = ((~drop_h).view(*lead, e, n).float().sum(-1) * active).sum(-1) / (e * n)
         else:
             kept_h = active.mean(-1)
-        return 1.0 - w_in * active.mean(-1) * kept_x - (1 - w_in) * kept_h
+        return torch.stack([active.mean(-1) * kept_x, kept_h], dim=-1)
+
+
+def _fraction_pair(f) -> tuple[float, float]:
+    """A training step's in-expert fraction as (input fraction, intermediate fraction): one number means both."""
+    return (float(f[0]), float(f[1])) if isinstance(f, (tuple, list)) else (float(f), float(f))
 
 
 def batch_quantile(v: torch.Tensor, fraction: float, samples: int = 1 << 18) -> torch.Tensor:

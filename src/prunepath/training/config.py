@@ -52,6 +52,9 @@ class TrainConfig:
     # batch), f drawn uniformly from [0, inner_sparsity_max], or f = 0 with probability inner_off_prob; 0: off
     inner_sparsity_max: float = 0.0
     inner_off_prob: float = 0.125
+    # f is a byte fraction; inner_mid_bias κ shifts it towards the intermediate (routing.config.inner_split):
+    # f_in = f·(1 − κ), f_mid = f·(1 + 2κ) for a gated FFN; 0 thresholds both at f
+    inner_mid_bias: float = 0.0
     # losses
     eta: float = 3e-4  # L_ent weight
     lam: float = 1e-3  # L_bal weight
@@ -122,6 +125,9 @@ class TrainConfig:
                                  "largest fraction of FFN inputs / intermediates zeroed in a training step (0: off)")
         if not 0 <= self.inner_off_prob <= 1:
             raise PrunePathError(f"--inner-off-prob must be in [0, 1] (got {self.inner_off_prob})")
+        if not 0 <= self.inner_mid_bias < 1:
+            raise PrunePathError(f"--inner-mid-bias must be in [0, 1) (got {self.inner_mid_bias}): how far the "
+                                 "in-expert fraction shifts from the FFN input to the intermediate (0: none)")
         if self.inner_sparsity_max > 0 and self.method != "prunepath":
             raise PrunePathError(f"--inner-sparsity-max trains PrunePath experts; not available for --method "
                                  f"{self.method}")

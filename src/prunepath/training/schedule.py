@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from prunepath.routing.control import configure
-from prunepath.routing.config import TAU_ALL
+from prunepath.routing.config import TAU_ALL, inner_split
 from prunepath.routing.ffn import prunepath_modules
 from prunepath.state import state_of
 
@@ -92,5 +92,5 @@ def prunepath_stage_hook(model: nn.Module, stage: int, step: int, total_steps: i
                         gate_offset=float(cfg.gate_offset))
     f = inner_fraction(stage, step, cfg)
     for m in prunepath_modules(model):
-        m.inner_fraction = f or None
+        m.inner_fraction = inner_split(f, cfg.inner_mid_bias, m.gated) if f else None
 
