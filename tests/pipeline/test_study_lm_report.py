@@ -94,3 +94,30 @@ def test_targets_check_against_the_original_and_the_training_free_baselines():
     assert f"0.4: {'yes' if mine < teal else 'no'} ({mine / 20:.2f}× vs {teal / 20:.2f}×)" in row
     no_orig = [r for r in rows if r["method"] != "dense"]
     assert study_report.targets_check(no_orig) == "(no original-model record or PrunePath curve yet)"
+
+def test_inner_grid_is_read_along_its_lines_not_across_its_front():
+    """A τ × fraction grid: the value at s is the best of its one-knob lines (fraction at each τ, and the τ
+    sweep), each interpolated log-linearly; a front point that only differs by calibration noise in s does not
+    pull the value up."""
+    rows = _rows()
+    base = {k: rows[0][k] for k in ("model", "eval_tokens", "seed", "window")}
+    v = "inner-run"
+    for tau, s, p in ((1.05, 0.0, 20.1), (0.9, 0.3, 24.0), (0.8, 0.5, 30.0)):
+        rows.append({**base, "method": "prunepath-sweep", "variant": v, "s_ffn": s, "ppl": p, "tau": tau})
+    grid = [(1.05, 0.4, 0.395, 21.0), (1.05, 0.5, 0.495, 22.0), (1.05, 0.6, 0.595, 26.0),
+            (0.9, 0.4, 0.4997, 23.9), (0.9, 0.5, 0.5001, 30.0), (0.9, 0.6, 0.62, 33.0)]
+    for tau, f, s, p in grid:
+        rows.append({**base, "method": "prunepath-inner-grid", "variant": v, "tau": tau, "inner_target": f,
+                     "inner_allocation": "uniform", "s_ffn": s, "ppl": p, "router_bytes_frac": 0.01})
+    lines = study_report.inner_lines(rows, v)
+    assert len(lines) == 3  # the τ sweep, and the fraction at τ 1.05 and at τ 0.9 (each from its τ's own point)
+    assert [r["ppl"] for r in lines[2]] == [20.1, 21.0, 22.0, 26.0]
+    # at s 0.5: τ 1.05 line between 0.495 (22) and 0.595 (26); τ 0.9 line between 0.4997 (23.9) and 0.5001 (30)
+    along = math.exp(math.log(22.0) + 0.05 * (math.log(26.0) - math.log(22.0)))
+    across = math.exp(math.log(23.9) + (0.5 - 0.4997) / 0.0004 * (math.log(30.0) - math.log(23.9)))
+    got = study_report.curve_ppl_at(rows, "prunepath-inner", v, 0.5)
+    assert got == pytest.approx(min(along, across)) and got == pytest.approx(along)
+    assert study_report.curve_ppl_at(rows, "prunepath-inner", v, 0.9) is None  # beyond every line
+    # a curve without a grid is read as before
+    assert study_report.curve_ppl_at(rows, "prunepath-sweep", v, 0.4) == pytest.approx(
+        study_report.ppl_at(study_report.curve(rows, "prunepath-sweep", v), 0.4))

@@ -77,6 +77,14 @@ def value_at_sparsity(rows: list[dict], s: float, key: str = "ppl") -> float | N
     return best
 
 
+def envelope_at_sparsity(lines: list[list[dict]], s: float, key: str = "ppl") -> float | None:
+    """The best ``key`` at s_FFN ``s`` over several one-knob lines (e.g. the in-expert fraction swept at each τ
+    of a grid), each read with :func:`value_at_sparsity`: every value is an interpolation along one knob between
+    two settings that were measured, so a setting in between reaches it. None when no line brackets ``s``."""
+    vals = [v for v in (value_at_sparsity(line, s, key) for line in lines) if v is not None]
+    return min(vals) if vals else None
+
+
 def sweep(
     model: nn.Module,
     tokenizer,

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from prunepath.evaluation.reports import atomic_write_text, write_json
-from prunepath.evaluation.sweep import value_at_sparsity
+from prunepath.evaluation.sweep import envelope_at_sparsity, value_at_sparsity
 from prunepath.evaluation.generation import rouge_scores
 from prunepath.evaluation.plots import save_figure
 
@@ -100,6 +100,31 @@ def ppl_at(points: list[dict], s: float) -> float | None:
     return value_at_sparsity(points, s, "ppl")
 
 
+def inner_lines(rows: list[dict], variant: str | None, *, with_router: bool = False) -> list[list[dict]]:
+    """The one-knob lines of a τ × in-expert-fraction grid: the fraction swept at each (τ, allocation), starting
+    from that τ's point without thresholds, and the τ sweep itself."""
+    sweep_pts = curve(rows, "prunepath-sweep", variant, with_router=with_router)
+    grid = curve(rows, "prunepath-inner-grid", variant, with_router=with_router)
+    lines = [sweep_pts] if sweep_pts else []
+    for key in sorted({(r.get("tau"), str(r.get("inner_allocation") or "uniform")) for r in grid}):
+        line = [r for r in grid if (r.get("tau"), str(r.get("inner_allocation") or "uniform")) == key]
+        line += [r for r in sweep_pts if r.get("tau") == key[0]]
+        lines.append(sorted(line, key=lambda r: r["s_ffn"]))
+    return lines
+
+
+def curve_ppl_at(rows: list[dict], method: str, variant: str | None, s: float, *,
+                 with_router: bool = False) -> float | None:
+    """PPL of one curve at s_FFN ``s``. A τ × fraction grid (``prunepath-inner``) is read along its lines
+    (:func:`inner_lines`, :func:`envelope_at_sparsity`): its Pareto front mixes settings whose s differ by
+    calibration noise, and interpolating across them would not be a setting one can run."""
+    if method == "prunepath-inner":
+        lines = inner_lines(rows, variant, with_router=with_router)
+        if any(r.get("method") == "prunepath-inner-grid" for line in lines for r in line):
+            return envelope_at_sparsity(lines, s)
+    return ppl_at(curve(rows, method, variant, with_router=with_router), s)
+
+
 def _ref(rows: list[dict], method: str) -> dict | None:
     return next((r for r in rows if r["method"] == method), None)
 
@@ -137,7 +162,7 @@ def frontier_table(rows: list[dict], *, with_router: bool = False) -> str:
         if not pts or method == "prunepath":
             continue
         on = next((p["ppl"] for p in pts if p.get("tau") is not None and p["tau"] > 1), None)
-        cells = [_cell(ppl_at(pts, t), o, f) for t in TARGETS]
+        cells = [_cell(curve_ppl_at(rows, method, variant, t, with_router=with_router), o, f) for t in TARGETS]
         lines.append(f"| {label} | {_cell(on, o, f)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -190,12 +215,11 @@ def targets_check(rows: list[dict]) -> str:
             if s is None:
                 v = next((p["ppl"] for p in on_pts if p.get("tau") is not None and p["tau"] > 1), None)
             else:
-                v = ppl_at(pts, s)
+                v = curve_ppl_at(rows, method, variant, s)
             cells.append("–" if v is None else f"{v / o:.3f}× {'met' if v / o <= goal else 'missed'}")
-        rpts = curve(rows, method, variant, with_router=True)
         verdict = []
         for s in (0.3, 0.4, 0.5, 0.6):
-            mine = ppl_at(rpts, s)
+            mine = curve_ppl_at(rows, method, variant, s, with_router=True)
             theirs = {m: v for m, v in ((m, _near(p, s)) for m, p in free.items()) if v is not None}
             if mine is None or not theirs:
                 verdict.append(f"{s}: –")
