@@ -69,8 +69,8 @@ def check_target(method: str, sparsity: float, allocation: str = "uniform") -> N
         raise PrunePathError(f"CATS always reads the gate, so its s_FFN is at most 2/3 (neuron sparsity 1.5·s must be "
                              f"< 1); got {sparsity}; choose a target below 0.667")
     if method == "teal" and allocation != "uniform" and s > GREEDY_MAX:
-        raise PrunePathError(f"greedy allocation reaches at most s_FFN {GREEDY_MAX} (got {sparsity}); use a smaller "
-                             "target or allocation='uniform'")
+        raise PrunePathError(f"{allocation} allocation reaches at most s_FFN {GREEDY_MAX} (got {sparsity}); use a "
+                             "smaller target or allocation='uniform'")
 
 
 @dataclass

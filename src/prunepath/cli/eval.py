@@ -130,8 +130,8 @@ def apply_inner_args(model, tok, args: argparse.Namespace) -> dict | None:
                                 progress=not args.no_progress)
     spec = apply_inner(model, inner_spec(stats, f, mid_bias=args.inner_mid_bias, allocation=args.inner_allocation,
                                          model=model))
-    print(f"in-expert thresholds ({args.inner_allocation}) for fraction {f:g} calibrated on {stats.tokens} tokens of {args.calib_data}",
-          file=sys.stderr)
+    print(f"in-expert thresholds ({args.inner_allocation}) for fraction {f:g} calibrated on {stats.tokens} tokens "
+          f"of {args.calib_data}", file=sys.stderr)
     return spec
 
 

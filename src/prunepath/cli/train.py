@@ -81,7 +81,7 @@ def register(sub) -> None:
     g.add_argument("--inner-off-prob", type=float, help="share of steps without in-expert sparsity (0.125)")
     g.add_argument("--inner-mid-bias", type=float,
                    help="shift the in-expert fraction from the FFN input to the intermediate: f_in = f(1-k), "
-                        "f_mid = f(1+2k) on a gated FFN, same bytes (default 0; 0.2 measured best, docs/training.md)")
+                        "f_mid = f(1+2k) on a gated FFN, same bytes (default 0; study round 7 uses 0.15, docs/training.md)")
     g.add_argument("--tau-rounds", type=int, help="rounds T of the linear schedule (default 10)")
     g.add_argument("--eta", type=float, help="entropy weight η (default 3e-4)")
     g.add_argument("--lam", "--lambda", dest="lam", type=float, help="balance weight λ (default 1e-3)")

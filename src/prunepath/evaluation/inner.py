@@ -29,8 +29,7 @@ from prunepath.baselines.activation import quantile_threshold, split_greedy
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.allocation import _run_windows, calibration_ids
 from prunepath.evaluation.common import pad_id
-from prunepath.models.adapters import needs_bos
-from prunepath.models.adapters import ffn_byte_weights
+from prunepath.models.adapters import ffn_byte_weights, needs_bos
 from prunepath.routing.config import TAU_ALL, inner_split, validate_sparsity_fraction
 from prunepath.routing.control import configure, routing_scope
 from prunepath.routing.ffn import prunepath_modules
@@ -119,7 +118,8 @@ def inner_spec(stats: InnerStats, fraction: float, *, mid_bias: float = 0.0, all
     """The ``RoutingConfig.inner`` mapping for a byte-level in-expert fraction (on the calibration data, every
     expert on). ``uniform``: every layer thresholds (f_in, f_mid) = :func:`inner_split` (f, ``mid_bias``) of its
     x and h entries (κ = 0: f and f, TEAL's rule). ``block``: every layer at f bytes, split between x and h by
-    TEAL's block-wise greedy on that layer's output error over the cached inputs (needs ``model``)."""
+    TEAL's block-wise greedy on that layer's output error over the cached inputs (needs ``model``). ``model``
+    also tells each layer's FFN type for the uniform split (gated when it is omitted)."""
     f = validate_sparsity_fraction(fraction, "inner sparsity")
     if allocation not in ALLOCATIONS:
         raise PrunePathError(f"unknown in-expert allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
