@@ -260,6 +260,7 @@ def test_study_recipe_has_the_distillation_variant():
     assert (r5.tau_schedule, r5.neurons_per_expert, r5.train_scope) == ("sample", 16, "all")
     r7 = lm_study.train_config(cfg, "r7-split-n16", "cpu")  # evaluation keys do not reach the trainer
     assert (r7.inner_mid_bias, r7.inner_sparsity_max, r7.stage1_steps + r7.stage2_steps) == (0.15, 0.6, 1221)
+    assert r7.gates and not lm_study.train_config(cfg, "r8-split-n16-nogates", "cpu").gates
 
 
 def test_round4_jobs_original_base_selection_and_budgets(study):

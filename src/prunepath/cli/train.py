@@ -111,6 +111,8 @@ def register(sub) -> None:
     g.add_argument("--text-field", help="JSON field holding the text (default: text)")
     g = p.add_argument_group("beyond the paper (FINDINGS.md)")
     g.add_argument("--gate-offset", type=float, help="logit offset inside the gate sigmoid (e.g. 4 → gates ≈1)")
+    g.add_argument("--no-gates", dest="gates", action="store_false",
+                   help="sum the selected experts unscaled: with every expert on (τ > 1) the router then need not run")
     g.add_argument("--warmstart-steps", type=int, help="router warm-start steps per layer (0: off)")
     g.add_argument("--warmstart-target", choices=["output_norm", "activation_mass"])
     g.add_argument("--warmstart-lr", type=float)

@@ -215,7 +215,8 @@ def _strip(row: dict) -> dict:
 
 
 def _structure(model) -> dict:
-    """Expert size and the router's share of the FFN bytes (read by every token), for the records."""
+    """Expert size, the router's share of the FFN bytes and whether experts are gated (ungated, a τ > 1 point
+    reads no router), for the records."""
     cfg = state_of(model).config
     return {"neurons_per_expert": int(cfg.neurons_per_expert), "num_experts": int(cfg.num_experts),
-            "router_bytes_frac": round(router_byte_fraction(model), 6)}
+            "router_bytes_frac": round(router_byte_fraction(model), 6), "gates": bool(cfg.routing.gates)}

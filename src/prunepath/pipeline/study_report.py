@@ -87,12 +87,20 @@ def curves(rows: list[dict]) -> list[tuple[str, str | None, str, str]]:
 
 def curve(rows: list[dict], method: str, variant: str | None, *, with_router: bool = False) -> list[dict]:
     """The points of one curve sorted by s_FFN; ``with_router`` moves PrunePath points left by the router's
-    bytes (a router is read for every token), so the s axis counts every FFN-side byte a token reads."""
+    bytes (:func:`router_share`), so the s axis counts every FFN-side byte a token reads."""
     pts = [r for r in rows if r["method"] == method and (variant is None or r.get("variant") == variant)
            and r.get("ppl") is not None and math.isfinite(r["ppl"])]
     if with_router:
-        pts = [{**r, "s_ffn": r["s_ffn"] - float(r.get("router_bytes_frac") or 0.0)} for r in pts]
+        pts = [{**r, "s_ffn": r["s_ffn"] - router_share(r)} for r in pts]
     return sorted(pts, key=lambda r: r["s_ffn"])
+
+
+def router_share(r: dict) -> float:
+    """The router bytes a record's tokens read, as a share of the FFN bytes: none at τ > 1 when the experts are
+    ungated (``gates`` False: nothing scales them, so the router need not run), else ``router_bytes_frac``."""
+    if r.get("gates") is False and r.get("tau") is not None and float(r["tau"]) > 1.0:
+        return 0.0
+    return float(r.get("router_bytes_frac") or 0.0)
 
 
 def ppl_at(points: list[dict], s: float) -> float | None:

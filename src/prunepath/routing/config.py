@@ -157,6 +157,15 @@ class RoutingConfig:
     def tau_for(self, layer_index: int) -> float:
         return self.layer_tau.get(layer_index, self.tau)
 
+    def every_expert(self, layer_index: int) -> bool:
+        """Whether the rule keeps every expert of this layer whatever the router says (rule "all", or a
+        cumulative / nucleus τ > 1); with ``gates`` off the router then need not run."""
+        return self.rule == "all" or (self.rule in ("cumulative", "nucleus") and self.tau_for(layer_index) > 1.0)
+
+    def router_needed(self, layer_index: int) -> bool:
+        """Whether a token reads this layer's router: always, unless every expert runs unscaled."""
+        return self.method != "prunepath" or self.gates or not self.every_expert(layer_index)
+
     def inner_for(self, layer_index: int) -> tuple[float | None, float | None]:
         """(t_in, t_mid) of the in-expert activation thresholds of one layer; (None, None) when off."""
         if not self.inner:

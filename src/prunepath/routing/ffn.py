@@ -141,7 +141,7 @@ class PrunePathFFN(nn.Module):
             with torch.no_grad():  # each expert's share of the true output: what the router should rank by
                 c = self._norms_of_intermediate(h.detach()).view(*x.shape[:-1], self.num_experts)
                 self.last_norm_target = output_shares(c, self.capture_norm_target)
-        needs_router = r.method != "prunepath" or r.gates or r.rule != "all" or self.capture_router_logits
+        needs_router = r.router_needed(self.layer_index) or self.capture_router_logits
         if needs_router:
             logits = self.router(x)
             if self.capture_router_logits:

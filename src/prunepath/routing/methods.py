@@ -26,7 +26,7 @@ def prunepath_method(scores: torch.Tensor, routing: RoutingConfig, layer_index: 
     """Softmax ranks experts, the selection rule picks them, sigmoid(logit + offset) scales them (PAPER §3)."""
     logits = scores.float()
     tau = routing.tau_for(layer_index)
-    if routing.rule == "all" or (routing.rule in ("cumulative", "nucleus") and tau > 1.0):
+    if routing.every_expert(layer_index):
         mask = torch.ones_like(logits, dtype=torch.bool)
     else:
         sel_logits = logits

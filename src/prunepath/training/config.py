@@ -86,6 +86,9 @@ class TrainConfig:
     glue_task: str | None = None  # sst2 | mrpc | rte | cola when the file name does not tell
     # beyond the paper (FINDINGS.md), all off by default
     gate_offset: float = 0.0
+    # False: experts are summed unscaled (no gate sigmoid), so with every expert on (τ > 1) the router is not
+    # needed at all and its bytes are not read
+    gates: bool = True
     warmstart_steps: int = 0  # router warm start (KL to each expert's share of the true output), backbone frozen
     warmstart_target: str = "output_norm"  # output_norm | activation_mass
     warmstart_lr: float = 1e-2
