@@ -113,12 +113,8 @@ def inner_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, 
     if not mods or any(m.last_inner_kept is None for m in mods):
         return None
     kept = _per_token(mods, "last_inner_kept", _pair_mask(token_mask), keep_device)
-    out = []
-    for m, k in zip(mods, kept):
-        w_in, w_mid = ffn_byte_weights(m.gated)
-        k = k.view(-1, 2)
-        out.append(1.0 - w_in * k[:, 0] - w_mid * k[:, 1])
-    return out
+    pairs = [(m, k.view(-1, 2)) for m, k in zip(mods, kept)]  # per token: (kept input share, kept down share)
+    return [activation_s_ffn(1.0 - k[:, 0], 1.0 - k[:, 1], gated=m.gated) for m, k in pairs]
 
 
 def _pair_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -347,6 +347,12 @@ def _layer_error(stats: ActivationStats, i: int, s_in: float, s_mid: float, x: t
     t_in = quantile_threshold(stats.x_abs[i], s_in)
     t_mid = quantile_threshold(stats.h_abs[i], s_mid)
     y, _ = masked_ffn(f, x, t_in, t_mid, "teal")
+    return relative_error(y, y0)
+
+
+def relative_error(y: torch.Tensor, y0: torch.Tensor) -> float:
+    """‖y − y₀‖² / ‖y₀‖² in float32: what the greedy allocations compare between sparsity levels."""
+    y0 = y0.float()
     return float(((y.float() - y0) ** 2).sum() / (y0 ** 2).sum().clamp_min(1e-30))
 
 

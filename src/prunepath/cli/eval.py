@@ -17,7 +17,7 @@ from prunepath.evaluation.allocation import apply_allocation
 from prunepath.evaluation.allocation import calibration_ids
 from prunepath.evaluation.inner import ALLOCATIONS as INNER_ALLOCATIONS
 from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
-from prunepath.routing.config import inner_split, validate_sparsity_fraction
+from prunepath.routing.config import validate_mid_bias, validate_sparsity_fraction
 from prunepath.evaluation.calibration import find_tau_for_sparsity
 from prunepath.evaluation.common import check_tokenizer
 from prunepath.evaluation.reports import run_meta, write_json
@@ -113,7 +113,7 @@ def check_inner_args(args: argparse.Namespace) -> None:
     if f is None or f == 0:
         return
     validate_sparsity_fraction(f, "--inner-sparsity")
-    inner_split(f, getattr(args, "inner_mid_bias", 0.0), True)  # checks K
+    validate_mid_bias(getattr(args, "inner_mid_bias", 0.0), "--inner-mid-bias (the in-expert mid bias)")
     if not getattr(args, "calib_data", None):
         raise PrunePathError("--inner-sparsity calibrates thresholds and needs --calib-data, text that is not the "
                              "evaluation text (e.g. mix:sotu,moby-dick,austen,brown or a text file)")

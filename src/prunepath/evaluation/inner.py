@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunepath.baselines.activation import quantile_threshold, split_greedy
+from prunepath.baselines.activation import quantile_threshold, relative_error, split_greedy
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.allocation import _run_windows, calibration_ids
 from prunepath.evaluation.common import pad_id
@@ -149,13 +149,11 @@ def _block_pairs(model: nn.Module, stats: InnerStats, f: float) -> list[tuple[fl
         for i, m in enumerate(mods):
             p = next(m.parameters())
             x = stats.inputs[i].to(p.device, p.dtype)
-            y0 = m.thresholded_forward(x, None, None).float()
-            norm = (y0 ** 2).sum().clamp_min(1e-30)
+            y0 = m.thresholded_forward(x, None, None)
 
-            def error(a: float, b: float, m=m, x=x, y0=y0, norm=norm, i=i) -> float:
-                y = m.thresholded_forward(x, quantile_threshold(stats.x_abs[i], a),
-                                          quantile_threshold(stats.h_abs[i], b)).float()
-                return float(((y - y0) ** 2).sum() / norm)
+            def error(a: float, b: float, m=m, x=x, y0=y0, i=i) -> float:
+                return relative_error(m.thresholded_forward(x, quantile_threshold(stats.x_abs[i], a),
+                                                            quantile_threshold(stats.h_abs[i], b)), y0)
 
             out.append(split_greedy(error, f, ffn_byte_weights(m.gated)))
     return out

@@ -113,9 +113,12 @@ def inner_lines(rows: list[dict], variant: str | None, *, with_router: bool = Fa
     from that τ's point without thresholds, and the τ sweep itself."""
     sweep_pts = curve(rows, "prunepath-sweep", variant, with_router=with_router)
     grid = curve(rows, "prunepath-inner-grid", variant, with_router=with_router)
+    def line_of(r: dict) -> tuple:
+        return r.get("tau"), str(r.get("inner_allocation") or "uniform")
+
     lines = [sweep_pts] if sweep_pts else []
-    for key in sorted({(r.get("tau"), str(r.get("inner_allocation") or "uniform")) for r in grid}):
-        line = [r for r in grid if (r.get("tau"), str(r.get("inner_allocation") or "uniform")) == key]
+    for key in sorted({line_of(r) for r in grid}):
+        line = [r for r in grid if line_of(r) == key]
         line += [r for r in sweep_pts if r.get("tau") == key[0]]
         lines.append(sorted(line, key=lambda r: r["s_ffn"]))
     return lines

@@ -67,13 +67,23 @@ def validate_sparsity_fraction(value, what: str = "target sparsity") -> float:
 INNER_CAP = 0.95  # no in-expert tensor is thresholded above this fraction by a split
 
 
+def validate_mid_bias(value, what: str = "the in-expert mid bias") -> float:
+    """κ of :func:`inner_split`: a float in [0, 1), or a PrunePathError naming the range."""
+    try:
+        k = float(value)
+    except (TypeError, ValueError):
+        k = float("nan")
+    if not 0.0 <= k < 1.0:
+        raise PrunePathError(f"{what} must be in [0, 1) (got {value}); 0 thresholds x and h alike, larger values "
+                             "move the in-expert fraction from the FFN input to the intermediate")
+    return k
+
+
 def inner_split(fraction: float, mid_bias: float, gated: bool) -> tuple[float, float]:
     """(f_in, f_mid): a byte-level in-expert fraction shifted towards the intermediate, which costs less quality
     per byte (measured on SmolLM2, docs/study.md "Round 7"). f_in = f·(1 − κ) and f_mid rises by what keeps the
     bytes at f (gated: f·(1 + 2κ)), f_mid capped at :data:`INNER_CAP`; κ = ``mid_bias`` in [0, 1), 0 gives f, f."""
-    f, k = float(fraction), float(mid_bias)
-    if not 0.0 <= k < 1.0:
-        raise PrunePathError(f"the in-expert mid bias must be in [0, 1) (got {mid_bias}); 0 thresholds x and h alike")
+    f, k = float(fraction), validate_mid_bias(mid_bias)
     w_in, w_mid = ffn_byte_weights(gated)
     f_mid = f + (w_in / w_mid) * f * k
     if f_mid <= INNER_CAP:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prunepath.errors import PrunePathError
 from prunepath.errors import unknown_names_message
-from prunepath.routing.config import TAU_ALL, validate_tau
+from prunepath.routing.config import TAU_ALL, validate_mid_bias, validate_tau
 
 TASKS = ("lm", "classify", "instruct")
 SCHEDULES = ("linear", "fixed", "sample")
@@ -128,9 +128,7 @@ class TrainConfig:
                                  "largest fraction of FFN inputs / intermediates zeroed in a training step (0: off)")
         if not 0 <= self.inner_off_prob <= 1:
             raise PrunePathError(f"--inner-off-prob must be in [0, 1] (got {self.inner_off_prob})")
-        if not 0 <= self.inner_mid_bias < 1:
-            raise PrunePathError(f"--inner-mid-bias must be in [0, 1) (got {self.inner_mid_bias}): how far the "
-                                 "in-expert fraction shifts from the FFN input to the intermediate (0: none)")
+        validate_mid_bias(self.inner_mid_bias, "--inner-mid-bias")
         if self.inner_sparsity_max > 0 and self.method != "prunepath":
             raise PrunePathError(f"--inner-sparsity-max trains PrunePath experts; not available for --method "
                                  f"{self.method}")

@@ -89,7 +89,7 @@ def prunepath_stage_hook(model: nn.Module, stage: int, step: int, total_steps: i
     num_layers = state_of(model).config.num_layers
     configure(model, tau=scheduled_tau(stage, step, total_steps, cfg),
                         layer_tau=layer_taus(stage, step, total_steps, cfg, num_layers),
-                        gate_offset=float(cfg.gate_offset), gates=bool(getattr(cfg, "gates", True)))
+                        gate_offset=float(cfg.gate_offset), gates=bool(cfg.gates))
     f = inner_fraction(stage, step, cfg)
     for m in prunepath_modules(model):
         m.inner_fraction = inner_split(f, cfg.inner_mid_bias, m.gated) if f else None

@@ -23,11 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath.state import state_of
-from prunepath.stats import s_ffn_tensor
+from prunepath.stats import activation_s_ffn, s_ffn_tensor
 from prunepath.training.config import TrainConfig
 from prunepath.training.losses import call_aux_loss, distill_kl, router_distill_kl, routing_terms
 from prunepath.checkpoint import save
-from prunepath.models.adapters import ffn_byte_weights, needs_bos
+from prunepath.models.adapters import needs_bos
 from prunepath.routing.ffn import is_converted
 from prunepath.training.data import build_task_data
 from prunepath.training.setup import (  # noqa: F401  (re-exported: tests and callers import them from here)
@@ -229,8 +229,7 @@ def _step_record(run: _Run, sums: dict, stage: int, tau, grad_norm, t0: float) -
         rec.pop("H"), rec.pop("s_ffn")
     elif run.cfg.inner_sparsity_max:  # this step's in-expert byte fraction (0: thresholds off)
         pair = run.ffns[0].inner_fraction if run.ffns else None
-        w_in, w_mid = ffn_byte_weights(run.ffns[0].gated) if run.ffns else (0.0, 0.0)
-        rec["inner"] = float(w_in * pair[0] + w_mid * pair[1]) if pair else 0.0
+        rec["inner"] = float(activation_s_ffn(*pair, gated=run.ffns[0].gated)) if pair else 0.0
     return rec, acc, terms_acc
 
 
