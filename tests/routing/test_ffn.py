@@ -103,3 +103,19 @@ def test_zero_router_starts_at_half_gates():
     assert float(ffn.router.weight.detach().abs().sum()) == 0.0
     w, mask = ffn.expert_weights(torch.randn(3, 8))
     assert bool(mask.all()) and torch.allclose(w, torch.full_like(w, 0.5))
+
+
+@pytest.mark.parametrize("n,d,dtype", [(16, 64, torch.float32), (4, 10, torch.bfloat16), (8, 8, torch.float32)])
+def test_expert_output_norms_match_the_dense_product_in_float64(n, d, dtype):
+    # the Gram form sqrt(hᵀ WᵀW h) against ‖h W‖ computed directly; expert 0 writes nothing (a norm of 0, not NaN)
+    ffn = make_ffn(True, False, RoutingConfig(), seed=3, E=5, n=n, d=d)
+    with torch.no_grad():
+        ffn.down_proj.weight[:, :n] = 0
+    h = torch.randn(3, 7, 5 * n, generator=torch.Generator().manual_seed(11)).to(dtype)
+    got = ffn._norms_of_intermediate(h, chunk=4)
+    w = ffn.down_proj.weight.double()
+    hd = h.double().reshape(-1, 5 * n)
+    want = torch.stack([(hd[:, i * n:(i + 1) * n] @ w[:, i * n:(i + 1) * n].T).norm(dim=-1) for i in range(5)], -1)
+    assert got.dtype == torch.float32 and got.shape == (21, 5)
+    assert torch.isfinite(got).all() and (got[:, 0] == 0).all()
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)

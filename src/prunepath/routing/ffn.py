@@ -106,12 +106,22 @@ class PrunePathFFN(nn.Module):
         out = [self._norms_of_intermediate(self.intermediate(part)) for part in flat.split(chunk)]
         return torch.cat(out).view(*x.shape[:-1], self.num_experts)
 
-    def _norms_of_intermediate(self, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """[tokens, E] ‖h_e W_down,e‖₂ from ungated intermediate activations h [..., E·n] (float32)."""
+    def _norms_of_intermediate(self, h: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """[tokens, E] ‖h_e W_down,e‖₂ from ungated intermediate activations h [..., E·n] (float32).
+
+        Computed as sqrt(h_eᵀ G_e h_e) with the expert's n × n Gram matrix G_e = W_down,eᵀ W_down,e: n² products
+        per token and expert instead of n·d, and no [tokens, E, d] intermediate (the router-distillation target
+        is built every training step in every layer)."""
         e, n = self.num_experts, self.neurons_per_expert
         w = self.down_proj.weight.float().view(-1, e, n)  # [hidden, E, n]
+        gram = torch.einsum("den,dem->enm", w, w)
         flat = h.reshape(-1, e, n)
-        return torch.cat([torch.einsum("ten,den->ted", part.float(), w).norm(dim=-1) for part in flat.split(chunk)])
+        out = []
+        for part in flat.split(chunk):
+            p = part.float()
+            # rounding can leave a tiny negative square where an expert's output is ~0
+            out.append((torch.einsum("ten,enm->tem", p, gram) * p).sum(-1).clamp_min(0).sqrt())
+        return torch.cat(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in-expert thresholds: this batch's quantiles while training with inner_fraction, else the calibrated ones
