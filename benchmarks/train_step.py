@@ -4,14 +4,15 @@ A randomly initialised model of SmolLM2-135M's shape (its config.json and tokeni
 step time does not depend on the weights) is trained by ``prunepath train`` with the flags of the study variant
 ``r7-split-n16`` (16-neuron experts, τ sampled, in-expert thresholds with mid bias, self-distillation KL and
 router distillation, bf16, 32 × 512 tokens a step), then without router distillation, without the in-expert
-thresholds, without the teacher, and with none of them. ``--old-norms`` adds the r7 run with the router
-target computed the way it was before the Gram form (a [tokens, E, d] product; kept here as the baseline), and
+thresholds, without the teacher, and with none of them. ``--before`` adds the r7 run with the step's helpers as
+they were before 2026-12-04 (router target through a [tokens, E, d] product, kthvalue batch thresholds, per-step
+s_FFN by boolean indexing; kept here as the baseline), and
 ``--pair`` two r7 processes side by side on the one GPU (how the study ran its two seeds). A micro-benchmark
 times the two router-target forms on one layer's shapes. Prints a table and writes
 ``benchmarks/results/train-step-*.json``.
 
     python benchmarks/train_step.py --config-dir DIR_WITH_config.json_AND_TOKENIZER --data mix:moby-dick,austen \
-        --steps 30 --old-norms --pair --out-name train-step-h200.json
+        --steps 30 --before --pair --out-name train-step-h200.json
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ VARIANTS = {
     "without the teacher": R7 + INNER + ROUTER_DISTILL,
     "none of the three": R7,
 }
-OLD = "r7 recipe, router target as a [tokens, E, d] product (before)"
+OLD = "r7 recipe before (router target as a [tokens, E, d] product, kthvalue thresholds, indexed s_FFN)"
 
 
 def old_norms(self, h, chunk: int = 1024):
@@ -54,12 +55,40 @@ def old_norms(self, h, chunk: int = 1024):
     return torch.cat([torch.einsum("ten,den->ted", part.float(), w).norm(dim=-1) for part in flat.split(chunk)])
 
 
-def child(argv: list[str]) -> int:
-    """``prunepath train`` with the old router-target form patched in."""
-    from prunepath.cli.main import main as cli_main
-    from prunepath.routing.ffn import PrunePathFFN
+def old_quantile(v, fraction: float, samples: int = 1 << 18):
+    """The batch threshold before: kthvalue on |v| (on CUDA a one-block selection)."""
+    import torch
 
-    PrunePathFFN._norms_of_intermediate = old_norms
+    a = v.detach().abs().reshape(-1)
+    if a.numel() > samples:
+        a = a[torch.randint(a.numel(), (samples,), device=a.device)]
+    k = max(1, min(a.numel(), int(round(fraction * a.numel()))))
+    return a.float().kthvalue(k).values.to(v.dtype)
+
+
+def old_s_ffn(model, token_mask=None):
+    """The trainer's per-step s_FFN before: per-token records gathered by boolean indexing (a host sync each)."""
+    import torch
+
+    from prunepath.state import state_of
+    from prunepath.stats import active_counts, inner_s_per_token
+
+    inner = inner_s_per_token(model, token_mask, keep_device=True)
+    if inner is not None:
+        return torch.stack([s.mean() for s in inner]).mean()
+    counts = active_counts(model, token_mask, keep_device=True)
+    return 1.0 - torch.stack([c.mean() for c in counts]).mean() / state_of(model).config.num_experts
+
+
+def child(argv: list[str]) -> int:
+    """``prunepath train`` with the earlier forms of the step's helpers patched in (the baseline)."""
+    import prunepath.routing.ffn as ffn_mod
+    import prunepath.training.trainer as trainer_mod
+    from prunepath.cli.main import main as cli_main
+
+    ffn_mod.PrunePathFFN._norms_of_intermediate = old_norms
+    ffn_mod.batch_quantile = old_quantile
+    trainer_mod.s_ffn_tensor = old_s_ffn
     return cli_main(argv) or 0
 
 
@@ -100,7 +129,7 @@ def micro(tokens: int = 16384, d: int = 576, e: int = 96, n: int = 16, reps: int
     """One layer's router target, both forms, on the GPU: median ms and the largest relative difference."""
     import torch
 
-    from prunepath.routing.ffn import PrunePathFFN
+    from prunepath.routing.ffn import PrunePathFFN, batch_quantile
 
     ffn = PrunePathFFN(d, e, n, gated=True, activation=torch.nn.SiLU(), device="cuda")
     h = torch.randn(tokens, e * n, device="cuda", dtype=torch.bfloat16)
@@ -114,6 +143,17 @@ def micro(tokens: int = 16384, d: int = 576, e: int = 96, n: int = 16, reps: int
             torch.cuda.synchronize()
             t = time.perf_counter()
             fn(ffn, h)
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t) * 1e3)
+        out[f"{name}_ms"] = round(statistics.median(ts), 3)
+    for name, fn in (("quantile_sort", batch_quantile), ("quantile_kthvalue", old_quantile)):
+        for _ in range(3):
+            fn(h, 0.4)
+        ts = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn(h, 0.4)
             torch.cuda.synchronize()
             ts.append((time.perf_counter() - t) * 1e3)
         out[f"{name}_ms"] = round(statistics.median(ts), 3)
@@ -131,7 +171,7 @@ def main() -> int:
     ap.add_argument("--data", default="mix:moby-dick,austen")
     ap.add_argument("--steps", type=int, default=30, help="stage-2 steps per run (after 4 stage-1 steps)")
     ap.add_argument("--variants", default="all", help="comma-separated indices into the variant list, or all")
-    ap.add_argument("--old-norms", action="store_true", help="also the r7 run with the old router-target form")
+    ap.add_argument("--before", action="store_true", help="also the r7 run with the step's earlier helpers")
     ap.add_argument("--pair", action="store_true", help="also two r7 runs side by side on the one GPU")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train-step"))
     ap.add_argument("--out-name", default="train-step.json")
@@ -168,7 +208,7 @@ def main() -> int:
     # most telling first: the recipe, the old router target, the pair, then the parts switched off
     r7 = VARIANTS[names[0]]
     plan: list[list] = [[job(names[0], r7, "v0")]] if names[0] in chosen else []
-    if args.old_norms:
+    if args.before:
         plan.append([job(OLD, r7, "old", old=True)])
     if args.pair:
         plan.append([job("r7 recipe, two processes side by side (each)", r7, f"pair{i}") for i in range(2)])

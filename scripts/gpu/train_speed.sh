@@ -6,6 +6,6 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/g3/corpora.tar.gz
 timeout "${TS_TIMEOUT:-450}" python3 benchmarks/train_step.py --config-dir .stage/g3/smol-config \
-    --data mix:moby-dick,austen --steps "${TS_STEPS:-24}" --old-norms --pair --out-name "${TS_NAME:-train-step-h200.json}" \
+    --data mix:moby-dick,austen --steps "${TS_STEPS:-24}" ${TS_FLAGS:---before --pair} --out-name "${TS_NAME:-train-step-h200.json}" \
     2>&1 | tail -n 60 || log "train_step exit $?"
 log "train_speed done"

@@ -123,12 +123,22 @@ def _pair_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``sparsity(model, token_mask).s_ffn`` as a 0-d tensor on the model's device: no host read, for hot loops."""
-    inner = inner_s_per_token(model, token_mask, keep_device=True)
-    if inner is not None:
-        return torch.stack([s.mean() for s in inner]).mean()
-    counts = active_counts(model, token_mask, keep_device=True)
-    return 1.0 - torch.stack([c.mean() for c in counts]).mean() / state_of(model).config.num_experts
+    """``sparsity(model, token_mask).s_ffn`` as a 0-d tensor on the model's device: no host read, for hot loops
+    (masked means, not boolean indexing, which waits for the GPU to learn the output size)."""
+    mods = prunepath_modules(model)
+    if not mods or any(m.last_active is None for m in mods):
+        raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
+    inner = all(m.last_inner_kept is not None for m in mods)
+    if inner:
+        per_layer = [activation_s_ffn(1.0 - m.last_inner_kept[..., 0].float(), 1.0 - m.last_inner_kept[..., 1].float(),
+                                      gated=m.gated) for m in mods]
+    else:
+        e = state_of(model).config.num_experts
+        per_layer = [1.0 - m.last_active.float() / e for m in mods]
+    if token_mask is None:
+        return torch.stack([s.mean() for s in per_layer]).mean()
+    w = token_mask.to(per_layer[0].device, torch.float32).reshape(per_layer[0].shape)
+    return torch.stack([(s * w).sum() for s in per_layer]).mean() / w.sum()
 
 
 def sparsity(model: nn.Module, token_mask: torch.Tensor | None = None) -> SparsityStats:

@@ -30,3 +30,24 @@ def test_device_s_ffn_matches_sparsity_with_padding(tiny_model):
     # the padding matters: all tokens counted gives another value unless the padded tokens happen to match
     all_tokens = prunepath.sparsity(model, None).s_ffn
     assert abs(float(s_ffn_tensor(model, None)) - all_tokens) < 1e-6
+
+
+def test_device_s_ffn_matches_sparsity_with_in_expert_thresholds(tiny_model):
+    # training-time batch thresholds (a different input / intermediate fraction) on top of expert routing
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(2), "little"))
+    model = tiny_model("llama")
+    prunepath.moefy(model, neurons_per_expert=16, seed=0, progress=False)
+    for f in prunepath.prunepath_modules(model):
+        torch.nn.init.normal_(f.router.weight, std=2.0)
+        f.inner_fraction = (0.25, 0.55)
+    prunepath.configure(model, tau=0.7)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 5:] = False
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask.long())
+    want = prunepath.sparsity(model, mask)
+    assert want.s_ffn > 1 - want.mean_active / want.num_experts  # the thresholds add bytes not read
+    assert abs(float(s_ffn_tensor(model, mask)) - want.s_ffn) < 1e-6
+    assert abs(float(s_ffn_tensor(model, None)) - prunepath.sparsity(model, None).s_ffn) < 1e-6

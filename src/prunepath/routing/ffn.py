@@ -192,11 +192,12 @@ def batch_quantile(v: torch.Tensor, fraction: float, samples: int = 1 << 18) -> 
     """The |v| value (0-d tensor, no host sync) with ``fraction`` of the entries at or below it, estimated on at
     most ``samples`` entries drawn at random: exact quantiles of tens of millions of entries per step cost more
     than they are worth."""
-    a = v.detach().abs().reshape(-1)
+    a = v.detach().reshape(-1)
     if a.numel() > samples:
         a = a[torch.randint(a.numel(), (samples,), device=a.device)]
     k = max(1, min(a.numel(), int(round(fraction * a.numel()))))
-    return a.float().kthvalue(k).values.to(v.dtype)
+    # a sort, not kthvalue: on CUDA kthvalue selects within one thread block, ~40x slower at 2^18 entries
+    return a.abs().float().sort().values[k - 1].to(v.dtype)
 
 
 def prunepath_modules(model: nn.Module) -> list[PrunePathFFN]:
