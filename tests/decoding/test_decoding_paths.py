@@ -75,3 +75,37 @@ def test_step_hook_runs_every_step():
     eng.step_hook = lambda: calls.append(1)
     eng.generate(torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(6)), 5)
     assert len(calls) == 4  # the first token comes from prefill
+
+
+def test_ungated_every_expert_runs_the_plain_ffn_without_the_router():
+    # ungated experts at τ > 1: decode and prefill read no router (a router that raises proves it), outputs
+    # equal Hugging Face's; τ below 1 rebuilds the routed path, and the router picks the experts again
+    from prunepath.decoding.engine import DecodeEngine
+    model = _tiny_llama()
+    prunepath.configure(model, tau=1.05, gates=False)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(7))
+
+    def hf(n):  # greedy through the Hugging Face forward (generate() would stop at the config's EOS)
+        out = ids
+        with torch.no_grad():
+            for _ in range(n):
+                out = torch.cat([out, model(out).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return out[:, 6:]
+    want = hf(4)
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    assert eng.ffn_mode == "dense" and all(l.sparse is None and l.prefill_ffn is None for l in eng.layers)
+    saved = [layer.ffn.router_w.clone() for layer in eng.layers]
+    for layer in eng.layers:
+        layer.ffn.router_w.fill_(float("nan"))  # any read of the router would turn the logits to NaN
+    assert torch.equal(eng.generate(ids, 4), want)
+    for layer, w in zip(eng.layers, saved):
+        layer.ffn.router_w.copy_(w)  # the packed router may share the model's storage
+    eng2 = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    eng2.set_tau(0.6)
+    prunepath.configure(model, tau=0.6)
+    assert eng2.ffn_mode == "sparse" and all(l.sparse is not None for l in eng2.layers)
+    assert torch.equal(eng2.generate(ids, 4), hf(4))
+    prunepath.configure(model, tau=1.05, gates=True)  # gated: the router scales every expert, so it is read
+    eng3 = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    assert all(l.sparse is not None for l in eng3.layers)
+    assert torch.equal(eng3.generate(ids, 3), hf(3))

@@ -198,15 +198,20 @@ class DecodeEngine:
         r = self.routing
         if ffn != "auto":
             return ffn
-        all_dense = all(r.rule == "all" or (r.rule in ("cumulative", "nucleus") and r.tau_for(i) > 1.0)
-                        for i in range(len(self.layers)))
+        all_dense = all(r.every_expert(i) for i in range(len(self.layers)))
         # Batch > 1 runs the union of the tokens' experts, which loses to the dense-equivalent path from the
         # measured crossover batch on (docs/decode.md).
         return "sparse" if self.converted and not all_dense and self.batch < self.crossover else "dense"
 
     def _signature(self, mode: str) -> tuple:
         r = self.routing
-        return (mode, r.rule, r.gates, r.gate_offset, r.method)
+        return (mode, r.rule, r.gates, r.gate_offset, r.method, self._plain_layers(mode))
+
+    def _plain_layers(self, mode: str) -> tuple[bool, ...]:
+        """Per layer, whether the dense path runs the plain FFN: every expert runs unscaled (ungated experts,
+        τ > 1 or rule "all"), so the router is not read at all."""
+        r = self.routing
+        return tuple(self.converted and mode == "dense" and not r.router_needed(i) for i in range(len(self.layers)))
 
     def sync_routing(self, routing: RoutingConfig | None = None, ffn: str = "auto") -> None:
         """Adopt a copy of ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate
@@ -226,7 +231,7 @@ class DecodeEngine:
         r = self.routing
         if ffn not in self.FFN_MODES:
             raise PrunePathError(f"ffn must be one of {', '.join(self.FFN_MODES)} (got {ffn!r})")
-        ffn = self.resolve_mode(ffn)
+        requested, ffn = ffn, self.resolve_mode(ffn)
         if ffn == "dense_legacy" and not self.converted:
             ffn = "dense"
         if ffn == "sparse" and not self.converted:
@@ -237,19 +242,22 @@ class DecodeEngine:
                                  "use the PyTorch path (--kernels torch)")
         self._graphs.clear()  # drop the old graphs (and their memory pools) before building new FFN objects
         self._write_budget(reset_k=True)  # new FFN objects start from the current settings, as new tensors would
+        plain = self._plain_layers(ffn)
         for i, layer in enumerate(self.layers):
             budget = (self.budget_tau[i:i + 1], self.budget_k[i:i + 1])
+            routed = self.converted and not plain[i]  # else the step and prefill run the plain dense FFN
             layer.sparse = None
             layer.sparse = (SparseFFN(layer.ffn, self.batch, r, mode=ffn, budget=budget, **self.ffn_tuning)
-                            if self.converted else None)
+                            if routed else None)
             layer.prefill_ffn = (GatedDense(layer.ffn, rule=r.rule, tau=budget[0], k=budget[1], gates=r.gates,
-                                            gate_offset=r.gate_offset) if self.converted else None)
-        self.ffn_mode = ffn
+                                            gate_offset=r.gate_offset) if routed else None)
+        self.ffn_mode, self._ffn_request = ffn, requested
         self._sig = self._signature(ffn)
         self._graphs.clear()
 
     def set_tau(self, tau: float | None = None, layer_tau: dict[int, float] | None = None, k: int | None = None) -> None:
-        """Change τ between generations without recapturing (the routers read τ from device tensors)."""
+        """Change τ between generations: the routers read τ from device tensors, so no recapture, unless the
+        FFN path changes with it (ungated experts crossing τ = 1, or "auto" choosing another path)."""
         if tau is not None:
             self.routing.tau = float(tau)
         if layer_tau is not None:
@@ -257,7 +265,11 @@ class DecodeEngine:
         if k is not None:
             self.routing.k = int(k)
         self.routing.validate()
-        self._write_budget()
+        if self._signature(self.resolve_mode(self._ffn_request)) != self._sig:
+            # τ crossed 1 with ungated experts (the router becomes needed or not), or "auto" now picks another path
+            self.set_ffn_mode(self._ffn_request)
+        else:
+            self._write_budget()
 
     def _write_budget(self, reset_k: bool = False) -> None:
         """τ (and k) of every layer into the per-model tensors, in place. k None keeps the current k, or
@@ -383,7 +395,7 @@ class DecodeEngine:
             h = h + torch.nn.functional.linear(o.transpose(1, 2).reshape(b * t, nh * hd), layer.o_w, layer.o_b).float()
             x = self._norm(h, layer.ln2_w, layer.ln2_b, torch.empty(b * t, self.hidden, dtype=self.dtype,
                                                                       device=self.device))
-            if not layer.converted:
+            if layer.prefill_ffn is None:  # unconverted, or every expert unscaled: the plain FFN
                 h = h + dense_ffn(x, layer.ffn).float()
             elif self.prefill_mode == "grouped":
                 weights = layer.prefill_ffn.select(_linear_f32(x, layer.ffn.router_w))
