@@ -56,7 +56,9 @@ timeout $(( $(left) )) python3 -m prunepath.cli.main self-corpus --model smollm2
     --seed 0 --batch-size 512 --device cuda 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | awk 'NR % 20 == 1' | tail -n 30 \
     || log "self-corpus exit $?"
 log "training shards"
-shards train "$TRAIN" "${R4_TRAIN_SHARDS:-2}"
+# one process at a time by default: two side by side give no more tokens/s in all on one H200
+# (benchmarks/results/train-step-h200-breakdown.json), and each run finishes twice as early
+shards train "$TRAIN" "${R4_TRAIN_SHARDS:-1}"
 for p in "${PIDS[@]}"; do wait "$p" || log "a shard exited $?"; done
 for f in "$WORK"/logs/*-"$CALL".log; do echo "--- $f"; grep -E "^\[study|Error|error|tok/s" "$f" | tail -n 25 || true; done
 python3 -m prunepath.cli.main run "$RECIPE" --out "$WORK" --merge-only --no-progress 2>&1 | tail -n 8 || log "merge failed"
