@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(windows) < 2 or windows != sorted(windows):
         ap.error("--windows needs at least two increasing step numbers, e.g. 0,500,1000")
     rows = compare(load(args.a), load(args.b), args.key, windows)
-    print(f"| steps | subset | n | {args.key}: {args.a.stem} | {args.key}: {args.b.stem} | median ratio b/a |")
+    name_a, name_b = (p.parent.name if p.stem == "train_log" else p.stem for p in (args.a, args.b))  # run dirs
+    print(f"| steps | subset | n | {args.key}: {name_a} | {args.key}: {name_b} | median ratio b/a |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['steps']} | {r['subset']} | {r['n']} | {r['a']:.4f} | {r['b']:.4f} | {r['median_ratio']:.3f} |")
