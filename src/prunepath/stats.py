@@ -77,18 +77,25 @@ def activation_modules(model: nn.Module) -> list[nn.Module]:
                   key=lambda m: m.layer_index)
 
 
+def _recorded(m: nn.Module, attr: str) -> torch.Tensor:
+    """A module's record ``attr`` of the last forward."""
+    v = getattr(m, attr)
+    if v is None:
+        raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
+    return v
+
+
+def _drop_padding(v: torch.Tensor, token_mask: torch.Tensor | None, keep_device: bool) -> torch.Tensor:
+    """A per-token record as a 1-D float tensor of the kept tokens (boolean indexing: a host sync on a GPU)."""
+    if token_mask is not None:
+        v = v.reshape(token_mask.shape)[token_mask.to(torch.bool).to(v.device)]
+    v = v.reshape(-1).float()
+    return v if keep_device else v.cpu()
+
+
 def _per_token(modules, attr: str, token_mask: torch.Tensor | None, keep_device: bool) -> list[torch.Tensor]:
     """Each module's per-token record ``attr`` from the last forward, padding dropped, as 1-D float tensors."""
-    out = []
-    for m in modules:
-        v = getattr(m, attr)
-        if v is None:
-            raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
-        if token_mask is not None:
-            v = v.reshape(token_mask.shape)[token_mask.to(torch.bool).to(v.device)]
-        v = v.reshape(-1).float()
-        out.append(v if keep_device else v.cpu())
-    return out
+    return [_drop_padding(_recorded(m, attr), token_mask, keep_device) for m in modules]
 
 
 def activation_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, *,
@@ -112,29 +119,27 @@ def inner_s_per_token(model: nn.Module, token_mask: torch.Tensor | None = None, 
     mods = prunepath_modules(model)
     if not mods or any(m.last_inner_kept is None for m in mods):
         return None
-    kept = _per_token(mods, "last_inner_kept", _pair_mask(token_mask), keep_device)
-    pairs = [(m, k.view(-1, 2)) for m, k in zip(mods, kept)]  # per token: (kept input share, kept down share)
-    return [activation_s_ffn(1.0 - k[:, 0], 1.0 - k[:, 1], gated=m.gated) for m, k in pairs]
+    return [_drop_padding(_inner_bytes_not_read(m), token_mask, keep_device) for m in mods]
 
 
-def _pair_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A token mask widened to the (kept input bytes, kept intermediate bytes) pair every token records."""
-    return None if token_mask is None else token_mask.to(torch.bool).unsqueeze(-1).expand(*token_mask.shape, 2)
+def _inner_bytes_not_read(m: nn.Module) -> torch.Tensor:
+    """Per token (all tokens, leading shape kept), the FFN's fraction of weight bytes not read, from the
+    (kept input share, kept down share) pair it recorded."""
+    kept = m.last_inner_kept.float()
+    return activation_s_ffn(1.0 - kept[..., 0], 1.0 - kept[..., 1], gated=m.gated)
 
 
 def s_ffn_tensor(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``sparsity(model, token_mask).s_ffn`` as a 0-d tensor on the model's device: no host read, for hot loops
     (masked means, not boolean indexing, which waits for the GPU to learn the output size)."""
     mods = prunepath_modules(model)
-    if not mods or any(m.last_active is None for m in mods):
+    if not mods:
         raise RuntimeError("no forward pass recorded yet: run the model before asking for sparsity")
-    inner = all(m.last_inner_kept is not None for m in mods)
-    if inner:
-        per_layer = [activation_s_ffn(1.0 - m.last_inner_kept[..., 0].float(), 1.0 - m.last_inner_kept[..., 1].float(),
-                                      gated=m.gated) for m in mods]
+    if all(m.last_inner_kept is not None for m in mods):
+        per_layer = [_inner_bytes_not_read(m) for m in mods]
     else:
         e = state_of(model).config.num_experts
-        per_layer = [1.0 - m.last_active.float() / e for m in mods]
+        per_layer = [1.0 - _recorded(m, "last_active").float() / e for m in mods]
     if token_mask is None:
         return torch.stack([s.mean() for s in per_layer]).mean()
     w = token_mask.to(per_layer[0].device, torch.float32).reshape(per_layer[0].shape)
