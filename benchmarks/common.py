@@ -20,6 +20,17 @@ def machine() -> dict:
     return info
 
 
+def second_half_rate(log: list[dict]) -> tuple[float, float, int]:
+    """(tokens/s, median seconds between records, intervals) over the second half of a ``train_log.jsonl``:
+    past compilation, allocator warm-up and the stage 1 → 2 switch."""
+    import statistics
+
+    tail = log[len(log) // 2 - 1:]
+    steps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(tail, tail[1:])]
+    tok_s = (tail[-1]["tokens"] - tail[0]["tokens"]) / (tail[-1]["elapsed_s"] - tail[0]["elapsed_s"])
+    return tok_s, statistics.median(steps), len(steps)
+
+
 def write_json(name: str, payload) -> Path:
     from prunepath.evaluation.reports import atomic_write_text
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import machine, second_half_rate, write_json  # noqa: E402
 
 
 def make_random_model(config_dir: Path, dest: Path, seed: int) -> None:
@@ -50,12 +49,9 @@ def run(label: str, launcher: list[str], model: Path, data: str, batch: int, seq
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
         raise SystemExit(f"{label} failed")
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    # Throughput over the second half of the run: past compilation, allocator warm-up and stage 1 → 2 switch noise.
-    half = log[len(log) // 2 - 1]
-    tok_s = (log[-1]["tokens"] - half["tokens"]) / (log[-1]["elapsed_s"] - half["elapsed_s"])
-    step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(log[len(log) // 2 - 1:], log[len(log) // 2:])]
+    tok_s, step_s, _ = second_half_rate(log)
     return {"label": label, "command": " ".join(cmd), "wall_s": round(wall, 1), "tokens_per_s": round(tok_s),
-            "median_step_s": round(statistics.median(step_s), 4), "final_loss": log[-1]["loss"],
+            "median_step_s": round(step_s, 4), "final_loss": log[-1]["loss"],
             "final_s_ffn": log[-1].get("s_ffn"), "losses": [r["loss"] for r in log],
             "tokens": log[-1]["tokens"]}
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import machine, second_half_rate, write_json  # noqa: E402
 from multi_gpu_train import make_random_model  # noqa: E402
 
 R7 = ["--neurons-per-expert", "16", "--tau-schedule", "sample", "--tau-min", "0.5", "--tau-all-prob", "0.25",
@@ -102,12 +102,9 @@ def train_cmd(model: Path, data: str, steps: int, out: Path, flags: list[str], o
 
 def summarise(label: str, cmd: list[str], out: Path, wall: float) -> dict:
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    tail = log[len(log) // 2 - 1:]  # the second half: past allocator warm-up and the stage switch
-    steps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(tail, tail[1:])]
-    tok = (tail[-1]["tokens"] - tail[0]["tokens"]) / (tail[-1]["elapsed_s"] - tail[0]["elapsed_s"])
-    return {"label": label, "command": " ".join(cmd), "wall_s": round(wall, 1), "median_step_s": round(
-        statistics.median(steps), 4), "tokens_per_s": round(tok), "steps_timed": len(steps),
-            "final_loss": log[-1]["loss"]}
+    tok, step, n = second_half_rate(log)
+    return {"label": label, "command": " ".join(cmd), "wall_s": round(wall, 1), "median_step_s": round(step, 4),
+            "tokens_per_s": round(tok), "steps_timed": n, "final_loss": log[-1]["loss"]}
 
 
 def run_all(jobs: list[tuple[str, list[str], Path]]) -> list[dict]:
@@ -133,30 +130,23 @@ def micro(tokens: int = 16384, d: int = 576, e: int = 96, n: int = 16, reps: int
 
     ffn = PrunePathFFN(d, e, n, gated=True, activation=torch.nn.SiLU(), device="cuda")
     h = torch.randn(tokens, e * n, device="cuda", dtype=torch.bfloat16)
-    out = {}
     torch.set_grad_enabled(False)  # the target is built under no_grad in training too
-    for name, fn in (("gram", PrunePathFFN._norms_of_intermediate), ("old", old_norms)):
+
+    def median_ms(fn) -> float:  # 3 warm-up calls, then ``reps`` synchronised calls
         for _ in range(3):
-            fn(ffn, h)
+            fn()
         ts = []
         for _ in range(reps):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            fn(ffn, h)
+            fn()
             torch.cuda.synchronize()
             ts.append((time.perf_counter() - t) * 1e3)
-        out[f"{name}_ms"] = round(statistics.median(ts), 3)
-    for name, fn in (("quantile_sort", batch_quantile), ("quantile_kthvalue", old_quantile)):
-        for _ in range(3):
-            fn(h, 0.4)
-        ts = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn(h, 0.4)
-            torch.cuda.synchronize()
-            ts.append((time.perf_counter() - t) * 1e3)
-        out[f"{name}_ms"] = round(statistics.median(ts), 3)
+        return round(statistics.median(ts), 3)
+
+    runs = {"gram": lambda: PrunePathFFN._norms_of_intermediate(ffn, h), "old": lambda: old_norms(ffn, h),
+            "quantile_sort": lambda: batch_quantile(h, 0.4), "quantile_kthvalue": lambda: old_quantile(h, 0.4)}
+    out = {f"{name}_ms": median_ms(fn) for name, fn in runs.items()}
     a, b = PrunePathFFN._norms_of_intermediate(ffn, h), old_norms(ffn, h)
     out["max_rel_diff"] = float(((a - b).abs() / b.clamp_min(1e-6)).max())
     out["shape"] = {"tokens": tokens, "hidden": d, "experts": e, "neurons_per_expert": n}
