@@ -10,7 +10,7 @@ import prunepath
 from prunepath.errors import PrunePathError
 from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
 from prunepath.routing.config import INNER_CAP, RoutingConfig, inner_split
-from prunepath.routing.ffn import batch_quantile, prunepath_modules
+from prunepath.routing.ffn import batch_quantile, kth_smallest, prunepath_modules
 from prunepath.stats import ActiveMeter, inner_s_per_token, sparsity
 from prunepath.training.config import TrainConfig
 from prunepath.training.schedule import inner_fraction, prunepath_stage_hook
@@ -247,3 +247,12 @@ def test_block_allocation_meets_the_bytes_per_layer_and_beats_a_bad_split():
     bare = collect_inner_stats(model, None, ids, window=64, keep_inputs=0)
     with pytest.raises(PrunePathError, match="keep_inputs"):
         inner_spec(bare, 0.4, allocation="block", model=model)
+
+
+def test_kth_smallest_by_sort_and_by_selection_agree():
+    # the CUDA path (sort) and the CPU path (kthvalue) of batch_quantile, both against a plain sorted list
+    a = torch.randn(5001).abs()
+    ref = sorted(a.tolist())
+    for k in (1, 2, 1250, 2500, 5001, int(torch.randint(1, 5002, ()))):
+        for by_sort in (True, False):
+            assert float(kth_smallest(a, k, by_sort=by_sort)) == ref[k - 1]

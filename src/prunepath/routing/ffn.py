@@ -196,8 +196,15 @@ def batch_quantile(v: torch.Tensor, fraction: float, samples: int = 1 << 18) -> 
     if a.numel() > samples:
         a = a[torch.randint(a.numel(), (samples,), device=a.device)]
     k = max(1, min(a.numel(), int(round(fraction * a.numel()))))
-    # a sort, not kthvalue: on CUDA kthvalue selects within one thread block, ~40x slower at 2^18 entries
-    return a.abs().float().sort().values[k - 1].to(v.dtype)
+    a = a.abs().float()
+    return kth_smallest(a, k, by_sort=a.is_cuda).to(v.dtype)
+
+
+def kth_smallest(a: torch.Tensor, k: int, *, by_sort: bool) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of 1-D ``a`` as a 0-d tensor. ``by_sort`` on CUDA, where kthvalue
+    selects within one thread block (1.53 against 0.26 ms at 2^18 entries on an H200); kthvalue on the CPU, where
+    it is the faster one (about 4 against 23 ms)."""
+    return a.sort().values[k - 1] if by_sort else a.kthvalue(k).values
 
 
 def prunepath_modules(model: nn.Module) -> list[PrunePathFFN]:
