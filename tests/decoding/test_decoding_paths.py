@@ -109,3 +109,93 @@ def test_ungated_every_expert_runs_the_plain_ffn_without_the_router():
     eng3 = DecodeEngine(model, batch=1, max_len=16, device="cpu")
     assert all(l.sparse is not None for l in eng3.layers)
     assert torch.equal(eng3.generate(ids, 3), hf(3))
+
+
+def _greedy_hf(model, ids, n):
+    out = ids
+    with torch.no_grad():
+        for _ in range(n):
+            out = torch.cat([out, model(out).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return out[:, ids.shape[1]:]
+
+
+def test_in_expert_thresholds_decode_with_the_threshold_kernels():
+    # an ungated checkpoint at τ > 1 with in-expert thresholds: batch 1 runs ThresholdFFN, batch 2 (at the
+    # crossover) the masked dense FFN; both give the Hugging Face forward's tokens, and prefill its logits
+    from prunepath.decoding.engine import DecodeEngine
+    from prunepath.kernels.thresholds import ThresholdFFN
+    model = _tiny_llama()
+    n = model.config.num_hidden_layers
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(8))
+    prunepath.configure(model, tau=1.05, gates=False)
+    with torch.no_grad():
+        plain = model(ids[:1]).logits[:, -1].float()
+    prunepath.configure(model, inner={"t_in": [0.5] * n, "t_mid": [0.02, None]})
+    with torch.no_grad():
+        ref = model(ids[:1]).logits[:, -1].float()
+    assert float((ref - plain).abs().max()) > 1e-3  # the thresholds change the model
+    one = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    assert all(isinstance(l.sparse, ThresholdFFN) for l in one.layers)
+    assert float((one.prefill(ids[:1]) - ref).abs().max()) < 2e-5
+    assert torch.equal(one.generate(ids[:1], 4), _greedy_hf(model, ids[:1], 4))
+    two = DecodeEngine(model, batch=2, max_len=16, device="cpu", crossover=2)
+    assert all(l.sparse is None and l.thr is not None for l in two.layers)
+    assert torch.equal(two.generate(ids, 4), _greedy_hf(model, ids, 4))
+    # new thresholds in place (same FFN objects); turning a layer off rebuilds it as the plain FFN
+    kept = one.layers[0].sparse
+    one.set_thresholds([0.3] * n, [0.01] * n)
+    assert one.layers[0].sparse is kept and one.budget_thr[0].tolist() == pytest.approx([0.3, 0.01])
+    prunepath.configure(model, inner={"t_in": [0.3] * n, "t_mid": [0.01] * n})
+    assert torch.equal(one.generate(ids[:1], 3), _greedy_hf(model, ids[:1], 3))
+    one.set_thresholds([None] * n, [None] * n)
+    assert all(l.sparse is None and l.thr is None for l in one.layers)
+
+
+def test_thresholds_that_cannot_decode_are_named_errors():
+    from prunepath.decoding.engine import DecodeEngine
+    model = _tiny_llama()
+    n = model.config.num_hidden_layers
+    prunepath.configure(model, tau=1.05, gates=False, inner={"t_in": [0.5] * n, "t_mid": [0.02] * n})
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    with pytest.raises(prunepath.PrunePathError, match="every expert runs unscaled"):
+        eng.set_tau(0.6)
+    assert eng.routing.tau == 1.05  # the engine keeps its working settings
+    with pytest.raises(prunepath.PrunePathError, match="one per layer"):
+        eng.set_thresholds([0.1], [0.1])
+    with pytest.raises(prunepath.PrunePathError, match=">= 0"):
+        eng.set_thresholds([-0.1] * n, [None] * n)
+    with pytest.raises(prunepath.PrunePathError, match="dense path"):
+        DecodeEngine(model, batch=1, max_len=16, device="cpu", ffn="sparse")
+    prunepath.configure(model, gates=True)  # gated: the router scales every expert
+    with pytest.raises(prunepath.PrunePathError, match="every expert runs unscaled"):
+        DecodeEngine(model, batch=1, max_len=16, device="cpu")
+
+
+def test_teal_on_the_original_model_decodes_with_the_threshold_kernels():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from prunepath.baselines.activation import ActivationSparsity, apply_activation_sparsity
+    from prunepath.decoding.engine import DecodeEngine
+    from prunepath.kernels.thresholds import ThresholdFFN
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(9))
+    dense = _greedy_hf(model, ids, 4)
+    spec = ActivationSparsity(method="teal", target=0.4, allocation="uniform", t_in=[0.6, 0.6], t_mid=[0.02, 0.02])
+    with torch.no_grad():
+        plain = model(ids).logits[:, -1]
+    apply_activation_sparsity(model, spec)
+    want = _greedy_hf(model, ids, 4)
+    with torch.no_grad():
+        assert float((model(ids).logits[:, -1] - plain).abs().max()) > 1e-3  # the thresholds matter
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    assert all(isinstance(l.sparse, ThresholdFFN) for l in eng.layers)
+    assert torch.equal(eng.generate(ids, 4), want)
+    with torch.no_grad():
+        assert float((eng.prefill(ids) - model(ids).logits[:, -1]).abs().max()) < 2e-5
+    eng.set_thresholds([None, None], [None, None])  # off: the dense model's tokens
+    assert torch.equal(eng.generate(ids, 4), dense)
+    apply_activation_sparsity(model, ActivationSparsity(method="cats", target=0.3, allocation="uniform",
+                                                        t_in=[None, None], t_mid=[0.1, 0.1]))
+    with pytest.raises(prunepath.PrunePathError, match="not CATS"):
+        DecodeEngine(model, batch=1, max_len=16, device="cpu")

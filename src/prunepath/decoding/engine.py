@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from prunepath.errors import PrunePathError
+from prunepath.kernels._common import THRESHOLD_OFF as THR_OFF
 from prunepath.kernels._common import interpreting
 from prunepath.kernels.layout import PackedFFN, detect_activation, pack_ffn
+from prunepath.kernels.reference import threshold_ffn_reference
 from prunepath.routing.config import TAU_ALL, RoutingConfig
 from prunepath.models.adapters import adapter_for
 from prunepath.models.arch import DECODE_MODEL_TYPES, decode_view
@@ -48,11 +50,25 @@ def warmup_stream(device: torch.device | str) -> "torch.cuda.Stream":
     return _WARMUP_STREAMS[key]
 
 
-def _check_no_inner(routing: RoutingConfig) -> None:
-    if routing.inner:
-        raise PrunePathError("the decode kernels skip whole experts; they do not skip entries inside an expert, so "
-                             "this model's in-expert thresholds would be ignored. Clear them first "
-                             "(prunepath.evaluation.inner.apply_inner(model, None)), or evaluate with the PyTorch path")
+def _check_thresholds(routing: RoutingConfig, num_layers: int) -> None:
+    """In-expert thresholds decode only where every expert runs unscaled (the threshold FFN has no router)."""
+    if routing.inner and any(routing.router_needed(i) for i in range(num_layers)):
+        raise PrunePathError(
+            "in-expert thresholds decode only where every expert runs unscaled (an ungated checkpoint at τ > 1, or "
+            "rule 'all'): the kernels that skip whole experts do not also skip entries inside them. Use τ > 1 with "
+            "an ungated checkpoint, clear the thresholds (prunepath.evaluation.inner.apply_inner(model, None)), "
+            "or use the PyTorch path (--kernels torch)")
+
+
+def _teal_wrappers(model: nn.Module) -> list:
+    """TEAL wrappers installed on an unconverted model (CATS has no decode kernel: named error)."""
+    from prunepath.baselines.activation import activation_modules
+    wrappers = activation_modules(model)
+    if any(w.method != "teal" for w in wrappers):
+        raise PrunePathError("the decode engine runs TEAL thresholds, not CATS (CATS reads every gate row first); "
+                             "remove them (prunepath.baselines.activation.remove_activation_sparsity) or use the "
+                             "PyTorch path (--kernels torch)")
+    return wrappers
 
 
 @dataclass
@@ -69,7 +85,8 @@ class _Layer:
     converted: bool
     k_cache: torch.Tensor | None = None
     v_cache: torch.Tensor | None = None
-    sparse: object | None = None  # SparseFFN for the decode step
+    sparse: object | None = None  # SparseFFN (or ThresholdFFN) for the decode step
+    thr: torch.Tensor | None = None  # float32 [2] view (t_in, t_mid) when this layer's FFN runs thresholded
     prefill_ffn: object | None = None  # GatedDense for prefill (any token count)
 
 
@@ -103,6 +120,9 @@ class DecodeEngine:
     cuBLAS over w_out; unconverted: the plain dense FFN), "dense_legacy" (router kernel + gated cuBLAS).
     ``crossover``: the smallest batch at which the dense-equivalent path beats the sparse kernels (measured by
     ``benchmarks/ffn_stack.py --crossover``; default 2 = sparse at batch 1 only).
+    Activation thresholds (in-expert thresholds of an ungated checkpoint at τ > 1, or TEAL wrappers on an
+    unconverted model) run the threshold FFN kernels (:mod:`prunepath.kernels.thresholds`) below the crossover,
+    the masked dense FFN above it; :meth:`set_thresholds` changes them without a recapture.
     ``prefill``: "dense" (the dense-equivalent path over all prompt tokens) or "grouped" (tokens sorted by
     expert, grouped GEMMs over the selected pairs only). ``graphs=False`` runs the same kernels eagerly (CPU
     interpreter). ``step_hook`` (a callable, or None) runs at the start of every decode step, inside the graph.
@@ -115,8 +135,7 @@ class DecodeEngine:
                  graphs: bool | None = None, ffn_tuning: dict | None = None, crossover: int = 2,
                  prefill: str = "dense") -> None:
         cfg = model.config
-        if is_converted(model):
-            _check_no_inner(state_of(model).config.routing)
+        wrappers = [] if is_converted(model) else _teal_wrappers(model)
         mt = getattr(cfg, "model_type", None)
         if mt not in SUPPORTED:
             raise PrunePathError(f"the decode engine supports {', '.join(SUPPORTED)} models, not {mt!r}; "
@@ -163,7 +182,8 @@ class DecodeEngine:
             if self.converted:
                 packed = pack_ffn(pp[i], dtype=self.dtype, device=self.device)
             else:
-                packed = _pack_dense(adapter.extract(sites[i]), self.dtype, self.device)
+                dense = wrappers[i].dense_ffn() if wrappers else adapter.extract(sites[i])
+                packed = _pack_dense(dense, self.dtype, self.device)
             layer = _Layer(ln1_w=t(lv.ln1_w, torch.float32), ln1_b=t(lv.ln1_b, torch.float32), qkv_w=t(lv.qkv_w),
                            qkv_b=t(lv.qkv_b), o_w=t(lv.o_w), o_b=t(lv.o_b), ln2_w=t(lv.ln2_w, torch.float32),
                            ln2_b=t(lv.ln2_b, torch.float32), ffn=packed, converted=self.converted)
@@ -176,6 +196,13 @@ class DecodeEngine:
         self.budget_tau = torch.full((n,), TAU_ALL, dtype=torch.float32, device=self.device)
         self.budget_k = torch.tensor([lay.ffn.num_experts for lay in self.layers] if self.converted else [0] * n,
                               dtype=torch.int32, device=self.device)
+        # activation thresholds (t_in, t_mid) of every layer, likewise one per-model device tensor
+        self.budget_thr = torch.full((n, 2), THR_OFF, dtype=torch.float32, device=self.device)
+        if self.converted:
+            _check_thresholds(self.routing, n)
+            self._thr_values = [self.routing.inner_for(i) for i in range(n)]
+        else:
+            self._thr_values = [(w.t_in, w.t_mid) for w in wrappers] or [(None, None)] * n
         from prunepath.kernels.decode_ops import DecodeAttention
         self.attn = DecodeAttention(batch, self.heads, self.kv_heads, self.head_dim, max_len, self.device)
         # Step state (device): current token, its position, the step counter, outputs.
@@ -205,7 +232,11 @@ class DecodeEngine:
 
     def _signature(self, mode: str) -> tuple:
         r = self.routing
-        return (mode, r.rule, r.gates, r.gate_offset, r.method, self._plain_layers(mode))
+        return (mode, r.rule, r.gates, r.gate_offset, r.method, self._plain_layers(mode), self._thresholded())
+
+    def _thresholded(self) -> tuple[bool, ...]:
+        """Per layer, whether activation thresholds are set (its FFN then runs the threshold path)."""
+        return tuple(t_in is not None or t_mid is not None for t_in, t_mid in self._thr_values)
 
     def _plain_layers(self, mode: str) -> tuple[bool, ...]:
         """Per layer, whether the dense path runs the plain FFN: every expert runs unscaled (ungated experts,
@@ -217,12 +248,14 @@ class DecodeEngine:
         """Adopt a copy of ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate
         setting or FFN path rebuilds the layer FFNs (the next step recaptures)."""
         if routing is not None:
-            _check_no_inner(routing)
+            _check_thresholds(routing, len(self.layers))
             self.routing = routing.copy()
+            self._thr_values = [self.routing.inner_for(i) for i in range(len(self.layers))]
         mode = self.resolve_mode(ffn)
         if self._signature(mode) != self._sig:
             self.set_ffn_mode(ffn)
         else:
+            self._write_thresholds()
             self.set_tau()
 
     def set_ffn_mode(self, ffn: str = "auto") -> None:
@@ -236,19 +269,28 @@ class DecodeEngine:
             ffn = "dense"
         if ffn == "sparse" and not self.converted:
             raise PrunePathError("ffn='sparse' needs a converted model (prunepath.moefy or a PrunePath checkpoint)")
+        thresholded = self._thresholded()
+        if any(thresholded) and ffn != "dense":
+            raise PrunePathError(f"ffn={requested!r} skips whole experts; activation thresholds run on the dense "
+                                 "path (ffn='auto' or 'dense')")
         from prunepath.kernels.dense import GatedDense
         if r.method != "prunepath" and self.converted:
             raise PrunePathError(f"the decode kernels implement the prunepath routing method, not {r.method!r}; "
                                  "use the PyTorch path (--kernels torch)")
         self._graphs.clear()  # drop the old graphs (and their memory pools) before building new FFN objects
         self._write_budget(reset_k=True)  # new FFN objects start from the current settings, as new tensors would
+        self._write_thresholds()
         plain = self._plain_layers(ffn)
         for i, layer in enumerate(self.layers):
             budget = (self.budget_tau[i:i + 1], self.budget_k[i:i + 1])
             routed = self.converted and not plain[i]  # else the step and prefill run the plain dense FFN
             layer.sparse = None
-            layer.sparse = (SparseFFN(layer.ffn, self.batch, r, mode=ffn, budget=budget, **self.ffn_tuning)
-                            if routed else None)
+            layer.thr = self.budget_thr[i] if thresholded[i] else None
+            if routed:
+                layer.sparse = SparseFFN(layer.ffn, self.batch, r, mode=ffn, budget=budget, **self.ffn_tuning)
+            elif layer.thr is not None and self.batch < self.crossover:
+                from prunepath.kernels.thresholds import ThresholdFFN
+                layer.sparse = ThresholdFFN(layer.ffn, self.batch, layer.thr)
             layer.prefill_ffn = (GatedDense(layer.ffn, rule=r.rule, tau=budget[0], k=budget[1], gates=r.gates,
                                             gate_offset=r.gate_offset) if routed else None)
         self.ffn_mode, self._ffn_request = ffn, requested
@@ -258,18 +300,44 @@ class DecodeEngine:
     def set_tau(self, tau: float | None = None, layer_tau: dict[int, float] | None = None, k: int | None = None) -> None:
         """Change τ between generations: the routers read τ from device tensors, so no recapture, unless the
         FFN path changes with it (ungated experts crossing τ = 1, or "auto" choosing another path)."""
+        new = self.routing.copy()
         if tau is not None:
-            self.routing.tau = float(tau)
+            new.tau = float(tau)
         if layer_tau is not None:
-            self.routing.layer_tau = {int(i): float(v) for i, v in layer_tau.items()}
+            new.layer_tau = {int(i): float(v) for i, v in layer_tau.items()}
         if k is not None:
-            self.routing.k = int(k)
-        self.routing.validate()
+            new.k = int(k)
+        new.validate()
+        _check_thresholds(new, len(self.layers))
+        self.routing = new
         if self._signature(self.resolve_mode(self._ffn_request)) != self._sig:
             # τ crossed 1 with ungated experts (the router becomes needed or not), or "auto" now picks another path
             self.set_ffn_mode(self._ffn_request)
         else:
             self._write_budget()
+
+    def set_thresholds(self, t_in: list[float | None], t_mid: list[float | None]) -> None:
+        """New activation thresholds per layer (None: no masking there), e.g. TEAL at another target s_FFN, or a
+        converted model's in-expert thresholds: rewritten in place, rebuilt only where a layer turns on or off."""
+        n = len(self.layers)
+        if len(t_in) != n or len(t_mid) != n:
+            raise PrunePathError(f"set_thresholds needs {n} t_in and {n} t_mid values (one per layer, None = off), "
+                                 f"got {len(t_in)} and {len(t_mid)}")
+        vals = [(None if a is None else float(a), None if b is None else float(b)) for a, b in zip(t_in, t_mid)]
+        if any(v is not None and v < 0 for pair in vals for v in pair):
+            raise PrunePathError("activation thresholds must be >= 0 (None = no masking)")
+        if self.converted:
+            self.routing.inner = {**self.routing.inner, "t_in": [a for a, _ in vals], "t_mid": [b for _, b in vals]}
+            _check_thresholds(self.routing, n)
+        self._thr_values = vals
+        if self._signature(self.resolve_mode(self._ffn_request)) != self._sig:
+            self.set_ffn_mode(self._ffn_request)
+        else:
+            self._write_thresholds()
+
+    def _write_thresholds(self) -> None:
+        self.budget_thr.copy_(torch.tensor([[THR_OFF if t is None else t for t in pair] for pair in self._thr_values],
+                                           dtype=torch.float32))
 
     def _write_budget(self, reset_k: bool = False) -> None:
         """τ (and k) of every layer into the per-model tensors, in place. k None keeps the current k, or
@@ -287,8 +355,15 @@ class DecodeEngine:
         return norm(x, w, b, self.eps, rms=self.rms, out=out)
 
     def _ffn_dense_into(self, layer: _Layer, x: torch.Tensor, res: torch.Tensor, weights: torch.Tensor | None) -> None:
+        res += self._plain_ffn(layer, x).float()
+
+    @staticmethod
+    def _plain_ffn(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """Every expert unscaled through cuBLAS, with the layer's activation thresholds (device tensors) if set."""
         from prunepath.kernels.ffn import dense_ffn
-        res += dense_ffn(x, layer.ffn, weights).float()
+        if layer.thr is not None:
+            return threshold_ffn_reference(x, layer.ffn, layer.thr[0], layer.thr[1], dtype=None)
+        return dense_ffn(x, layer.ffn)
 
     def _decode_step(self, sample: bool) -> None:
         from prunepath.kernels.decode_ops import rope_and_cache
@@ -364,7 +439,6 @@ class DecodeEngine:
         rows) or the grouped path (``prefill="grouped"``: only the selected (token, expert) pairs).
         """
         from prunepath.kernels.dense import _linear_f32, grouped_ffn
-        from prunepath.kernels.ffn import dense_ffn
         b, t = input_ids.shape
         if b != self.batch:
             raise PrunePathError(f"this engine was built for batch {self.batch}, got {b} prompts")
@@ -396,7 +470,7 @@ class DecodeEngine:
             x = self._norm(h, layer.ln2_w, layer.ln2_b, torch.empty(b * t, self.hidden, dtype=self.dtype,
                                                                       device=self.device))
             if layer.prefill_ffn is None:  # unconverted, or every expert unscaled: the plain FFN
-                h = h + dense_ffn(x, layer.ffn).float()
+                h = h + self._plain_ffn(layer, x).float()
             elif self.prefill_mode == "grouped":
                 weights = layer.prefill_ffn.select(_linear_f32(x, layer.ffn.router_w))
                 h = h + grouped_ffn(x, layer.ffn, weights).float()

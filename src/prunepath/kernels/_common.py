@@ -9,6 +9,9 @@ import torch
 from prunepath.errors import PrunePathError
 
 
+THRESHOLD_OFF = -1.0  # an activation threshold that keeps every entry (|v| > -1 always): "no masking" on the device
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")

@@ -88,6 +88,30 @@ def ffn_reference(x: torch.Tensor, packed: PackedFFN, routing: RoutingConfig, dt
     return y
 
 
+def threshold_ffn_reference(x: torch.Tensor, packed: PackedFFN, t_in: float | None, t_mid: float | None,
+                            dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """Every expert, unscaled, with activation thresholds: input entries with |x| ≤ t_in and intermediate entries
+    with |h| ≤ t_mid zeroed (None: no masking), y [B, d] in ``dtype`` (None: x's dtype, the prefill path)."""
+    dtype = dtype or x.dtype
+    e, n = packed.num_experts, packed.neurons_per_expert
+    w_in, b_in, w_out = packed.dense_weights()
+    xw = x.to(dtype)
+    if t_in is not None:
+        xw = xw.masked_fill(xw.abs() <= t_in, 0)
+    pre = xw @ w_in.to(dtype).t()
+    if b_in is not None:
+        pre = pre + b_in.to(dtype)
+    pre = pre.view(x.shape[0], e, -1)
+    h = _act_reference(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act_reference(packed.activation, pre)
+    h = h.reshape(x.shape[0], e * n)
+    if t_mid is not None:
+        h = h.masked_fill(h.abs() <= t_mid, 0)
+    y = h @ w_out.to(dtype)
+    if packed.b_out is not None:
+        y = y + packed.b_out.to(dtype)
+    return y
+
+
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool,
                       offset: float = 0.0) -> torch.Tensor:
     """RMSNorm (``rms``) or LayerNorm over the last dim in float32; weight is used as (weight + offset)."""

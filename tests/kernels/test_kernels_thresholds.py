@@ -1,0 +1,120 @@
+"""Activation-threshold FFN kernels (TRITON_INTERPRET=1 on the CPU) against the float64 masked reference."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from prunepath.errors import PrunePathError  # noqa: E402
+from prunepath.kernels import random_packed_ffn  # noqa: E402
+from prunepath.kernels.ffn import dense_ffn  # noqa: E402
+from prunepath.kernels.layout import _act_reference  # noqa: E402
+from prunepath.kernels.reference import threshold_ffn_reference  # noqa: E402
+from prunepath.kernels.thresholds import OFF, ThresholdFFN, thresholds_tensor  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _gap_threshold(v: torch.Tensor, q: float) -> float:
+    """A threshold near the q-quantile of |v| in the widest gap between neighbouring values there, so fp32
+    rounding in the kernel cannot move an entry across it."""
+    a = v.detach().abs().double().flatten().sort().values
+    i = int(q * (a.numel() - 1))
+    lo, hi = max(0, i - 3), min(a.numel() - 1, i + 3)
+    gaps = a[lo + 1:hi + 1] - a[lo:hi]
+    j = lo + int(gaps.argmax())
+    return float((a[j] + a[j + 1]) / 2)
+
+
+def _intermediate(x: torch.Tensor, packed, t_in: float | None) -> torch.Tensor:
+    e, n = packed.num_experts, packed.neurons_per_expert
+    w_in, b_in, _ = packed.dense_weights()
+    xw = x.double()
+    if t_in is not None:
+        xw = xw.masked_fill(xw.abs() <= t_in, 0)
+    pre = xw @ w_in.double().t() + (b_in.double() if b_in is not None else 0)
+    pre = pre.view(x.shape[0], e, -1)
+    a = packed.activation
+    h = _act_reference(a, pre[..., :n]) * pre[..., n:] if packed.gated else _act_reference(a, pre)
+    return h.reshape(x.shape[0], e * n)
+
+
+@pytest.mark.parametrize("gated,activation,bias", [(True, "silu", False), (True, "gelu_tanh", True),
+                                                    (False, "gelu", True), (False, "relu", False)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_threshold_ffn_matches_float64_reference(gated, activation, bias, batch):
+    gen = torch.Generator().manual_seed(hash((gated, activation, bias, batch)) % 2**31)
+    d, e, n = 40, 5, 6  # no power of two: every block is masked at its edge
+    packed = random_packed_ffn(d, e, n, gated=gated, activation=activation, bias=bias, dtype=torch.float32,
+                               generator=gen)
+    x = torch.randn(batch, d, generator=gen)
+    q_in, q_mid = [0.2, 0.4, 0.6][int(torch.randint(3, (1,), generator=gen))], 0.5
+    t_in = _gap_threshold(x, q_in)
+    t_mid = _gap_threshold(_intermediate(x, packed, t_in), q_mid)
+    ffn = ThresholdFFN(packed, batch, thresholds_tensor(t_in, t_mid, "cpu"), block_k=16, block_m=32, block_j=8,
+                       block_d=16)
+    out = torch.randn(batch, d, generator=gen)  # the kernel adds into the residual
+    res0 = out.clone()
+    ffn(x, out)
+    ref = threshold_ffn_reference(x, packed, t_in, t_mid)
+    assert _rel(out - res0, ref) < 1e-5
+    # the thresholds really drop something: the unmasked FFN differs
+    assert _rel(ref, threshold_ffn_reference(x, packed, None, None)) > 1e-3
+
+
+def test_dropped_rows_are_never_used():
+    """NaN in the gate|up rows of dropped input entries and in the W_down rows of dropped neurons: a kernel
+    that read them would return NaN (their activations are not zeroed before the product)."""
+    gen = torch.Generator().manual_seed(7)
+    d, e, n = 48, 4, 8
+    packed = random_packed_ffn(d, e, n, dtype=torch.float32, generator=gen)
+    x = torch.randn(1, d, generator=gen)
+    t_in = _gap_threshold(x, 0.5)
+    h = _intermediate(x, packed, t_in)
+    t_mid = _gap_threshold(h, 0.5)
+    ref = threshold_ffn_reference(x, packed, t_in, t_mid)
+    ffn = ThresholdFFN(packed, 1, thresholds_tensor(t_in, t_mid, "cpu"), block_k=16, block_m=32, block_j=8)
+    ffn.w_in_t[x[0].abs() <= t_in] = float("nan")
+    packed.w_out.view(e * n, d)[h[0].abs() <= t_mid] = float("nan")
+    out = torch.zeros(1, d)
+    ffn(x, out)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-5
+
+
+def test_off_thresholds_give_the_dense_ffn_and_set_changes_them_in_place():
+    gen = torch.Generator().manual_seed(3)
+    packed = random_packed_ffn(32, 4, 8, dtype=torch.float32, generator=gen)
+    x = torch.randn(2, 32, generator=gen)
+    th = thresholds_tensor(None, None, "cpu")
+    assert th.tolist() == [OFF, OFF]
+    ffn = ThresholdFFN(packed, 2, th)
+    out = torch.zeros(2, 32)
+    ffn(x, out)
+    assert _rel(out, dense_ffn(x, packed)) < 1e-5
+    t_in = _gap_threshold(x, 0.5)
+    ffn.set(t_in, None)
+    assert th[0].item() == pytest.approx(t_in) and th[1].item() == OFF  # the same tensor, rewritten
+    out.zero_()
+    ffn(x, out)
+    assert _rel(out, threshold_ffn_reference(x, packed, t_in, None)) < 1e-5
+
+
+def test_bad_shapes_are_named():
+    packed = random_packed_ffn(16, 2, 4, dtype=torch.float32)
+    with pytest.raises(PrunePathError, match="float32 \\[2\\]"):
+        ThresholdFFN(packed, 1, torch.zeros(3))
+    ffn = ThresholdFFN(packed, 1, thresholds_tensor(0.1, 0.1, "cpu"))
+    with pytest.raises(PrunePathError, match="contiguous \\[1, 16\\] input"):
+        ffn(torch.zeros(2, 16), torch.zeros(2, 16))
+    with pytest.raises(PrunePathError, match="float32"):
+        ffn(torch.zeros(1, 16), torch.zeros(1, 16, dtype=torch.float64))
