@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ffn_stack  # noqa: E402
 from ffn_stack import ALIASES, SHAPES, bench_graph, graph_of, make_layers, tau_for  # noqa: E402
 
-TUNINGS = [  # (block_k, block_m, block_j, block_d) of ThresholdFFN; the first is the class default
-    {}, {"block_k": 16, "block_m": 512}, {"block_k": 64, "block_m": 128, "block_j": 64, "block_d": 128},
-    {"block_j": 16, "block_d": 512},
+TUNINGS = [  # blocks and rows per program of ThresholdFFN; the first is the class default
+    {}, {"k_chunk": 256, "j_chunk": 256}, {"k_chunk": 512, "j_chunk": 1024}, {"k_chunk": 1024, "j_chunk": 2048},
+    {"block_k": 32, "block_m": 256, "k_chunk": 512, "block_j": 32, "block_d": 256, "j_chunk": 1024},
 ]
 
 

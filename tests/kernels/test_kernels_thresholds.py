@@ -60,8 +60,10 @@ def test_threshold_ffn_matches_float64_reference(gated, activation, bias, batch)
     q_in, q_mid = [0.2, 0.4, 0.6][int(torch.randint(3, (1,), generator=gen))], 0.5
     t_in = _gap_threshold(x, q_in)
     t_mid = _gap_threshold(_intermediate(x, packed, t_in), q_mid)
+    # several row blocks per program, the last one partial (the K and neuron loops), and one block per program
+    chunks = {"k_chunk": 32, "j_chunk": 16} if batch == 1 else {}
     ffn = ThresholdFFN(packed, batch, thresholds_tensor(t_in, t_mid, "cpu"), block_k=16, block_m=32, block_j=8,
-                       block_d=16)
+                       block_d=16, **chunks)
     out = torch.randn(batch, d, generator=gen)  # the kernel adds into the residual
     res0 = out.clone()
     ffn(x, out)
@@ -82,7 +84,8 @@ def test_dropped_rows_are_never_used():
     h = _intermediate(x, packed, t_in)
     t_mid = _gap_threshold(h, 0.5)
     ref = threshold_ffn_reference(x, packed, t_in, t_mid)
-    ffn = ThresholdFFN(packed, 1, thresholds_tensor(t_in, t_mid, "cpu"), block_k=16, block_m=32, block_j=8)
+    ffn = ThresholdFFN(packed, 1, thresholds_tensor(t_in, t_mid, "cpu"), block_k=16, block_m=32, block_j=8,
+                       k_chunk=32, j_chunk=16)
     ffn.w_in_t[x[0].abs() <= t_in] = float("nan")
     packed.w_out.view(e * n, d)[h[0].abs() <= t_mid] = float("nan")
     out = torch.zeros(1, d)
@@ -111,6 +114,8 @@ def test_off_thresholds_give_the_dense_ffn_and_set_changes_them_in_place():
 
 def test_bad_shapes_are_named():
     packed = random_packed_ffn(16, 2, 4, dtype=torch.float32)
+    with pytest.raises(PrunePathError, match="multiple of the block"):
+        ThresholdFFN(packed, 1, thresholds_tensor(0.1, 0.1, "cpu"), block_k=16, k_chunk=24)
     with pytest.raises(PrunePathError, match="float32 \\[2\\]"):
         ThresholdFFN(packed, 1, torch.zeros(3))
     ffn = ThresholdFFN(packed, 1, thresholds_tensor(0.1, 0.1, "cpu"))

@@ -32,60 +32,66 @@ from prunepath.kernels.layout import PackedFFN
 
 
 @triton.jit
-def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M,
+def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M, K_CHUNK,
                BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc[b, m] += Σ_{k in block, |x_bk| > t_in} x_bk · w_in_t[k, m]."""
+    """acc[b, m] += Σ_{k in this program's K_CHUNK rows, |x_bk| > t_in} x_bk · w_in_t[k, m]: the rows are
+    walked BLOCK_K at a time and summed in registers, one atomic add per column at the end."""
     mb = tl.program_id(0)
-    kb = tl.program_id(1)
+    kc = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    mk = offs_k < D
     mm = offs_m < M
     t = tl.load(t_ptr)
-    x = tl.load(x_ptr + b * D + offs_k, mask=mk, other=0.0).to(tl.float32)
-    keep = mk & (tl.abs(x) > t)
-    w = tl.load(wt_ptr + offs_k.to(tl.int64)[:, None] * M + offs_m[None, :], mask=keep[:, None] & mm[None, :],
-                other=0.0)
-    part = tl.sum(w.to(tl.float32) * x[:, None], axis=0)
+    part = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(kc * K_CHUNK, tl.minimum(kc * K_CHUNK + K_CHUNK, D), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < D
+        x = tl.load(x_ptr + b * D + offs_k, mask=mk, other=0.0).to(tl.float32)
+        keep = mk & (tl.abs(x) > t)
+        w = tl.load(wt_ptr + offs_k.to(tl.int64)[:, None] * M + offs_m[None, :], mask=keep[:, None] & mm[None, :],
+                    other=0.0)
+        part += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
     tl.atomic_add(acc_ptr + b * M + offs_m, part, mask=mm, sem="relaxed")
 
 
 @triton.jit
-def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R,
+def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R, J_CHUNK,
                 BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr, HAS_BIN: tl.constexpr,
                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y[b, d] += Σ_{j in block, |h_bj| > t_mid} h_bj · w_out[j, d] (+ b_out once, from neuron block 0)."""
+    """y[b, d] += Σ_{j in this program's J_CHUNK neurons, |h_bj| > t_mid} h_bj · w_out[j, d] (+ b_out once, from
+    the first chunk), summed in registers, one atomic add per output element."""
     db = tl.program_id(0)
-    jb = tl.program_id(1)
+    jc = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-    mj = offs_j < I
     md = offs_d < D
-    e = offs_j // N
-    col = e * R + (offs_j - e * N)  # the neuron's gate (or W_1) column in the expert-packed pre-activations
     M = (I // N) * R
-    if GATED:
-        g = tl.load(acc_ptr + b * M + col, mask=mj, other=0.0)
-        u = tl.load(acc_ptr + b * M + col + N, mask=mj, other=0.0)
-        if HAS_BIN:
-            g += tl.load(bin_ptr + col, mask=mj, other=0.0)
-            u += tl.load(bin_ptr + col + N, mask=mj, other=0.0)
-        h = _act(g, ACT) * u
-    else:
-        u = tl.load(acc_ptr + b * M + col, mask=mj, other=0.0)
-        if HAS_BIN:
-            u += tl.load(bin_ptr + col, mask=mj, other=0.0)
-        h = _act(u, ACT)
     t = tl.load(t_ptr)
-    keep = mj & (tl.abs(h) > t)
-    h = tl.where(keep, h, 0.0)
-    w = tl.load(w_ptr + offs_j.to(tl.int64)[:, None] * D + offs_d[None, :], mask=keep[:, None] & md[None, :],
-                other=0.0)
-    part = tl.sum(h[:, None] * w.to(tl.float32), axis=0)
+    part = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j0 in range(jc * J_CHUNK, tl.minimum(jc * J_CHUNK + J_CHUNK, I), BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mj = offs_j < I
+        e = offs_j // N
+        col = e * R + (offs_j - e * N)  # the neuron's gate (or W_1) column in the expert-packed pre-activations
+        if GATED:
+            g = tl.load(acc_ptr + b * M + col, mask=mj, other=0.0)
+            u = tl.load(acc_ptr + b * M + col + N, mask=mj, other=0.0)
+            if HAS_BIN:
+                g += tl.load(bin_ptr + col, mask=mj, other=0.0)
+                u += tl.load(bin_ptr + col + N, mask=mj, other=0.0)
+            h = _act(g, ACT) * u
+        else:
+            u = tl.load(acc_ptr + b * M + col, mask=mj, other=0.0)
+            if HAS_BIN:
+                u += tl.load(bin_ptr + col, mask=mj, other=0.0)
+            h = _act(u, ACT)
+        keep = mj & (tl.abs(h) > t)
+        h = tl.where(keep, h, 0.0)
+        w = tl.load(w_ptr + offs_j.to(tl.int64)[:, None] * D + offs_d[None, :], mask=keep[:, None] & md[None, :],
+                    other=0.0)
+        part += tl.sum(h[:, None] * w.to(tl.float32), axis=0)
     if HAS_BIAS:
-        part += tl.load(bias_ptr + offs_d, mask=md, other=0.0) * (jb == 0).to(tl.float32)
+        part += tl.load(bias_ptr + offs_d, mask=md, other=0.0) * (jc == 0).to(tl.float32)
     tl.atomic_add(y_ptr + b * D + offs_d, part, mask=md, sem="relaxed")
 
 
@@ -93,6 +99,12 @@ def thresholds_tensor(t_in: float | None, t_mid: float | None, device: torch.dev
     """float32 [2] device tensor (t_in, t_mid); None becomes :data:`OFF` (keep every entry)."""
     return torch.tensor([OFF if t_in is None else float(t_in), OFF if t_mid is None else float(t_mid)],
                         dtype=torch.float32, device=device)
+
+
+def _chunk(rows: int, block: int) -> int:
+    if rows < block or rows % block:
+        raise PrunePathError(f"rows per program ({rows}) must be a positive multiple of the block ({block})")
+    return rows
 
 
 class ThresholdFFN:
@@ -106,7 +118,7 @@ class ThresholdFFN:
 
     def __init__(self, packed: PackedFFN, batch: int, thresholds: torch.Tensor, *, block_k: int | None = None,
                  block_m: int | None = None, block_j: int | None = None, block_d: int | None = None,
-                 warps: int = 4) -> None:
+                 k_chunk: int | None = None, j_chunk: int | None = None, warps: int = 4) -> None:
         if thresholds.shape != (2,) or thresholds.dtype != torch.float32:
             raise PrunePathError("thresholds must be a float32 [2] tensor (t_in, t_mid): use thresholds_tensor()")
         self.packed, self.batch, self.thresholds = packed, batch, thresholds
@@ -114,14 +126,17 @@ class ThresholdFFN:
         self.m = e * r
         self.i = e * packed.neurons_per_expert
         self.w_in_t = packed.w_in.reshape(self.m, d).t().contiguous()  # [d, E·R]: one row per input entry
-        self.block_k = block_k or min(next_pow2(d), 32)
-        self.block_m = block_m or min(next_pow2(self.m), 256)
-        self.block_j = block_j or min(next_pow2(self.i), 32)
-        self.block_d = block_d or min(next_pow2(d), 256)
+        self.block_k = block_k or min(next_pow2(d), 64)
+        self.block_m = block_m or min(next_pow2(self.m), 128)
+        self.block_j = block_j or min(next_pow2(self.i), 64)
+        self.block_d = block_d or min(next_pow2(d), 128)
+        # rows (neurons) per program, a multiple of the block: fewer atomics and less per-program overhead
+        self.k_chunk = _chunk(k_chunk or self.block_k, self.block_k)
+        self.j_chunk = _chunk(j_chunk or self.block_j, self.block_j)
         self.warps = warps
         self.acc = torch.zeros(batch, self.m, dtype=torch.float32, device=packed.device)
-        self.grid_in = (triton.cdiv(self.m, self.block_m), triton.cdiv(d, self.block_k), batch)
-        self.grid_out = (triton.cdiv(d, self.block_d), triton.cdiv(self.i, self.block_j), batch)
+        self.grid_in = (triton.cdiv(self.m, self.block_m), triton.cdiv(d, self.k_chunk), batch)
+        self.grid_out = (triton.cdiv(d, self.block_d), triton.cdiv(self.i, self.j_chunk), batch)
 
     def set(self, t_in: float | None, t_mid: float | None) -> None:
         """New thresholds in place (a captured graph sees them at its next replay)."""
@@ -135,13 +150,13 @@ class ThresholdFFN:
         if out.dtype != torch.float32 or out.shape != (self.batch, d) or not out.is_contiguous():
             raise PrunePathError("the threshold FFN accumulates into a contiguous float32 [B, d] output")
         self.acc.zero_()
-        _in_kernel[self.grid_in](x, self.w_in_t, self.thresholds, self.acc, d, self.m,
+        _in_kernel[self.grid_in](x, self.w_in_t, self.thresholds, self.acc, d, self.m, self.k_chunk,
                                  BLOCK_K=self.block_k, BLOCK_M=self.block_m, num_warps=self.warps)
         n = p.neurons_per_expert
         _out_kernel[self.grid_out](
             self.acc, p.b_in if p.b_in is not None else self.acc, p.w_out,
             p.b_out if p.b_out is not None else out, self.thresholds[1:], out, d, self.i, n,
-            2 * n if p.gated else n, BLOCK_J=self.block_j, BLOCK_D=self.block_d, GATED=p.gated,
+            2 * n if p.gated else n, self.j_chunk, BLOCK_J=self.block_j, BLOCK_D=self.block_d, GATED=p.gated,
             HAS_BIN=p.b_in is not None, ACT=ACT_IDS[p.activation], HAS_BIAS=p.b_out is not None,
             num_warps=self.warps)
         return out
