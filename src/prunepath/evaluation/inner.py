@@ -14,8 +14,9 @@ model to live with them.
     apply_inner(model, inner_spec(stats, 0.4, allocation="block", model=model))
     apply_inner(model, None)                                       # off again
 
-s_FFN then counts bytes, not experts (:func:`prunepath.stats.inner_s_per_token`): the decode kernels do
-not skip entries inside an expert yet, so this is a quality measurement of what such a kernel could save.
+s_FFN then counts bytes, not experts (:func:`prunepath.stats.inner_s_per_token`). The decode engine skips those
+bytes where every expert runs unscaled (an ungated checkpoint at τ > 1: :mod:`prunepath.kernels.thresholds`);
+with experts also dropped it refuses the thresholds, so there s_FFN is a measurement of quality, not of speed.
 """
 
 from __future__ import annotations
