@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunepath.baselines.activation import activation_modules
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import THRESHOLD_OFF as THR_OFF
 from prunepath.kernels._common import interpreting
@@ -62,7 +63,6 @@ def _check_thresholds(routing: RoutingConfig, num_layers: int) -> None:
 
 def _teal_wrappers(model: nn.Module) -> list:
     """TEAL wrappers installed on an unconverted model (CATS has no decode kernel: named error)."""
-    from prunepath.baselines.activation import activation_modules
     wrappers = activation_modules(model)
     if any(w.method != "teal" for w in wrappers):
         raise PrunePathError("the decode engine runs TEAL thresholds, not CATS (CATS reads every gate row first); "
