@@ -161,3 +161,26 @@ def test_graph_warmups_share_one_stream_per_device(monkeypatch):
     b = eng_mod.warmup_stream("cuda:1")
     assert b is not a and eng_mod.warmup_stream("cuda:1") is b
     assert made == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_saved_teal_model_generates_through_the_threshold_kernels(tmp_path, capsys, kind):
+    # a TEAL model saved beside its thresholds, loaded again, decodes with the engine's threshold FFN and gives
+    # the PyTorch path's text (gated Llama and plain GPT-2 with biases)
+    from prunepath.baselines.activation import ActivationSparsity, save_activation_model
+    from prunepath.cli.main import main
+    from prunepath.decoding import generate
+    from prunepath.kernels.thresholds import ThresholdFFN
+    model = _tiny(kind, convert=False)
+    spec = ActivationSparsity(method="teal", target=0.4, allocation="uniform", t_in=[0.5, 0.5], t_mid=[0.02, 0.02])
+    path = save_activation_model(model, _tokenizer(), tmp_path / "teal", spec)
+    loaded, tok = prunepath.load_model(str(path))
+    prompt = "w1 w2 w3 w4"
+    fast = generate(loaded, tok, prompt, 4, kernels="triton", device="cpu")
+    slow = generate(loaded, tok, prompt, 4, kernels="torch", device="cpu", quiet=True)
+    assert fast == slow
+    engines = list(loaded.prunepath.engines.values())
+    assert engines and all(isinstance(l.sparse, ThresholdFFN) for l in engines[0].layers)
+    assert main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "4", "--kernels", "triton",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == fast.strip()

@@ -41,7 +41,9 @@ def _engine_for(model: nn.Module, batch: int, max_len: int, device: torch.device
     eng = cache.get(key)
     if eng is None or eng.max_len < max_len:
         cache.pop(key, None)
-        eng = DecodeEngine(model, batch=batch, max_len=max(max_len, 256), ffn=ffn, device=device)
+        # room for later, longer calls, within the model's positions (a short-context model keeps max_len)
+        limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        eng = DecodeEngine(model, batch=batch, max_len=max(max_len, min(256, limit or 256)), ffn=ffn, device=device)
         cache[key] = eng
     return eng
 
