@@ -169,6 +169,11 @@ def test_thresholds_that_cannot_decode_are_named_errors():
     prunepath.configure(model, gates=True)  # gated: the router scales every expert
     with pytest.raises(prunepath.PrunePathError, match="every expert runs unscaled"):
         DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    prunepath.configure(model, inner={})
+    gated = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    with pytest.raises(prunepath.PrunePathError, match="every expert runs unscaled"):
+        gated.set_thresholds([0.1] * n, [0.1] * n)
+    assert not gated.routing.inner and all(l.thr is None for l in gated.layers)  # refused before any change
 
 
 def test_teal_on_the_original_model_decodes_with_the_threshold_kernels():

@@ -327,8 +327,10 @@ class DecodeEngine:
         if any(v is not None and v < 0 for pair in vals for v in pair):
             raise PrunePathError("activation thresholds must be >= 0 (None = no masking)")
         if self.converted:
-            self.routing.inner = {**self.routing.inner, "t_in": [a for a, _ in vals], "t_mid": [b for _, b in vals]}
-            _check_thresholds(self.routing, n)
+            new = self.routing.copy()
+            new.inner = {**new.inner, "t_in": [a for a, _ in vals], "t_mid": [b for _, b in vals]}
+            _check_thresholds(new, n)
+            self.routing = new
         self._thr_values = vals
         if self._signature(self.resolve_mode(self._ffn_request)) != self._sig:
             self.set_ffn_mode(self._ffn_request)
@@ -353,9 +355,6 @@ class DecodeEngine:
     def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         from prunepath.kernels.decode_ops import norm
         return norm(x, w, b, self.eps, rms=self.rms, out=out)
-
-    def _ffn_dense_into(self, layer: _Layer, x: torch.Tensor, res: torch.Tensor, weights: torch.Tensor | None) -> None:
-        res += self._plain_ffn(layer, x).float()
 
     @staticmethod
     def _plain_ffn(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -386,7 +385,7 @@ class DecodeEngine:
             if layer.sparse is not None:
                 layer.sparse(x, res)
             else:
-                self._ffn_dense_into(layer, x, res, None)
+                res += self._plain_ffn(layer, x).float()
         x = self._norm(res, self.final_w, self.final_b, self.xbuf)
         logits = torch.nn.functional.linear(x, self.lm_head).float()
         if sample:
