@@ -7,11 +7,12 @@ intermediate entries with |h_j| ≤ t_mid need not read their row of W_down. Thi
 (:func:`prunepath.baselines.activation.masked_ffn`), so one kernel pair decodes both.
 
 * ``_in_kernel``: gate|up are stored transposed (``w_in_t`` [d, E·R], one contiguous row per input entry), so a
-  dropped input entry is a whole row that is never loaded. Programs (column block, row block, token) add their
-  partial pre-activations into an fp32 accumulator (split-K).
-* ``_out_kernel``: programs (output block, neuron block, token) finish h = act(gate)·up (or act(W_1 x + b)) for
-  their neurons, drop |h| ≤ t_mid, and read only the kept rows of W_down (``PackedFFN.w_out``, already one
-  contiguous row per neuron); one atomic add per output element into the fp32 residual.
+  dropped input entry is a whole row that is never loaded. Programs (column block, chunk of ``k_chunk`` rows,
+  token) sum their rows in registers and add the partial pre-activations into an fp32 accumulator (split-K).
+* ``_out_kernel``: programs (output block, chunk of ``j_chunk`` neurons, token) finish h = act(gate)·up (or
+  act(W_1 x + b)) for their neurons, drop |h| ≤ t_mid, and read only the kept rows of W_down
+  (``PackedFFN.w_out``, already one contiguous row per neuron); one atomic add per output element into the fp32
+  residual.
 
 Masked-off rows issue no loads, so the bytes read fall with the fraction dropped. Each token of a batch reads
 its own kept rows: this is a batch-1 path (batch B reads up to B times the bytes; use the masked dense path
