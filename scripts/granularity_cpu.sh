@@ -19,13 +19,5 @@ for n in $SIZES; do
     OMP_NUM_THREADS=1 prunepath train "${COMMON[@]}" --neurons-per-expert "$n" --out "$OUT/n$n" > "$OUT/n$n.log" 2>&1 &
 done
 wait
-E=(--task ppl --data wikitext-2/wiki.valid.raw --max-tokens 16384 --window 512 --batch-size 4 --dtype bf16 --no-progress)
-C=(--calib-data mix:sotu,moby-dick,austen,brown --calib-tokens 8192)
-for n in $SIZES; do
-    prunepath eval --model "$OUT/n$n" "${E[@]}" --tau 1.05 --json "$OUT/n$n-t1.05-f0.json"
-    for f in 0.3 0.4 0.5; do
-        prunepath eval --model "$OUT/n$n" "${E[@]}" "${C[@]}" --tau 1.05 --inner-sparsity "$f" --inner-mid-bias 0.15 \
-            --json "$OUT/n$n-t1.05-f$f.json"
-    done
-    prunepath eval --model "$OUT/n$n" "${E[@]}" --tau 0.9 --json "$OUT/n$n-t0.9-f0.json"
-done
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_eval_points.sh"
+for n in $SIZES; do eval_points "$OUT/n$n" "$OUT" "n$n"; done

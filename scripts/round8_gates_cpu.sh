@@ -16,15 +16,7 @@ COMMON=(--model smollm2-135m --task lm --data mix:sotu,moby-dick,austen,brown --
 OMP_NUM_THREADS=1 prunepath train "${COMMON[@]}" --gate-offset 4.0 --out "$OUT/gated" > "$OUT/gated.log" 2>&1 &
 OMP_NUM_THREADS=1 prunepath train "${COMMON[@]}" --no-gates --out "$OUT/ungated" > "$OUT/ungated.log" 2>&1 &
 wait
-E=(--task ppl --data wikitext-2/wiki.valid.raw --max-tokens 16384 --window 512 --batch-size 4 --dtype bf16 --no-progress)
-C=(--calib-data mix:sotu,moby-dick,austen,brown --calib-tokens 8192)
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_eval_points.sh"
 prunepath eval --model smollm2-135m "${E[@]}" --json "$OUT/orig.json"
-for run in ungated gated; do
-    prunepath eval --model "$OUT/$run" "${E[@]}" --tau 1.05 --json "$OUT/$run-t1.05-f0.json"
-    for f in 0.3 0.4 0.5; do
-        prunepath eval --model "$OUT/$run" "${E[@]}" "${C[@]}" --tau 1.05 --inner-sparsity "$f" --inner-mid-bias 0.15 \
-            --json "$OUT/$run-t1.05-f$f.json"
-    done
-    prunepath eval --model "$OUT/$run" "${E[@]}" --tau 0.9 --json "$OUT/$run-t0.9-f0.json"
-done
+for run in ungated gated; do eval_points "$OUT/$run" "$OUT" "$run"; done
 python scripts/paired_logs.py "$OUT/gated/train_log.jsonl" "$OUT/ungated/train_log.jsonl" --windows 0,100
