@@ -121,3 +121,15 @@ def test_inner_grid_is_read_along_its_lines_not_across_its_front():
     # a curve without a grid is read as before
     assert study_report.curve_ppl_at(rows, "prunepath-sweep", v, 0.4) == pytest.approx(
         study_report.ppl_at(study_report.curve(rows, "prunepath-sweep", v), 0.4))
+
+
+def test_every_point_table_gives_the_router_bytes_each_point_reads():
+    base = {"model": "M", "eval_tokens": 1000, "train_tokens": 500, "method": "prunepath-sweep", "variant": "v",
+            "router_bytes_frac": 0.0208}
+    rows = [{"model": "M", "method": "dense", "s_ffn": 0.0, "ppl": 20.0, "tau": None},
+            {**base, "s_ffn": 0.1, "ppl": 21.0, "tau": 1.05, "gates": False},
+            {**base, "s_ffn": 0.2, "ppl": 22.0, "tau": 0.9, "gates": False},
+            {**base, "s_ffn": 0.3, "ppl": 23.0, "tau": 1.05, "gates": True}]
+    cells = {line.split("|")[4].strip(): line.split("|")[5].strip()
+             for line in study_report.records_table(rows).splitlines()[2:]}
+    assert cells == {"0.000": "", "0.100": "0.0000", "0.200": "0.0208", "0.300": "0.0208"}

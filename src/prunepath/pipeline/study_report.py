@@ -189,7 +189,7 @@ def records_table(rows: list[dict]) -> str:
         knob_s = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in knob.items())
         ro = f"{r['ppl'] / orig['ppl']:.2f}" if orig else "–"
         rf = f"{r['ppl'] / ft['ppl']:.2f}" if ft else "–"
-        rb = f"{r['router_bytes_frac']:.4f}" if r.get("router_bytes_frac") is not None else ""
+        rb = f"{router_share(r):.4f}" if r.get("router_bytes_frac") is not None else ""  # the bytes read there
         lines.append(f"| {r['method']} | {r.get('variant') or ''} | {knob_s} | {r['s_ffn']:.3f} | {rb} | "
                      f"{r['ppl']:.2f} | {ro} | {rf} | {r.get('train_tokens', 0):,} | {r.get('eval_tokens', 0):,} |")
     return "\n".join(lines)
