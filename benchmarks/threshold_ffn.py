@@ -108,7 +108,8 @@ def run_shape(name: str, sparsities: list[float], dev: str, tunings: list[dict],
                 o = torch.zeros(1, d, dtype=torch.float32, device=dev)
                 ffns[i](xs[i], o)
                 t_in, t_mid = (per_s[s][i][0], per_s[s][i][1]) if s else (None, None)
-                ref = threshold_ffn_reference(xs[i], layers[i], t_in, t_mid, dtype=torch.float32)
+                ref = threshold_ffn_reference(xs[i], layers[i], t_in, t_mid, dtype=torch.float32,
+                                              round_to=layers[i].dtype)
                 err = max(err, float((o - ref).norm() / ref.norm()))
             recs.append({"shape": name, "mode": "threshold", "tuning": tun, "target_s": s, "s_ffn": byte, "ms": ms,
                          "speedup": dense_ms / ms, "rel_err": err})

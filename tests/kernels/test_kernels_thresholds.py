@@ -7,14 +7,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from prunepath.errors import PrunePathError  # noqa: E402
 from prunepath.kernels import random_packed_ffn  # noqa: E402
 from prunepath.kernels.ffn import dense_ffn  # noqa: E402
 from prunepath.kernels.layout import _act_reference  # noqa: E402
 from prunepath.kernels.reference import threshold_ffn_reference  # noqa: E402
-from prunepath.kernels.thresholds import OFF, ThresholdFFN, thresholds_tensor  # noqa: E402
+from prunepath.kernels.thresholds import OFF, ThresholdFFN, _round, thresholds_tensor  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
@@ -123,3 +124,39 @@ def test_bad_shapes_are_named():
         ffn(torch.zeros(2, 16), torch.zeros(2, 16))
     with pytest.raises(PrunePathError, match="float32"):
         ffn(torch.zeros(1, 16), torch.zeros(1, 16, dtype=torch.float64))
+
+
+def test_bf16_thresholds_compare_as_pytorch_does():
+    # PyTorch compares a bf16 tensor with a number after rounding the number to bf16: with t = 1.005 (bf16:
+    # 1.0078125) an entry of exactly 1.0078125 is dropped. A kernel comparing in fp32 would keep it and read its
+    # row, which holds NaN here.
+    gen = torch.Generator().manual_seed(11)
+    d, e, n = 16, 2, 8
+    packed = random_packed_ffn(d, e, n, dtype=torch.bfloat16, generator=gen)
+    x = (torch.rand(1, d, generator=gen) * 0.5).to(torch.bfloat16)
+    x[0, 3] = 1.0078125
+    t = 1.005
+    assert bool((x.abs() <= t)[0, 3])  # PyTorch's own rule drops it
+    ffn = ThresholdFFN(packed, 1, thresholds_tensor(t, None, "cpu"), block_k=16, block_m=16, block_j=8)
+    ffn.w_in_t[3] = float("nan")
+    out = torch.zeros(1, d)
+    ffn(x, out)
+    assert torch.isfinite(ffn.acc).all() and torch.isfinite(out).all()  # (a NaN h would be masked: check acc)
+    ref = threshold_ffn_reference(x, packed, t, None, dtype=None)  # the bf16 PyTorch path
+    assert _rel(out, ref.float()) < 2e-2
+
+
+@triton.jit
+def _round_kernel(v_ptr, o_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    tl.store(o_ptr + offs, _round(tl.load(v_ptr + offs, mask=m, other=0.0), 1), mask=m)
+
+
+def test_round_helper_matches_torch_bf16_rounding():
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(1000, generator=gen) * torch.logspace(-6, 6, 1000)
+    v[:3] = torch.tensor([1.005, 1.00390625, -2.0078125 + 2 ** -9])  # above, on and near a rounding midpoint
+    o = torch.empty_like(v)
+    _round_kernel[(1,)](v, o, v.numel(), BLOCK=1024)
+    assert torch.equal(o, v.to(torch.bfloat16).float())

@@ -89,10 +89,17 @@ def ffn_reference(x: torch.Tensor, packed: PackedFFN, routing: RoutingConfig, dt
 
 
 def threshold_ffn_reference(x: torch.Tensor, packed: PackedFFN, t_in: float | None, t_mid: float | None,
-                            dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+                            dtype: torch.dtype | None = torch.float64,
+                            round_to: torch.dtype | None = None) -> torch.Tensor:
     """Every expert, unscaled, with activation thresholds: input entries with |x| ≤ t_in and intermediate entries
-    with |h| ≤ t_mid zeroed (None: no masking), y [B, d] in ``dtype`` (None: x's dtype, the prefill path)."""
+    with |h| ≤ t_mid zeroed (None: no masking), y [B, d] in ``dtype`` (None: x's dtype, the prefill path).
+    ``round_to`` (the model's dtype): the thresholds and h rounded to it first, as the kernels and a PyTorch
+    forward in that dtype do, with the sums still in ``dtype``."""
     dtype = dtype or x.dtype
+
+    def rnd(v):
+        return v if round_to is None or v is None else torch.as_tensor(v).to(round_to).to(dtype)
+    t_in, t_mid = rnd(t_in), rnd(t_mid)
     e, n = packed.num_experts, packed.neurons_per_expert
     w_in, b_in, w_out = packed.dense_weights()
     xw = x.to(dtype)
@@ -103,7 +110,7 @@ def threshold_ffn_reference(x: torch.Tensor, packed: PackedFFN, t_in: float | No
         pre = pre + b_in.to(dtype)
     pre = pre.view(x.shape[0], e, -1)
     h = _act_reference(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act_reference(packed.activation, pre)
-    h = h.reshape(x.shape[0], e * n)
+    h = rnd(h.reshape(x.shape[0], e * n))
     if t_mid is not None:
         h = h.masked_fill(h.abs() <= t_mid, 0)
     y = h @ w_out.to(dtype)

@@ -32,9 +32,26 @@ from prunepath.kernels.experts import ACT_IDS, _act
 from prunepath.kernels.layout import PackedFFN
 
 
+ROUNDING = {torch.bfloat16: 1, torch.float16: 2}  # the model dtype the kernels round to (else 0: none)
+
+
+@triton.jit
+def _round(v, ROUND: tl.constexpr):
+    """fp32 ``v`` rounded to nearest-even in the model's dtype, back in fp32 (ROUND 1: bf16, by the bits, which
+    the CPU interpreter's casts would truncate; 2: fp16; 0: unchanged)."""
+    if ROUND == 1:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
+
+
 @triton.jit
 def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M, K_CHUNK,
-               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ROUND: tl.constexpr):
     """acc[b, m] += Σ_{k in this program's K_CHUNK rows, |x_bk| > t_in} x_bk · w_in_t[k, m]: the rows are
     walked BLOCK_K at a time and summed in registers, one atomic add per column at the end."""
     mb = tl.program_id(0)
@@ -42,7 +59,8 @@ def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M, K_CHUNK,
     b = tl.program_id(2).to(tl.int64)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = offs_m < M
-    t = tl.load(t_ptr)
+    # compared as PyTorch compares a tensor with a number: the threshold rounded to the activations' dtype
+    t = _round(tl.load(t_ptr), ROUND)
     part = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(kc * K_CHUNK, tl.minimum(kc * K_CHUNK + K_CHUNK, D), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -58,7 +76,7 @@ def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M, K_CHUNK,
 @triton.jit
 def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R, J_CHUNK,
                 BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr, HAS_BIN: tl.constexpr,
-                ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
     """y[b, d] += Σ_{j in this program's J_CHUNK neurons, |h_bj| > t_mid} h_bj · w_out[j, d] (+ b_out once, from
     the first chunk), summed in registers, one atomic add per output element."""
     db = tl.program_id(0)
@@ -67,7 +85,8 @@ def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R, J_C
     offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < D
     M = (I // N) * R
-    t = tl.load(t_ptr)
+    # h rounded to the weights' dtype (the model's, as its PyTorch forward holds h), and so is the threshold
+    t = _round(tl.load(t_ptr), ROUND)
     part = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j0 in range(jc * J_CHUNK, tl.minimum(jc * J_CHUNK + J_CHUNK, I), BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
@@ -86,6 +105,7 @@ def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R, J_C
             if HAS_BIN:
                 u += tl.load(bin_ptr + col, mask=mj, other=0.0)
             h = _act(u, ACT)
+        h = _round(h, ROUND)
         keep = mj & (tl.abs(h) > t)
         h = tl.where(keep, h, 0.0)
         w = tl.load(w_ptr + offs_j.to(tl.int64)[:, None] * D + offs_d[None, :], mask=keep[:, None] & md[None, :],
@@ -152,12 +172,13 @@ class ThresholdFFN:
             raise PrunePathError("the threshold FFN accumulates into a contiguous float32 [B, d] output")
         self.acc.zero_()
         _in_kernel[self.grid_in](x, self.w_in_t, self.thresholds, self.acc, d, self.m, self.k_chunk,
-                                 BLOCK_K=self.block_k, BLOCK_M=self.block_m, num_warps=self.warps)
+                                 BLOCK_K=self.block_k, BLOCK_M=self.block_m, ROUND=ROUNDING.get(x.dtype, 0),
+                                 num_warps=self.warps)
         n = p.neurons_per_expert
         _out_kernel[self.grid_out](
             self.acc, p.b_in if p.b_in is not None else self.acc, p.w_out,
             p.b_out if p.b_out is not None else out, self.thresholds[1:], out, d, self.i, n,
             2 * n if p.gated else n, self.j_chunk, BLOCK_J=self.block_j, BLOCK_D=self.block_d, GATED=p.gated,
             HAS_BIN=p.b_in is not None, ACT=ACT_IDS[p.activation], HAS_BIAS=p.b_out is not None,
-            num_warps=self.warps)
+            ROUND=ROUNDING.get(p.w_out.dtype, 0), num_warps=self.warps)
         return out
