@@ -184,3 +184,28 @@ def test_saved_teal_model_generates_through_the_threshold_kernels(tmp_path, caps
     assert main(["generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "4", "--kernels", "triton",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == fast.strip()
+
+
+def test_generate_cli_calibrates_in_expert_thresholds_and_decodes_them(tmp_path, capsys):
+    from prunepath.cli.main import main
+    model = _tiny("llama")
+    prunepath.configure(model, tau=1.05, gates=False)  # ungated at τ > 1: the threshold kernels' case
+    path = tmp_path / "ckpt"
+    prunepath.save(model, path, tokenizer=_tokenizer())
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{(i * 7) % 63}" for i in range(700)))
+    args = ["generate", "--model", str(path), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "4",
+            "--inner-sparsity", "0.4", "--calib-data", str(calib), "--calib-tokens", "256"]
+    assert main(args + ["--kernels", "triton"]) == 0
+    fast = capsys.readouterr()
+    assert "in-expert thresholds (uniform) for fraction 0.4" in fast.err and fast.out.strip()
+    assert main(args + ["--kernels", "torch"]) == 0
+    assert capsys.readouterr().out == fast.out  # the engine's threshold kernels and the PyTorch path agree
+    assert main(args[:-4] + ["--inner-sparsity", "0.4"]) == 2  # no --calib-data
+    assert "--calib-data" in capsys.readouterr().err
+    dense = _tiny("llama", convert=False)
+    dense.save_pretrained(tmp_path / "dense")
+    _tokenizer().save_pretrained(tmp_path / "dense")
+    assert main(["generate", "--model", str(tmp_path / "dense"), "--prompt", "w1", "--inner-sparsity", "0.4",
+                 "--calib-data", str(calib)]) == 2
+    assert "prunepath baseline --method teal" in capsys.readouterr().err

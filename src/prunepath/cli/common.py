@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -11,7 +12,9 @@ from prunepath.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
 from prunepath.data.corpora import is_corpus_name
 from prunepath.evaluation.common import check_text_file, resolve_data_path
 from prunepath.models.registry import check_builtin_typo
-from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau
+from prunepath.evaluation.inner import ALLOCATIONS as INNER_ALLOCATIONS
+from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
+from prunepath.routing.config import TAU_ALL, TAU_SWEEP_MAX, is_valid_tau, validate_mid_bias, validate_sparsity_fraction
 
 
 def add_model_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -54,8 +57,6 @@ def parse_floats(text: str, flag: str, *, allow_empty: bool = False) -> list[flo
 
 def command_line() -> str:
     """The command as typed (``prunepath SUBCOMMAND ...``), for the records a command writes."""
-    import sys
-
     return "prunepath " + " ".join(sys.argv[1:])
 
 
@@ -152,3 +153,45 @@ def check_baseline_args(args: argparse.Namespace) -> None:
     check_tau(getattr(args, "tau", None))
     check_tau(getattr(args, "threshold", None), "--threshold")
     check_data_source(getattr(args, "calib_data", None), "lm", "--calib-data")
+
+
+def add_inner_args(p: argparse.ArgumentParser) -> None:
+    """In-expert (TEAL-style) thresholds calibrated on --calib-data (eval, generate)."""
+    p.add_argument("--inner-sparsity", type=float, default=None, metavar="F",
+                   help="in-expert (TEAL-style) thresholds: zero the smallest fraction F of FFN inputs and of "
+                        "intermediates inside the active experts, calibrated on --calib-data (required; never the "
+                        "evaluation text); 0 clears thresholds stored in the checkpoint. See docs/evaluation.md")
+    p.add_argument("--inner-allocation", choices=list(INNER_ALLOCATIONS), default="uniform",
+                   help="--inner-sparsity: F bytes per layer split between inputs and intermediates by a fixed "
+                        "rule (uniform, with --inner-mid-bias) or by TEAL's block-wise greedy per layer (block)")
+    p.add_argument("--inner-mid-bias", type=float, default=0.0, metavar="K",
+                   help="--inner-sparsity with uniform allocation: inputs at F(1-K), intermediates at F(1+2K) "
+                        "(gated FFN; the same bytes); use the value the checkpoint was trained with (default 0)")
+
+
+def check_inner_args(args: argparse.Namespace) -> None:
+    f = getattr(args, "inner_sparsity", None)
+    if f is None or f == 0:
+        return
+    validate_sparsity_fraction(f, "--inner-sparsity")
+    validate_mid_bias(getattr(args, "inner_mid_bias", 0.0), "--inner-mid-bias (the in-expert mid bias)")
+    if not getattr(args, "calib_data", None):
+        raise PrunePathError("--inner-sparsity calibrates thresholds and needs --calib-data, text that is not the "
+                             "evaluation text (e.g. mix:sotu,moby-dick,austen,brown or a text file)")
+
+
+def apply_inner_args(model, tok, args: argparse.Namespace, window: int = 512) -> dict | None:
+    """Calibrate (on ``window``-token windows) and set, or with 0 clear, the in-expert thresholds; returns the spec
+    (None when untouched)."""
+    f = getattr(args, "inner_sparsity", None)
+    if f is None:
+        return None
+    if f == 0:
+        return apply_inner(model, None)
+    stats = collect_inner_stats(model, tok, args.calib_data, max_tokens=args.calib_tokens, window=window,
+                                progress=not getattr(args, "no_progress", False))
+    spec = apply_inner(model, inner_spec(stats, f, mid_bias=args.inner_mid_bias, allocation=args.inner_allocation,
+                                         model=model))
+    print(f"in-expert thresholds ({args.inner_allocation}) for fraction {f:g} calibrated on {stats.tokens} tokens "
+          f"of {args.calib_data}", file=sys.stderr)
+    return spec

@@ -7,17 +7,14 @@ import json
 import sys
 
 from prunepath.cli.allocate import add_allocation_args, check_target
-from prunepath.cli.common import (add_device_arg, add_model_arg, check_data_arg, check_min, check_model_arg,
-                                  resolve_device)
+from prunepath.cli.common import (add_device_arg, add_inner_args, add_model_arg, apply_inner_args, check_data_arg,
+                                  check_inner_args, check_min, check_model_arg, resolve_device)
 from prunepath.errors import PrunePathError
 from prunepath.cli.common import TAU_HELP, check_tau
 from prunepath.data.corpora import corpus_names, is_corpus_name
 from prunepath.evaluation.allocation import allocate_layer_tau
 from prunepath.evaluation.allocation import apply_allocation
 from prunepath.evaluation.allocation import calibration_ids
-from prunepath.evaluation.inner import ALLOCATIONS as INNER_ALLOCATIONS
-from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
-from prunepath.routing.config import validate_mid_bias, validate_sparsity_fraction
 from prunepath.evaluation.calibration import find_tau_for_sparsity
 from prunepath.evaluation.common import check_tokenizer
 from prunepath.evaluation.reports import run_meta, write_json
@@ -92,47 +89,11 @@ def register(sub) -> None:
                    help="calibration text for --target-sparsity (default: the first --calib-tokens of --data if "
                         "it is raw text, else WikiText-2 validation)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    p.add_argument("--inner-sparsity", type=float, default=None, metavar="F",
-                   help="in-expert (TEAL-style) thresholds: zero the smallest fraction F of FFN inputs and of "
-                        "intermediates inside the active experts, calibrated on --calib-data (required; never the "
-                        "evaluation text); 0 clears thresholds stored in the checkpoint. See docs/evaluation.md")
-    p.add_argument("--inner-allocation", choices=list(INNER_ALLOCATIONS), default="uniform",
-                   help="--inner-sparsity: F bytes per layer split between inputs and intermediates by a fixed "
-                        "rule (uniform, with --inner-mid-bias) or by TEAL's block-wise greedy per layer (block)")
-    p.add_argument("--inner-mid-bias", type=float, default=0.0, metavar="K",
-                   help="--inner-sparsity with uniform allocation: inputs at F(1-K), intermediates at F(1+2K) "
-                        "(gated FFN; the same bytes); use the value the checkpoint was trained with (default 0)")
+    add_inner_args(p)
     add_allocation_args(p)
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON (atomically)")
     add_device_arg(p)
     p.set_defaults(func=run)
-
-
-def check_inner_args(args: argparse.Namespace) -> None:
-    f = getattr(args, "inner_sparsity", None)
-    if f is None or f == 0:
-        return
-    validate_sparsity_fraction(f, "--inner-sparsity")
-    validate_mid_bias(getattr(args, "inner_mid_bias", 0.0), "--inner-mid-bias (the in-expert mid bias)")
-    if not getattr(args, "calib_data", None):
-        raise PrunePathError("--inner-sparsity calibrates thresholds and needs --calib-data, text that is not the "
-                             "evaluation text (e.g. mix:sotu,moby-dick,austen,brown or a text file)")
-
-
-def apply_inner_args(model, tok, args: argparse.Namespace) -> dict | None:
-    """Calibrate and set (or with 0 clear) the in-expert thresholds; returns the spec (None when untouched)."""
-    f = getattr(args, "inner_sparsity", None)
-    if f is None:
-        return None
-    if f == 0:
-        return apply_inner(model, None)
-    stats = collect_inner_stats(model, tok, args.calib_data, max_tokens=args.calib_tokens, window=args.window,
-                                progress=not args.no_progress)
-    spec = apply_inner(model, inner_spec(stats, f, mid_bias=args.inner_mid_bias, allocation=args.inner_allocation,
-                                         model=model))
-    print(f"in-expert thresholds ({args.inner_allocation}) for fraction {f:g} calibrated on {stats.tokens} tokens "
-          f"of {args.calib_data}", file=sys.stderr)
-    return spec
 
 
 def load_for_eval(args: argparse.Namespace):
@@ -251,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
                              "checkpoint from `prunepath convert` or `prunepath train`); this one is dense (for "
                              "activation sparsity on a dense model: prunepath baseline --method teal)")
     apply_routing_args(model, args)
-    inner = apply_inner_args(model, tok, args)
+    inner = apply_inner_args(model, tok, args, window=args.window)
     if converted and (args.tau is not None or args.target_sparsity is not None) and \
             state_of(model).config.routing.allocation:
         print("note: --tau / --target-sparsity replace the per-layer τ allocation stored in this checkpoint",

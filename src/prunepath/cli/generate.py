@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-from prunepath.cli.common import add_device_arg, add_model_arg, resolve_device
-from prunepath.cli.common import TAU_HELP, check_model_arg, check_tau
+from prunepath.cli.common import add_device_arg, add_inner_args, add_model_arg, apply_inner_args, check_inner_args
+from prunepath.cli.allocate import check_calib_source
+from prunepath.cli.common import TAU_HELP, check_min, check_model_arg, check_tau, resolve_device
 from prunepath.decoding import generate
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
@@ -28,19 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ffn", choices=("auto", "sparse", "dense"), default="auto",
                    help="FFN path of the engine (auto: sparse kernels at batch 1 unless every expert is active, else cuBLAS "
                         "over every expert with the router's gates)")
+    add_inner_args(p)
+    p.add_argument("--calib-data", default=None,
+                   help="--inner-sparsity: calibration text (a registry corpus, mix:..., or a text file)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="--inner-sparsity: calibration tokens (4096)")
     add_device_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-
-
     if args.max_new_tokens < 1:
         raise PrunePathError("--max-new-tokens must be >= 1")
     check_model_arg(args.model)
     check_tau(args.tau)
+    check_inner_args(args)
+    check_min(args, 2, "calib_tokens")
+    check_calib_source(args.calib_data)
     if not args.temperature >= 0:
         raise PrunePathError(f"--temperature must be >= 0 (0 = greedy; got {args.temperature})")
     device = resolve_device(args.device)
@@ -56,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     if tok is None:
         raise PrunePathError(f"{args.model} has no tokenizer; pass a model directory that includes one")
     model.eval()
+    if args.inner_sparsity is not None and state_of(model).config is None:
+        raise PrunePathError("--inner-sparsity needs a converted model (a PrunePath checkpoint); for the original "
+                             "model use TEAL: prunepath baseline --method teal")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 512)
+    apply_inner_args(model, tok, args, window=min(512, positions))  # the engine decodes them (ungated, τ > 1)
     t0 = time.perf_counter()
     text = generate(model, tok, args.prompt, args.max_new_tokens, tau=args.tau, temperature=args.temperature,
                     device=device, kernels=args.kernels, ffn=args.ffn, seed=args.seed)
