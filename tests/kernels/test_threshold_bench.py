@@ -29,11 +29,14 @@ def test_gap_quantile_sits_between_neighbours_at_the_fraction():
 
 def test_smoke_run_checks_every_point_and_reaches_the_target(tmp_path):
     out = tmp_path / "r.json"
-    assert bench.main(["--smoke", "--tunings", "1", "--sparsities", "0.5", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--tunings", "1", "--sparsities", "0.5", "--engine", "smollm2",
+                       "--out", str(out)]) == 0
     recs = json.loads(out.read_text())["records"]
     thr = [r for r in recs if r["mode"] == "threshold"]
     assert {r["shape"] for r in thr} == {"tiny", "tiny-gpt2"} and len(thr) == 4  # s 0 and 0.5 per shape
     assert all(r["rel_err"] < 1e-5 for r in thr)
     at = [r for r in thr if r["target_s"] == 0.5]
     assert all(abs(r["s_ffn"] - 0.5) < 0.03 for r in at)
-    assert {r["mode"] for r in recs} == {"dense", "threshold", "experts"}
+    assert {r["mode"] for r in recs} == {"dense", "threshold", "experts", "engine-dense", "engine-teal",
+                                         "engine-dense-again"}
+    assert all(r["ms_per_token"] > 0 for r in recs if r["mode"].startswith("engine"))
