@@ -111,6 +111,12 @@ def test_off_thresholds_give_the_dense_ffn_and_set_changes_them_in_place():
     out.zero_()
     ffn(x, out)
     assert _rel(out, threshold_ffn_reference(x, packed, t_in, None)) < 1e-5
+    # the masked cuBLAS path (prefill, batch above the crossover) reads the same device tensor
+    t_mid = _gap_threshold(_intermediate(x, packed, t_in), 0.5)
+    ffn.set(t_in, t_mid)
+    ref = threshold_ffn_reference(x, packed, t_in, t_mid)
+    assert _rel(dense_ffn(x, packed, thresholds=th), ref) < 1e-5
+    assert _rel(ref, threshold_ffn_reference(x, packed, t_in, None)) > 1e-3  # t_mid matters here
 
 
 def test_bad_shapes_are_named():

@@ -22,7 +22,6 @@ from prunepath.errors import PrunePathError
 from prunepath.kernels._common import THRESHOLD_OFF as THR_OFF
 from prunepath.kernels._common import interpreting
 from prunepath.kernels.layout import PackedFFN, detect_activation, pack_ffn
-from prunepath.kernels.reference import threshold_ffn_reference
 from prunepath.routing.config import TAU_ALL, RoutingConfig
 from prunepath.models.adapters import adapter_for
 from prunepath.models.arch import DECODE_MODEL_TYPES, decode_view
@@ -360,9 +359,7 @@ class DecodeEngine:
     def _plain_ffn(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         """Every expert unscaled through cuBLAS, with the layer's activation thresholds (device tensors) if set."""
         from prunepath.kernels.ffn import dense_ffn
-        if layer.thr is not None:
-            return threshold_ffn_reference(x, layer.ffn, layer.thr[0], layer.thr[1], dtype=None)
-        return dense_ffn(x, layer.ffn)
+        return dense_ffn(x, layer.ffn, thresholds=layer.thr)
 
     def _decode_step(self, sample: bool) -> None:
         from prunepath.kernels.decode_ops import rope_and_cache

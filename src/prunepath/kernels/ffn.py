@@ -17,19 +17,27 @@ from prunepath.kernels.dense import GatedDense
 _act = _act_reference
 
 
-def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | None = None) -> torch.Tensor:
+def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | None = None,
+              thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """All experts through cuBLAS from the packed layout (no copy): y [B, d] in x's dtype.
 
     ``gate_weights`` [B, E] scales each expert's activations (PrunePath gates); None = unscaled (dense model).
+    ``thresholds``: the float32 [2] device tensor (t_in, t_mid) of :class:`~prunepath.kernels.thresholds.ThresholdFFN`
+    (entries with |x| ≤ t_in and |h| ≤ t_mid zeroed, compared in x's dtype; no host read, graph-safe).
     """
     w_in, b_in, w_out = packed.dense_weights()
     e, n = packed.num_experts, packed.neurons_per_expert
+    if thresholds is not None:
+        x = x.masked_fill(x.abs() <= thresholds[0], 0)
     pre = torch.nn.functional.linear(x, w_in, b_in.to(x.dtype) if b_in is not None else None)
     pre = pre.view(x.shape[0], e, -1)
     h = _act(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act(packed.activation, pre)
     if gate_weights is not None:
         h = h * gate_weights.to(h.dtype).unsqueeze(-1)
-    y = h.reshape(x.shape[0], e * n) @ w_out
+    h = h.reshape(x.shape[0], e * n)
+    if thresholds is not None:
+        h = h.masked_fill(h.abs() <= thresholds[1], 0)
+    y = h @ w_out
     if packed.b_out is not None:
         y = y + packed.b_out.to(y.dtype)
     return y
