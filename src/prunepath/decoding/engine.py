@@ -247,15 +247,22 @@ class DecodeEngine:
         """Adopt a copy of ``routing``: a new τ / k only rewrites device tensors (no recapture); a new rule, gate
         setting or FFN path rebuilds the layer FFNs (the next step recaptures)."""
         if routing is not None:
-            _check_thresholds(routing, len(self.layers))
-            self.routing = routing.copy()
+            new = routing.copy()
+            new.validate()
+            _check_thresholds(new, len(self.layers))
+            self.routing = new
             self._thr_values = [self.routing.inner_for(i) for i in range(len(self.layers))]
-        mode = self.resolve_mode(ffn)
-        if self._signature(mode) != self._sig:
+        self._refresh(ffn)
+
+    def _refresh(self, ffn: str) -> None:
+        """After the settings changed: rebuild the layer FFNs when their path changes (τ crossing 1 with ungated
+        experts, "auto" choosing another path, a layer's thresholds turning on or off), else rewrite τ, k and
+        the thresholds in place (no recapture)."""
+        if self._signature(self.resolve_mode(ffn)) != self._sig:
             self.set_ffn_mode(ffn)
         else:
+            self._write_budget()
             self._write_thresholds()
-            self.set_tau()
 
     def set_ffn_mode(self, ffn: str = "auto") -> None:
         """Choose the FFN path (see the class docstring); rebuilds the per-layer FFN objects and drops graphs."""
@@ -309,11 +316,7 @@ class DecodeEngine:
         new.validate()
         _check_thresholds(new, len(self.layers))
         self.routing = new
-        if self._signature(self.resolve_mode(self._ffn_request)) != self._sig:
-            # τ crossed 1 with ungated experts (the router becomes needed or not), or "auto" now picks another path
-            self.set_ffn_mode(self._ffn_request)
-        else:
-            self._write_budget()
+        self._refresh(self._ffn_request)
 
     def set_thresholds(self, t_in: list[float | None], t_mid: list[float | None]) -> None:
         """New activation thresholds per layer (None: no masking there), e.g. TEAL at another target s_FFN, or a
@@ -331,10 +334,7 @@ class DecodeEngine:
             _check_thresholds(new, n)
             self.routing = new
         self._thr_values = vals
-        if self._signature(self.resolve_mode(self._ffn_request)) != self._sig:
-            self.set_ffn_mode(self._ffn_request)
-        else:
-            self._write_thresholds()
+        self._refresh(self._ffn_request)
 
     def _write_thresholds(self) -> None:
         self.budget_thr.copy_(torch.tensor([[THR_OFF if t is None else t for t in pair] for pair in self._thr_values],
