@@ -42,3 +42,11 @@ def test_every_adapter_names_its_ffn_linears_for_wanda(tiny_model):
         adapter = adapter_for(model)
         for site in adapter.sites(model):
             assert all(site.owner.get_submodule(path) is not None for path in ffn_linears(adapter.name))
+
+
+def test_max_positions_reads_each_family_s_field():
+    from transformers import GPT2Config, LlamaConfig
+    from prunepath.models.arch import max_positions
+    assert max_positions(GPT2Config(n_positions=64)) == 64
+    assert max_positions(LlamaConfig(max_position_embeddings=128)) == 128
+    assert max_positions(object()) is None

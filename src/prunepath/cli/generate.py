@@ -12,6 +12,7 @@ from prunepath.cli.common import TAU_HELP, check_min, check_model_arg, check_tau
 from prunepath.decoding import generate
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import interpreting
+from prunepath.models.arch import max_positions
 from prunepath.state import state_of
 import prunepath
 
@@ -64,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.inner_sparsity is not None and state_of(model).config is None:
         raise PrunePathError("--inner-sparsity needs a converted model (a PrunePath checkpoint); for the original "
                              "model use TEAL: prunepath baseline --method teal")
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 512)
-    apply_inner_args(model, tok, args, window=min(512, positions))  # the engine decodes them (ungated, τ > 1)
+    window = min(512, max_positions(model.config) or 512)
+    apply_inner_args(model, tok, args, window=window)  # the engine decodes them (ungated experts, τ > 1)
     t0 = time.perf_counter()
     text = generate(model, tok, args.prompt, args.max_new_tokens, tau=args.tau, temperature=args.temperature,
                     device=device, kernels=args.kernels, ffn=args.ffn, seed=args.seed)

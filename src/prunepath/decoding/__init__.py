@@ -18,7 +18,7 @@ from prunepath.conversion.moefy import is_converted
 from prunepath.decoding.engine import DecodeEngine
 from prunepath.kernels._common import interpreting
 from prunepath.routing.control import routing as routing_ctx
-from prunepath.models.arch import DECODE_MODEL_TYPES
+from prunepath.models.arch import DECODE_MODEL_TYPES, max_positions
 from prunepath.state import state_of
 
 __all__ = ["DecodeEngine", "generate"]
@@ -42,8 +42,8 @@ def _engine_for(model: nn.Module, batch: int, max_len: int, device: torch.device
     if eng is None or eng.max_len < max_len:
         cache.pop(key, None)
         # room for later, longer calls, within the model's positions (a short-context model keeps max_len)
-        limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-        eng = DecodeEngine(model, batch=batch, max_len=max(max_len, min(256, limit or 256)), ffn=ffn, device=device)
+        limit = max_positions(model.config) or 256
+        eng = DecodeEngine(model, batch=batch, max_len=max(max_len, min(256, limit)), ffn=ffn, device=device)
         cache[key] = eng
     return eng
 

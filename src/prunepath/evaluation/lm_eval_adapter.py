@@ -28,6 +28,7 @@ from prunepath.evaluation.common import ActiveMeter, check_tokenizer, model_meta
 from prunepath.evaluation.lm import encode_pair, loglikelihoods
 from prunepath.evaluation.lm import prefix_token
 from prunepath.evaluation.perplexity import score_tokens
+from prunepath.models.arch import max_positions
 from prunepath.models.loading import load_model
 from prunepath.routing.control import configure
 
@@ -65,7 +66,7 @@ class PrunePathLM(_LMBase):  # type: ignore[misc, valid-type]
         if tau is not None:
             configure(model, tau=float(tau))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" → 8
-        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        limit = max_positions(model.config) or 2048
         self.max_length = int(max_length) if max_length is not None else min(int(limit), 2048)
         self.max_gen_toks = int(max_gen_toks)
         self.meter = ActiveMeter(model)

@@ -25,7 +25,13 @@ FFN_LINEARS = {"gated-mlp": llama.FFN_LINEARS, "gpt2": gpt2.FFN_LINEARS, "bert":
                "opt": opt.FFN_LINEARS}
 
 __all__ = ["DECODE_MODEL_TYPES", "DECODE_VIEWS", "FFN_LINEARS", "DecodeView", "LayerView", "decode_view",
-           "ffn_linears"]
+           "ffn_linears", "max_positions"]
+
+
+def max_positions(config) -> int | None:
+    """The most positions the model was built for (GPT-2's ``n_positions``, else ``max_position_embeddings``), or
+    None when the config names neither."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def ffn_linears(adapter_name: str) -> tuple[str, ...]:
