@@ -39,6 +39,8 @@ from ffn_stack import ALIASES, SHAPES, bench_graph, graph_of, make_layers, tau_f
 TUNINGS = [  # blocks and rows per program of ThresholdFFN; the first is the class default
     {}, {"k_chunk": 256, "j_chunk": 256}, {"k_chunk": 512, "j_chunk": 1024}, {"k_chunk": 1024, "j_chunk": 2048},
     {"block_k": 32, "block_m": 256, "k_chunk": 512, "block_j": 32, "block_d": 256, "j_chunk": 1024},
+    {"k_chunk": 512, "j_chunk": 1024, "warps": 8},
+    {"block_k": 32, "block_m": 128, "k_chunk": 512, "block_j": 32, "block_d": 128, "j_chunk": 1024},
 ]
 
 

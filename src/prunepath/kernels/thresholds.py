@@ -53,7 +53,8 @@ def _round(v, ROUND: tl.constexpr):
 def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M, K_CHUNK,
                BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ROUND: tl.constexpr):
     """acc[b, m] += Σ_{k in this program's K_CHUNK rows, |x_bk| > t_in} x_bk · w_in_t[k, m]: the rows are
-    walked BLOCK_K at a time and summed in registers, one atomic add per column at the end."""
+    walked BLOCK_K at a time into a [BLOCK_K, BLOCK_M] register tile, reduced once (not per block of rows), then
+    one atomic add per column."""
     mb = tl.program_id(0)
     kc = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -61,7 +62,7 @@ def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M, K_CHUNK,
     mm = offs_m < M
     # compared as PyTorch compares a tensor with a number: the threshold rounded to the activations' dtype
     t = _round(tl.load(t_ptr), ROUND)
-    part = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tile = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
     for k0 in range(kc * K_CHUNK, tl.minimum(kc * K_CHUNK + K_CHUNK, D), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < D
@@ -69,8 +70,8 @@ def _in_kernel(x_ptr, wt_ptr, t_ptr, acc_ptr, D, M, K_CHUNK,
         keep = mk & (tl.abs(x) > t)
         w = tl.load(wt_ptr + offs_k.to(tl.int64)[:, None] * M + offs_m[None, :], mask=keep[:, None] & mm[None, :],
                     other=0.0)
-        part += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
-    tl.atomic_add(acc_ptr + b * M + offs_m, part, mask=mm, sem="relaxed")
+        tile += w.to(tl.float32) * x[:, None]
+    tl.atomic_add(acc_ptr + b * M + offs_m, tl.sum(tile, axis=0), mask=mm, sem="relaxed")
 
 
 @triton.jit
@@ -78,7 +79,8 @@ def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R, J_C
                 BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr, HAS_BIN: tl.constexpr,
                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
     """y[b, d] += Σ_{j in this program's J_CHUNK neurons, |h_bj| > t_mid} h_bj · w_out[j, d] (+ b_out once, from
-    the first chunk), summed in registers, one atomic add per output element."""
+    the first chunk), summed in a [BLOCK_J, BLOCK_D] register tile reduced once, one atomic add per output
+    element."""
     db = tl.program_id(0)
     jc = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -87,7 +89,7 @@ def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R, J_C
     M = (I // N) * R
     # h rounded to the weights' dtype (the model's, as its PyTorch forward holds h), and so is the threshold
     t = _round(tl.load(t_ptr), ROUND)
-    part = tl.zeros([BLOCK_D], dtype=tl.float32)
+    tile = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
     for j0 in range(jc * J_CHUNK, tl.minimum(jc * J_CHUNK + J_CHUNK, I), BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mj = offs_j < I
@@ -110,7 +112,8 @@ def _out_kernel(acc_ptr, bin_ptr, w_ptr, bias_ptr, t_ptr, y_ptr, D, I, N, R, J_C
         h = tl.where(keep, h, 0.0)
         w = tl.load(w_ptr + offs_j.to(tl.int64)[:, None] * D + offs_d[None, :], mask=keep[:, None] & md[None, :],
                     other=0.0)
-        part += tl.sum(h[:, None] * w.to(tl.float32), axis=0)
+        tile += h[:, None] * w.to(tl.float32)
+    part = tl.sum(tile, axis=0)
     if HAS_BIAS:
         part += tl.load(bias_ptr + offs_d, mask=md, other=0.0) * (jc == 0).to(tl.float32)
     tl.atomic_add(y_ptr + b * D + offs_d, part, mask=md, sem="relaxed")

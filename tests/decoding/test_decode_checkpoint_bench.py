@@ -1,0 +1,62 @@
+"""benchmarks/decode_checkpoint.py on the CPU (Triton interpreter): a saved ungated checkpoint against its
+original, every row timed and its greedy tokens kept."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the smoke run uses Triton's CPU interpreter", allow_module_level=True)
+
+import prunepath  # noqa: E402
+from test_eval_fixtures import random_text, save_tiny_llama, tiny_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+bench = pytest.importorskip("decode_checkpoint")
+
+
+def test_checkpoint_rows_against_the_original(tmp_path):
+    orig_dir = save_tiny_llama(tmp_path / "orig", seed=5)
+    model, tok = prunepath.load_model(str(orig_dir))
+    prunepath.moefy(model, neurons_per_expert=8, progress=False, clustering="random")
+    prunepath.configure(model, tau=1.05, gates=False)
+    prunepath.save(model, tmp_path / "ckpt", tokenizer=tok)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(600, seed=2))
+    out = tmp_path / "r.json"
+    assert bench.main(["--smoke", "--checkpoint", str(tmp_path / "ckpt"), "--original", str(orig_dir),
+                       "--inner", "0.2,0.5", "--calib-data", str(calib), "--calib-tokens", "256",
+                       "--prompt", "w1 w2 w3", "--new", "6", "--reps", "1", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    modes = [r["mode"] for r in d["records"]]
+    assert modes == ["original", "all-on", "thresholds", "thresholds", "original-again"]
+    assert all(r["ms_per_token"] > 0 for r in d["records"])
+    rows = {(r["mode"], r.get("inner")): r for r in d["records"]}
+    # every expert on, unscaled, no thresholds: the original FFN, so the same greedy tokens
+    assert rows[("all-on", None)]["tokens"] == rows[("original", None)]["tokens"]
+    assert len(rows[("all-on", None)]["tokens"]) == 6
+    assert d["calib_tokens"] == 256
+    # each thresholded row decodes what the PyTorch forward with the same thresholds picks greedily
+    ref, tok = prunepath.load_model(str(tmp_path / "ckpt"))
+    prompt = tok("w1 w2 w3", return_tensors="pt").input_ids
+    for f in (0.2, 0.5):
+        r = rows[("thresholds", f)]
+        prunepath.configure(ref, tau=1.05, inner={"t_in": r["t_in"], "t_mid": r["t_mid"]})
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(6):
+                ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert r["tokens"] == ids[0, prompt.shape[1]:].tolist()
+        assert 0 <= r["tokens_match_all_on"] <= 6
+
+
+def test_needs_a_gpu_without_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--checkpoint", "x", "--original", "y", "--out", str(tmp_path / "r.json")]) == 2
