@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# After a round's training on a held GPU machine (scripts/gpu/r4.sh run): the threshold-kernel benchmark on the
+# quiet GPU, then the decode speed of the trained checkpoint's in-expert threshold points against the original.
+#   BENCH_RUN=r8-split-n16-nogates-s1 bash scripts/gpu/bench_ckpt.sh       (carry nothing: the state is in /root/hold)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+WORK="${STUDY_WORK:-$HOLD/study-r4}"
+RUN="${BENCH_RUN:-r8-split-n16-nogates-s1}"
+export PRUNEPATH_DATA="$DATA_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT/r4"
+if [[ "${BENCH_KERNELS:-1}" == 1 ]]; then
+    timeout "${BENCH_KERNELS_S:-240}" python3 benchmarks/threshold_ffn.py --shapes smollm2,llama3-8b \
+        --sparsities 0.3,0.4,0.5,0.6 --engine smollm2 --out "$OUT/r4/threshold-ffn-h200.json" \
+        > "$OUT/r4/threshold-ffn.log" 2>&1 || log "threshold_ffn exit $?"
+    tail -n 60 "$OUT/r4/threshold-ffn.log"
+fi
+if [[ -f "$WORK/ckpt/$RUN/prunepath_config.json" ]]; then
+    timeout "${BENCH_CKPT_S:-180}" python3 benchmarks/decode_checkpoint.py --checkpoint "$WORK/ckpt/$RUN" \
+        --original smollm2-135m --tau 1.05 --inner 0.3,0.4,0.5 --mid-bias 0.15 \
+        --out "$OUT/r4/decode-checkpoint-h200.json" 2>&1 | grep -v "it/s\]" | tail -n 20 || log "decode_checkpoint exit $?"
+else
+    log "no finished checkpoint at $WORK/ckpt/$RUN"; ls "$WORK/ckpt/$RUN" 2>/dev/null | head
+fi
+log "bench_ckpt done"
