@@ -10,11 +10,13 @@ export PRUNEPATH_DATA="$DATA_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENI
 mkdir -p "$OUT/r4"
 if [[ "${BENCH_KERNELS:-1}" == 1 ]]; then
     timeout "${BENCH_KERNELS_S:-240}" python3 benchmarks/threshold_ffn.py --shapes smollm2,llama3-8b \
-        --sparsities 0.3,0.4,0.5,0.6 --engine smollm2 --out "$OUT/r4/threshold-ffn-h200.json" \
+        --sparsities 0.3,0.4,0.5,0.6 --engine smollm2 ${BENCH_KERNEL_ARGS:-} --out "$OUT/r4/threshold-ffn-h200.json" \
         > "$OUT/r4/threshold-ffn.log" 2>&1 || log "threshold_ffn exit $?"
     tail -n 60 "$OUT/r4/threshold-ffn.log"
 fi
-if [[ -f "$WORK/ckpt/$RUN/prunepath_config.json" ]]; then
+if [[ "${BENCH_CKPT:-1}" != 1 ]]; then
+    log "checkpoint decode skipped (BENCH_CKPT=0)"
+elif [[ -f "$WORK/ckpt/$RUN/prunepath_config.json" ]]; then
     timeout "${BENCH_CKPT_S:-180}" python3 benchmarks/decode_checkpoint.py --checkpoint "$WORK/ckpt/$RUN" \
         --original smollm2-135m --tau 1.05 --inner 0.3,0.4,0.5 --mid-bias 0.15 \
         --out "$OUT/r4/decode-checkpoint-h200.json" 2>&1 | grep -v "it/s\]" | tail -n 20 || log "decode_checkpoint exit $?"

@@ -166,3 +166,38 @@ def test_round_helper_matches_torch_bf16_rounding():
     o = torch.empty_like(v)
     _round_kernel[(1,)](v, o, v.numel(), BLOCK=1024)
     assert torch.equal(o, v.to(torch.bfloat16).float())
+
+
+def test_auto_chunk_aims_at_the_target_number_of_programs():
+    from prunepath.kernels.thresholds import auto_chunk
+    assert auto_chunk(100, 2048, 64) == 64  # a small layer keeps one block of rows per program
+    for programs in (3000, 14336, 50000, 123457):
+        c = auto_chunk(programs, 2048, 64)
+        assert c % 64 == 0 and (c // 64) & (c // 64 - 1) == 0  # a power-of-two number of blocks
+        runs = programs / (c // 64)
+        # nearer the target (geometrically) than with half or twice as many blocks per program
+        for other in (c // 2, 2 * c):
+            if other >= 64:
+                assert abs(torch.tensor(runs / 2048).log()) <= abs(torch.tensor(programs / (other // 64) / 2048).log())
+
+
+def test_default_chunks_follow_the_layer_size(monkeypatch):
+    import prunepath.kernels.thresholds as T
+    gen = torch.Generator().manual_seed(7)
+    packed = random_packed_ffn(64, 8, 16, dtype=torch.float32, generator=gen)  # gated: m = 256, i = 128
+    small = T.ThresholdFFN(packed, 1, thresholds_tensor(None, None, "cpu"), block_k=8, block_m=32, block_j=8,
+                           block_d=16)
+    assert (small.k_chunk, small.j_chunk) == (8, 8)  # 64 and 64 programs: below the targets
+    monkeypatch.setattr(T, "TARGET_PROGRAMS", {"in": 16, "out": 8})
+    big = T.ThresholdFFN(packed, 1, thresholds_tensor(None, None, "cpu"), block_k=8, block_m=32, block_j=8,
+                         block_d=16)
+    assert (big.k_chunk, big.j_chunk) == (32, 64)  # 64 / 16 = 4 blocks of rows in, 64 / 8 = 8 out
+    assert big.grid_in[1] == 2 and big.grid_out[1] == 2
+    x = torch.randn(1, 64, generator=gen)
+    t_in = _gap_threshold(x, 0.4)
+    t_mid = _gap_threshold(_intermediate(x, packed, t_in), 0.4)
+    for f in (small, big):
+        f.set(t_in, t_mid)
+        out = torch.zeros(1, 64)
+        f(x, out)
+        assert _rel(out, threshold_ffn_reference(x, packed, t_in, t_mid)) < 1e-5

@@ -125,10 +125,28 @@ def thresholds_tensor(t_in: float | None, t_mid: float | None, device: torch.dev
                         dtype=torch.float32, device=device)
 
 
+# Programs per kernel that the automatic rows-per-program choice aims at. From the H200 sweep of
+# benchmarks/threshold_ffn.py (benchmarks/results/threshold-ffn-h200.json): at Llama-3-8B's FFN, one block of rows
+# per program (14,336 programs, one atomic add per column each) ran at 0.54-0.62x cuBLAS and 8 blocks in / 16 out
+# (about 1,800 / 450 programs) at 1.02-1.17x; at SmolLM2's (216 / 120 programs with one block) any chunking was
+# slower, as too few programs then share the GPU.
+TARGET_PROGRAMS = {"in": 2048, "out": 512}
+
+
 def _chunk(rows: int, block: int) -> int:
     if rows < block or rows % block:
         raise PrunePathError(f"rows per program ({rows}) must be a positive multiple of the block ({block})")
     return rows
+
+
+def auto_chunk(programs: int, target: int, block: int) -> int:
+    """Rows per program: ``block`` times the power of two nearest to programs / target (at least 1), so a large
+    layer runs about ``target`` programs and a small one keeps one block of rows per program."""
+    ratio = programs / target
+    if ratio <= 1:
+        return block
+    lo = 1 << (int(ratio).bit_length() - 1)
+    return block * (lo if ratio / lo <= 2 * lo / ratio else 2 * lo)
 
 
 class ThresholdFFN:
@@ -154,9 +172,12 @@ class ThresholdFFN:
         self.block_m = block_m or min(next_pow2(self.m), 128)
         self.block_j = block_j or min(next_pow2(self.i), 64)
         self.block_d = block_d or min(next_pow2(d), 128)
-        # rows (neurons) per program, a multiple of the block: fewer atomics and less per-program overhead
-        self.k_chunk = _chunk(k_chunk or self.block_k, self.block_k)
-        self.j_chunk = _chunk(j_chunk or self.block_j, self.block_j)
+        # rows (neurons) per program, a multiple of the block: fewer atomics and less per-program overhead on
+        # large layers (None: auto_chunk towards TARGET_PROGRAMS)
+        one_in = triton.cdiv(self.m, self.block_m) * triton.cdiv(d, self.block_k)
+        one_out = triton.cdiv(d, self.block_d) * triton.cdiv(self.i, self.block_j)
+        self.k_chunk = _chunk(k_chunk or auto_chunk(one_in, TARGET_PROGRAMS["in"], self.block_k), self.block_k)
+        self.j_chunk = _chunk(j_chunk or auto_chunk(one_out, TARGET_PROGRAMS["out"], self.block_j), self.block_j)
         self.warps = warps
         self.acc = torch.zeros(batch, self.m, dtype=torch.float32, device=packed.device)
         self.grid_in = (triton.cdiv(self.m, self.block_m), triton.cdiv(d, self.k_chunk), batch)
