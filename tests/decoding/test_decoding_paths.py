@@ -151,29 +151,75 @@ def test_in_expert_thresholds_decode_with_the_threshold_kernels():
     assert all(l.sparse is None and l.thr is None for l in one.layers)
 
 
-def test_thresholds_that_cannot_decode_are_named_errors():
+@pytest.mark.parametrize("gates,tau", [(False, 0.8), (True, 0.8), (True, 1.05)])
+def test_in_expert_thresholds_with_the_router_decode_inside_the_expert_kernels(gates, tau):
+    # experts dropped (τ < 1) or scaled (gated) and entries skipped inside them: the expert kernels at batch 1,
+    # the dense-equivalent path at the crossover, the legacy path and both prefills give the HF forward's output
+    from prunepath.decoding.engine import DecodeEngine
+    from prunepath.kernels.ffn import SparseFFN
+    model = _tiny_llama()
+    n = model.config.num_hidden_layers
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(11))
+    prunepath.configure(model, tau=tau, gates=gates)
+    with torch.no_grad():
+        plain = model(ids[:1]).logits[:, -1].float()
+    prunepath.configure(model, inner={"t_in": [0.4] * n, "t_mid": [0.02, None]})
+    with torch.no_grad():
+        ref = model(ids[:1]).logits[:, -1].float()
+    assert float((ref - plain).abs().max()) > 1e-3  # the thresholds change the model
+    want1, want2 = _greedy_hf(model, ids[:1], 4), _greedy_hf(model, ids, 4)
+    for prefill in ("dense", "grouped"):
+        one = DecodeEngine(model, batch=1, max_len=16, device="cpu", prefill=prefill)
+        mode = "sparse" if tau < 1 else "dense"  # every expert on (gated): the dense-equivalent path
+        assert all(isinstance(l.sparse, SparseFFN) and l.sparse.mode == mode for l in one.layers)
+        assert float((one.prefill(ids[:1]) - ref).abs().max()) < 2e-5
+        assert torch.equal(one.generate(ids[:1], 4), want1)
+    for ffn in ("dense_legacy", "sparse"):
+        forced = DecodeEngine(model, batch=1, max_len=16, device="cpu", ffn=ffn)
+        assert torch.equal(forced.generate(ids[:1], 4), want1)
+    two = DecodeEngine(model, batch=2, max_len=16, device="cpu", crossover=2)
+    assert all(l.sparse.mode == "dense" and l.thr is not None for l in two.layers)
+    assert torch.equal(two.generate(ids, 4), want2)
+    # thresholds changed in place, then off: still the HF forward's tokens
+    one.set_thresholds([0.3] * n, [0.01] * n)
+    prunepath.configure(model, inner={"t_in": [0.3] * n, "t_mid": [0.01] * n})
+    assert torch.equal(one.generate(ids[:1], 3), _greedy_hf(model, ids[:1], 3))
+    one.set_thresholds([None] * n, [None] * n)
+    prunepath.configure(model, inner={})
+    assert torch.equal(one.generate(ids[:1], 3), _greedy_hf(model, ids[:1], 3))
+
+
+def test_tau_crosses_one_with_thresholds_set():
+    # ungated at τ > 1 runs the threshold kernels; set_tau below 1 moves the same thresholds into the expert
+    # kernels (and back), each time with the HF forward's tokens
+    from prunepath.decoding.engine import DecodeEngine
+    from prunepath.kernels.ffn import SparseFFN
+    from prunepath.kernels.thresholds import ThresholdFFN
+    model = _tiny_llama()
+    n = model.config.num_hidden_layers
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(12))
+    prunepath.configure(model, tau=1.05, gates=False, inner={"t_in": [0.5] * n, "t_mid": [0.02] * n})
+    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
+    assert all(isinstance(l.sparse, ThresholdFFN) for l in eng.layers)
+    for tau in (0.7, 1.05):
+        eng.set_tau(tau)
+        prunepath.configure(model, tau=tau)
+        kind = SparseFFN if tau < 1 else ThresholdFFN
+        assert all(isinstance(l.sparse, kind) for l in eng.layers)
+        assert torch.equal(eng.generate(ids, 4), _greedy_hf(model, ids, 4))
+
+
+def test_bad_thresholds_are_named_errors():
     from prunepath.decoding.engine import DecodeEngine
     model = _tiny_llama()
     n = model.config.num_hidden_layers
     prunepath.configure(model, tau=1.05, gates=False, inner={"t_in": [0.5] * n, "t_mid": [0.02] * n})
     eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
-    with pytest.raises(prunepath.PrunePathError, match="every expert runs unscaled"):
-        eng.set_tau(0.6)
-    assert eng.routing.tau == 1.05  # the engine keeps its working settings
     with pytest.raises(prunepath.PrunePathError, match="one per layer"):
         eng.set_thresholds([0.1], [0.1])
     with pytest.raises(prunepath.PrunePathError, match=">= 0"):
         eng.set_thresholds([-0.1] * n, [None] * n)
-    with pytest.raises(prunepath.PrunePathError, match="dense path"):
-        DecodeEngine(model, batch=1, max_len=16, device="cpu", ffn="sparse")
-    prunepath.configure(model, gates=True)  # gated: the router scales every expert
-    with pytest.raises(prunepath.PrunePathError, match="every expert runs unscaled"):
-        DecodeEngine(model, batch=1, max_len=16, device="cpu")
-    prunepath.configure(model, inner={})
-    gated = DecodeEngine(model, batch=1, max_len=16, device="cpu")
-    with pytest.raises(prunepath.PrunePathError, match="every expert runs unscaled"):
-        gated.set_thresholds([0.1] * n, [0.1] * n)
-    assert not gated.routing.inner and all(l.thr is None for l in gated.layers)  # refused before any change
+    assert eng.budget_thr[0].tolist() == pytest.approx([0.5, 0.02])  # refused before any change
 
 
 def test_teal_on_the_original_model_decodes_with_the_threshold_kernels():

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise PrunePathError("--inner-sparsity needs a converted model (a PrunePath checkpoint); for the original "
                              "model use TEAL: prunepath baseline --method teal")
     window = min(512, max_positions(model.config) or 512)
-    apply_inner_args(model, tok, args, window=window)  # the engine decodes them (ungated experts, τ > 1)
+    apply_inner_args(model, tok, args, window=window)  # decoded by the threshold or the expert kernels
     t0 = time.perf_counter()
     text = generate(model, tok, args.prompt, args.max_new_tokens, tau=args.tau, temperature=args.temperature,
                     device=device, kernels=args.kernels, ffn=args.ffn, seed=args.seed)

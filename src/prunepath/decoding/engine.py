@@ -50,16 +50,6 @@ def warmup_stream(device: torch.device | str) -> "torch.cuda.Stream":
     return _WARMUP_STREAMS[key]
 
 
-def _check_thresholds(routing: RoutingConfig, num_layers: int) -> None:
-    """In-expert thresholds decode only where every expert runs unscaled (the threshold FFN has no router)."""
-    if routing.inner and any(routing.router_needed(i) for i in range(num_layers)):
-        raise PrunePathError(
-            "in-expert thresholds decode only where every expert runs unscaled (an ungated checkpoint at τ > 1, or "
-            "rule 'all'): the kernels that skip whole experts do not also skip entries inside them. Use τ > 1 with "
-            "an ungated checkpoint, clear the thresholds (prunepath.evaluation.inner.apply_inner(model, None)), "
-            "or use the PyTorch path (--kernels torch)")
-
-
 def _teal_wrappers(model: nn.Module) -> list:
     """TEAL wrappers installed on an unconverted model (CATS has no decode kernel: named error)."""
     wrappers = activation_modules(model)
@@ -119,9 +109,11 @@ class DecodeEngine:
     cuBLAS over w_out; unconverted: the plain dense FFN), "dense_legacy" (router kernel + gated cuBLAS).
     ``crossover``: the smallest batch at which the dense-equivalent path beats the sparse kernels (measured by
     ``benchmarks/ffn_stack.py --crossover``; default 2 = sparse at batch 1 only).
-    Activation thresholds (in-expert thresholds of an ungated checkpoint at τ > 1, or TEAL wrappers on an
-    unconverted model) run the threshold FFN kernels (:mod:`prunepath.kernels.thresholds`) below the crossover,
-    the masked dense FFN above it; :meth:`set_thresholds` changes them without a recapture.
+    Activation thresholds: where every expert runs unscaled (an ungated checkpoint at τ > 1, or TEAL wrappers on
+    an unconverted model) they run the threshold FFN kernels (:mod:`prunepath.kernels.thresholds`) below the
+    crossover and the masked dense FFN above it; where the router runs (τ ≤ 1, or gated experts), inside the
+    expert kernels and the dense-equivalent path (the router reads the unmasked input). :meth:`set_thresholds`
+    changes them without a recapture. The grouped prefill runs the dense-equivalent path in thresholded layers.
     ``prefill``: "dense" (the dense-equivalent path over all prompt tokens) or "grouped" (tokens sorted by
     expert, grouped GEMMs over the selected pairs only). ``graphs=False`` runs the same kernels eagerly (CPU
     interpreter). ``step_hook`` (a callable, or None) runs at the start of every decode step, inside the graph.
@@ -198,7 +190,6 @@ class DecodeEngine:
         # activation thresholds (t_in, t_mid) of every layer, likewise one per-model device tensor
         self.budget_thr = torch.full((n, 2), THR_OFF, dtype=torch.float32, device=self.device)
         if self.converted:
-            _check_thresholds(self.routing, n)
             self._thr_values = [self.routing.inner_for(i) for i in range(n)]
         else:
             self._thr_values = [(w.t_in, w.t_mid) for w in wrappers] or [(None, None)] * n
@@ -249,7 +240,6 @@ class DecodeEngine:
         if routing is not None:
             new = routing.copy()
             new.validate()
-            _check_thresholds(new, len(self.layers))
             self.routing = new
             self._thr_values = [self.routing.inner_for(i) for i in range(len(self.layers))]
         self._refresh(ffn)
@@ -276,9 +266,6 @@ class DecodeEngine:
         if ffn == "sparse" and not self.converted:
             raise PrunePathError("ffn='sparse' needs a converted model (prunepath.moefy or a PrunePath checkpoint)")
         thresholded = self._thresholded()
-        if any(thresholded) and ffn != "dense":
-            raise PrunePathError(f"ffn={requested!r} skips whole experts; activation thresholds run on the dense "
-                                 "path (ffn='auto' or 'dense')")
         from prunepath.kernels.dense import GatedDense
         if r.method != "prunepath" and self.converted:
             raise PrunePathError(f"the decode kernels implement the prunepath routing method, not {r.method!r}; "
@@ -292,13 +279,14 @@ class DecodeEngine:
             routed = self.converted and not plain[i]  # else the step and prefill run the plain dense FFN
             layer.sparse = None
             layer.thr = self.budget_thr[i] if thresholded[i] else None
-            if routed:
-                layer.sparse = SparseFFN(layer.ffn, self.batch, r, mode=ffn, budget=budget, **self.ffn_tuning)
+            if routed:  # the expert kernels (or the dense-equivalent path), in-expert thresholds inside them
+                layer.sparse = SparseFFN(layer.ffn, self.batch, r, mode=ffn, budget=budget, thresholds=layer.thr,
+                                         **self.ffn_tuning)
             elif layer.thr is not None and self.batch < self.crossover:
                 from prunepath.kernels.thresholds import ThresholdFFN
                 layer.sparse = ThresholdFFN(layer.ffn, self.batch, layer.thr)
             layer.prefill_ffn = (GatedDense(layer.ffn, rule=r.rule, tau=budget[0], k=budget[1], gates=r.gates,
-                                            gate_offset=r.gate_offset) if routed else None)
+                                            gate_offset=r.gate_offset, thresholds=layer.thr) if routed else None)
         self.ffn_mode, self._ffn_request = ffn, requested
         self._sig = self._signature(ffn)
         self._graphs.clear()
@@ -314,7 +302,6 @@ class DecodeEngine:
         if k is not None:
             new.k = int(k)
         new.validate()
-        _check_thresholds(new, len(self.layers))
         self.routing = new
         self._refresh(self._ffn_request)
 
@@ -331,7 +318,6 @@ class DecodeEngine:
         if self.converted:
             new = self.routing.copy()
             new.inner = {**new.inner, "t_in": [a for a, _ in vals], "t_mid": [b for _, b in vals]}
-            _check_thresholds(new, n)
             self.routing = new
         self._thr_values = vals
         self._refresh(self._ffn_request)
@@ -467,7 +453,7 @@ class DecodeEngine:
                                                                       device=self.device))
             if layer.prefill_ffn is None:  # unconverted, or every expert unscaled: the plain FFN
                 h = h + self._plain_ffn(layer, x).float()
-            elif self.prefill_mode == "grouped":
+            elif self.prefill_mode == "grouped" and layer.thr is None:  # (thresholds: the dense-equivalent path)
                 weights = layer.prefill_ffn.select(_linear_f32(x, layer.ffn.router_w))
                 h = h + grouped_ffn(x, layer.ffn, weights).float()
             else:

@@ -15,8 +15,9 @@ model to live with them.
     apply_inner(model, None)                                       # off again
 
 s_FFN then counts bytes, not experts (:func:`prunepath.stats.inner_s_per_token`). The decode engine skips those
-bytes where every expert runs unscaled (an ungated checkpoint at τ > 1: :mod:`prunepath.kernels.thresholds`);
-with experts also dropped it refuses the thresholds, so there s_FFN is a measurement of quality, not of speed.
+bytes where every expert runs unscaled (an ungated checkpoint at τ > 1: :mod:`prunepath.kernels.thresholds`).
+With experts also dropped or gated it runs them inside the expert kernels, which skip dropped intermediates' down
+rows but not the gate/up bytes of dropped inputs (there that share of s_FFN is quality, not yet speed).
 """
 
 from __future__ import annotations

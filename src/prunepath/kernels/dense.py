@@ -18,20 +18,22 @@ import triton.language as tl
 
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import DeviceBudget, budget_tensors, check_kernel_device, next_pow2
-from prunepath.kernels.experts import ACT_IDS, _act
+from prunepath.kernels.experts import ACT_IDS, ROUNDING, _act, _round
 from prunepath.kernels.layout import PackedFFN, _act_reference
 from prunepath.kernels.route import RULE_IDS, _keep_one
 from prunepath.routing.config import TAU_ALL
 
 
 @triton.jit
-def _gate_act_kernel(pre_ptr, bin_ptr, ao_ptr, tau_ptr, k_ptr, h_ptr, w_ptr,
+def _gate_act_kernel(pre_ptr, bin_ptr, ao_ptr, tau_ptr, k_ptr, h_ptr, w_ptr, thr_ptr,
                      E, N, R, stride_pre, log_off, gate_offset,
                      E_PAD: tl.constexpr, BJ: tl.constexpr, RULE: tl.constexpr, GATES: tl.constexpr,
                      GATED: tl.constexpr, HAS_BIN: tl.constexpr, ACT: tl.constexpr, WRITE_W: tl.constexpr,
-                     COMPUTE_H: tl.constexpr):
+                     COMPUTE_H: tl.constexpr, HAS_THR: tl.constexpr = False, ROUND: tl.constexpr = 0):
     """Program (token b, neuron chunk jc): the token's selection (every program of the row repeats it: no
-    inter-program dependency), then h[b, e, j] for every expert e and the chunk's neurons j."""
+    inter-program dependency), then h[b, e, j] for every expert e and the chunk's neurons j. HAS_THR: h rounded
+    to the model dtype, entries with |h| ≤ t_mid (thr_ptr[1]) zeroed before the gate weight (in-expert
+    thresholds; the pre-activations then come from the masked input, the logits from the unmasked one)."""
     b = tl.program_id(0).to(tl.int64)
     jc = tl.program_id(1)
     offs = tl.arange(0, E_PAD)
@@ -74,7 +76,11 @@ def _gate_act_kernel(pre_ptr, bin_ptr, ao_ptr, tau_ptr, k_ptr, h_ptr, w_ptr,
             if HAS_BIN:
                 u += tl.load(bin_ptr + base, mask=m2, other=0.0)
             h = _act(u, ACT)
-        h = tl.where(m2, h * w[:, None], 0.0)
+        keep_h = m2
+        if HAS_THR:
+            h = _round(h, ROUND)
+            keep_h = m2 & (tl.abs(h) > _round(tl.load(thr_ptr + 1), ROUND))
+        h = tl.where(keep_h, h * w[:, None], 0.0)
         tl.store(h_ptr + b * E * N + offs[:, None] * N + offs_j[None, :], h.to(h_ptr.dtype.element_ty), mask=m2)
 
 
@@ -108,13 +114,16 @@ class GatedDense(DeviceBudget):
 
     ``ffn(x, out)`` adds FFN(x) into ``out`` (fp32 [B, d]); any B (decode batch or prefill tokens). τ and k live
     in device tensors (``set_tau``), so a captured graph follows them. ``weights`` (float32 [B, E], 0 =
-    dropped) is written when ``write_weights`` is set (tests, statistics).
+    dropped) is written when ``write_weights`` is set (tests, statistics). ``thresholds``: the float32 [2]
+    device tensor (t_in, t_mid) of in-expert thresholds (as :class:`~prunepath.kernels.thresholds.ThresholdFFN`),
+    or None: the router reads x, the experts the input with |x| ≤ t_in zeroed (two GEMMs instead of one).
     """
 
     def __init__(self, packed: PackedFFN, *, rule: str = "cumulative", tau: float | torch.Tensor = TAU_ALL,
                  k: int | torch.Tensor | None = None, gates: bool = True, gate_offset: float = 0.0,
                  block_j: int | None = None, num_warps: int = 4,
-                 write_weights: bool = False, fp32_logits: bool = True) -> None:
+                 write_weights: bool = False, fp32_logits: bool = True,
+                 thresholds: torch.Tensor | None = None) -> None:
         if rule not in RULE_IDS:
             raise PrunePathError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULE_IDS)}")
         dev = packed.device
@@ -131,17 +140,19 @@ class GatedDense(DeviceBudget):
         # fp32-output GEMMs are slower on some GPU.
         self.fp32_logits = fp32_logits
         self._w_cat = packed.w_in_router()
+        self.thresholds = thresholds
 
     def pre_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """[B, E·R + E] (fused buffer) or [B, E·R] pre-activations + separate logits; returns (buffer, stride)."""
         p = self.packed
         e, r, d = p.w_in.shape
-        if self._w_cat is not None:
+        if self._w_cat is not None and self.thresholds is None:
             if not self.fp32_logits and x.is_cuda:
                 return torch.nn.functional.linear(x, self._w_cat), e * r + e
             return _linear_f32(x, self._w_cat), e * r + e
         pre = torch.empty(x.shape[0], e * r + e, dtype=torch.float32, device=x.device)
-        pre[:, : e * r] = _linear_f32(x, p.w_in.reshape(e * r, d))
+        xin = x if self.thresholds is None else x.masked_fill(x.abs() <= self.thresholds[0], 0)
+        pre[:, : e * r] = _linear_f32(xin, p.w_in.reshape(e * r, d))
         pre[:, e * r:] = _linear_f32(x, p.router_w)
         return pre, e * r + e
 
@@ -159,12 +170,13 @@ class GatedDense(DeviceBudget):
                 self.weights = torch.empty(b, e, dtype=torch.float32, device=x.device)
         wbuf = self.weights if self.write_weights else pre
         grid = (b, triton.cdiv(n, self.block_j))
+        thr = self.thresholds
         _gate_act_kernel[grid](
             pre, p.b_in if p.b_in is not None else pre, p.always_on, self.tau, self.k, h, wbuf,
-            e, n, r, stride, e * r, self.gate_offset,
+            thr if thr is not None else pre, e, n, r, stride, e * r, self.gate_offset,
             E_PAD=self.e_pad, BJ=self.block_j, RULE=RULE_IDS[self.rule], GATES=self.gates, GATED=p.gated,
             HAS_BIN=p.b_in is not None, ACT=ACT_IDS[p.activation], WRITE_W=self.write_weights, COMPUTE_H=True,
-            num_warps=self.num_warps)
+            HAS_THR=thr is not None, ROUND=ROUNDING.get(x.dtype, 0), num_warps=self.num_warps)
         return h
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
@@ -175,7 +187,7 @@ class GatedDense(DeviceBudget):
         logits = logits.float().contiguous()
         w = torch.empty_like(logits)
         _gate_act_kernel[(logits.shape[0], 1)](
-            logits, logits, p.always_on, self.tau, self.k, w, w, e, p.neurons_per_expert, 1, e, 0,
+            logits, logits, p.always_on, self.tau, self.k, w, w, logits, e, p.neurons_per_expert, 1, e, 0,
             self.gate_offset, E_PAD=self.e_pad, BJ=1, RULE=RULE_IDS[self.rule], GATES=self.gates,
             GATED=p.gated, HAS_BIN=False, ACT=ACT_IDS[p.activation], WRITE_W=True, COMPUTE_H=False,
             num_warps=self.num_warps)

@@ -40,16 +40,38 @@ def _act(x, ACT: tl.constexpr):
         return tl.maximum(x, 0.0)
 
 
+ROUNDING = {torch.bfloat16: 1, torch.float16: 2}  # the model dtype the kernels round to (else 0: none)
+
+
 @triton.jit
-def _experts_in_kernel(x_ptr, w_ptr, ids_ptr, count_ptr, acc_ptr,
+def _round(v, ROUND: tl.constexpr):
+    """fp32 ``v`` rounded to nearest-even in the model's dtype, back in fp32 (ROUND 1: bf16, by the bits, which
+    the CPU interpreter's casts would truncate; 2: fp16; 0: unchanged)."""
+    if ROUND == 1:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
+def _experts_in_kernel(x_ptr, w_ptr, ids_ptr, count_ptr, acc_ptr, thr_ptr,
                        B, D, R,
                        R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, B_PAD: tl.constexpr,
-                       USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+                       USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_THR: tl.constexpr, ROUND: tl.constexpr):
     """Split-K: item (slot, K-chunk) reads the expert's whole gate|up block over BLOCK_K columns (R rows,
-    each a contiguous run) and atomically adds its partial pre-activations into acc [cap, R, B]."""
+    each a contiguous run) and atomically adds its partial pre-activations into acc [cap, R, B]. HAS_THR: input
+    entries with |x| ≤ t_in (thr_ptr[0], rounded to the model dtype) count as 0 (in-expert thresholds; the
+    router has read the unmasked x already)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     count = tl.load(count_ptr)
+    t_in = 0.0
+    if HAS_THR:
+        t_in = _round(tl.load(thr_ptr), ROUND)
     nk = tl.cdiv(D, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     mr = offs_r < R
@@ -65,6 +87,8 @@ def _experts_in_kernel(x_ptr, w_ptr, ids_ptr, count_ptr, acc_ptr,
                     other=0.0)
         if USE_DOT:
             xk = tl.load(x_ptr + offs_b[None, :] * D + offs_k[:, None], mask=mb[None, :] & mk[:, None], other=0.0)
+            if HAS_THR:
+                xk = tl.where(tl.abs(xk.to(tl.float32)) > t_in, xk, 0.0)
             if DOT_F32:  # the CPU interpreter has no bf16 dot
                 part = tl.dot(w.to(tl.float32), xk.to(tl.float32))
             else:
@@ -73,22 +97,29 @@ def _experts_in_kernel(x_ptr, w_ptr, ids_ptr, count_ptr, acc_ptr,
                           mask=mr[:, None] & mb[None, :], sem="relaxed")
         else:
             xk = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+            if HAS_THR:
+                xk = tl.where(tl.abs(xk) > t_in, xk, 0.0)
             part = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
             tl.atomic_add(acc_ptr + s * R + offs_r, part, mask=mr, sem="relaxed")
 
 
 @triton.jit
-def _experts_out_kernel(acc_ptr, bin_ptr, slotw_ptr, w_ptr, bias_ptr, ids_ptr, count_ptr, y_ptr,
+def _experts_out_kernel(acc_ptr, bin_ptr, slotw_ptr, w_ptr, bias_ptr, ids_ptr, count_ptr, y_ptr, thr_ptr,
                         B, D, N,
                         BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, G: tl.constexpr, B_PAD: tl.constexpr,
                         GATED: tl.constexpr, HAS_BIN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+                        USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_THR: tl.constexpr, ROUND: tl.constexpr):
     """Item (column block, group of G slots): h = act(gate)·up·gate-weight from the finished pre-activations,
     then a [G·BLOCK_J, BLOCK_D] tile of W_down rows (G experts' row slices, each row a contiguous run),
-    reduced in fp32 and atomically added into y."""
+    reduced in fp32 and atomically added into y. HAS_THR: h is rounded to the model dtype and entries with
+    |h| ≤ t_mid (thr_ptr[1]) are dropped before the gate weight, as the PyTorch forward drops them; at batch 1
+    their W_down rows are not loaded."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     count = tl.load(count_ptr)
+    t_mid = 0.0
+    if HAS_THR:
+        t_mid = _round(tl.load(thr_ptr + 1), ROUND)
     ncb = tl.cdiv(D, BLOCK_D)
     ngroups = tl.cdiv(count, G)
     R = 2 * N if GATED else N
@@ -116,9 +147,9 @@ def _experts_out_kernel(acc_ptr, bin_ptr, slotw_ptr, w_ptr, bias_ptr, ids_ptr, c
         for j0 in range(0, N, BLOCK_J):
             jj = j0 + f_j
             m = ms & (jj < N)
-            w = tl.load(w_ptr + (e * N + jj)[:, None] * D + offs_d[None, :], mask=m[:, None] & md[None, :],
-                        other=0.0)  # [GJ, BD]
             if USE_DOT:
+                w = tl.load(w_ptr + (e * N + jj)[:, None] * D + offs_d[None, :], mask=m[:, None] & md[None, :],
+                            other=0.0)  # [GJ, BD]
                 m2 = m[None, :] & mb[:, None]
                 up = tl.load(acc_ptr + ((slot * R + UP0 + jj) * B)[None, :] + offs_b[:, None], mask=m2, other=0.0)
                 if HAS_BIN:
@@ -130,12 +161,18 @@ def _experts_out_kernel(acc_ptr, bin_ptr, slotw_ptr, w_ptr, bias_ptr, ids_ptr, c
                     h = _act(g, ACT) * up
                 else:
                     h = _act(up, ACT)
+                if HAS_THR:
+                    h = _round(h, ROUND)
+                    m2 = m2 & (tl.abs(h) > t_mid)
                 h = tl.where(m2, h * sw, 0.0)  # [B_PAD, GJ]
                 if DOT_F32:
                     acc += tl.dot(h, w.to(tl.float32))
                 else:
                     acc += tl.dot(h.to(w.dtype), w)
             else:
+                if not HAS_THR:  # issued before h is known: the load overlaps the activation math
+                    w = tl.load(w_ptr + (e * N + jj)[:, None] * D + offs_d[None, :], mask=m[:, None] & md[None, :],
+                                other=0.0)  # [GJ, BD]
                 up = tl.load(acc_ptr + slot * R + UP0 + jj, mask=m, other=0.0)
                 if HAS_BIN:
                     up += tl.load(bin_ptr + e * R + UP0 + jj, mask=m, other=0.0)
@@ -146,6 +183,11 @@ def _experts_out_kernel(acc_ptr, bin_ptr, slotw_ptr, w_ptr, bias_ptr, ids_ptr, c
                     h = _act(g, ACT) * up
                 else:
                     h = _act(up, ACT)
+                if HAS_THR:  # dropped entries' W_down rows are never loaded
+                    h = _round(h, ROUND)
+                    m = m & (tl.abs(h) > t_mid)
+                    w = tl.load(w_ptr + (e * N + jj)[:, None] * D + offs_d[None, :],
+                                mask=m[:, None] & md[None, :], other=0.0)  # [GJ, BD]
                 h = tl.where(m, h * sw, 0.0)  # [GJ]
                 acc += tl.sum(h[:, None] * w.to(tl.float32), axis=0)
         if HAS_BIAS:
@@ -198,7 +240,8 @@ class ExpertRunner:
         self.warps_in, self.warps_out = warps_in, warps_out
 
     def run(self, x: torch.Tensor, ids: torch.Tensor, slot_w: torch.Tensor, count: torch.Tensor,
-            out: torch.Tensor, clear: bool = True) -> torch.Tensor:
+            out: torch.Tensor, clear: bool = True, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+        """``thresholds``: float32 [2] device tensor (t_in, t_mid) of in-expert thresholds, or None."""
         check_kernel_device(x)
         p = self.packed
         n, d = p.neurons_per_expert, p.hidden_size
@@ -211,13 +254,16 @@ class ExpertRunner:
             self.acc.zero_()
         b_in = p.b_in if p.b_in is not None else self.acc
         b_out = p.b_out if p.b_out is not None else out
+        has_thr = thresholds is not None
+        thr = thresholds if has_thr else count
         _experts_in_kernel[self.grid_in](
-            x, p.w_in, ids, count, self.acc, self.batch, d, r,
+            x, p.w_in, ids, count, self.acc, thr, self.batch, d, r,
             R_PAD=self.r_pad, BLOCK_K=self.block_k, B_PAD=self.b_pad, USE_DOT=self.use_dot, DOT_F32=self.dot_f32,
-            num_warps=self.warps_in)
+            HAS_THR=has_thr, ROUND=ROUNDING.get(x.dtype, 0), num_warps=self.warps_in)
         _experts_out_kernel[self.grid_out](
-            self.acc, b_in, slot_w, p.w_out, b_out, ids, count, out, self.batch, d, n,
+            self.acc, b_in, slot_w, p.w_out, b_out, ids, count, out, thr, self.batch, d, n,
             BLOCK_D=self.block_d, BLOCK_J=self.block_j, G=self.group, B_PAD=self.b_pad, GATED=p.gated,
             HAS_BIN=p.b_in is not None, ACT=ACT_IDS[p.activation], HAS_BIAS=p.b_out is not None,
-            USE_DOT=self.use_dot, DOT_F32=self.dot_f32, num_warps=self.warps_out)
+            USE_DOT=self.use_dot, DOT_F32=self.dot_f32, HAS_THR=has_thr, ROUND=ROUNDING.get(p.w_out.dtype, 0),
+            num_warps=self.warps_out)
         return out

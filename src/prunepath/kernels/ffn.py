@@ -32,11 +32,11 @@ def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | N
     pre = torch.nn.functional.linear(x, w_in, b_in.to(x.dtype) if b_in is not None else None)
     pre = pre.view(x.shape[0], e, -1)
     h = _act(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act(packed.activation, pre)
+    if thresholds is not None:  # before the gate weights, as the PyTorch forward drops |h| ≤ t_mid
+        h = h.masked_fill(h.abs() <= thresholds[1], 0)
     if gate_weights is not None:
         h = h * gate_weights.to(h.dtype).unsqueeze(-1)
     h = h.reshape(x.shape[0], e * n)
-    if thresholds is not None:
-        h = h.masked_fill(h.abs() <= thresholds[1], 0)
     y = h @ w_out
     if packed.b_out is not None:
         y = y + packed.b_out.to(y.dtype)
@@ -53,12 +53,19 @@ class SparseFFN(DeviceBudget):
       a Triton kernel for selection + activation + gates, cuBLAS over w_out (every expert read; same result);
     * "dense_legacy": the earlier dense path (routing kernel, then ``dense_ffn`` with the gate weights), kept
       so a benchmark can time old against new.
+
+    ``thresholds``: in-expert thresholds, the float32 [2] device tensor (t_in, t_mid) of
+    :func:`~prunepath.kernels.thresholds.thresholds_tensor` (e.g. a view of the engine's per-model tensor), or
+    None. The router reads the unmasked input; inside the selected experts, entries with |x| ≤ t_in and |h| ≤ t_mid
+    count as 0 (the PyTorch forward's rule at any τ, gated or not), and at batch 1 the sparse path skips the
+    W_down rows of the dropped h entries.
     """
 
     MODES = ("sparse", "dense", "dense_legacy")
 
     def __init__(self, packed: PackedFFN, batch: int, routing: RoutingConfig | None = None, *,
-                 mode: str = "sparse", budget: tuple[torch.Tensor, torch.Tensor] | None = None, **tuning) -> None:
+                 mode: str = "sparse", budget: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 thresholds: torch.Tensor | None = None, **tuning) -> None:
         routing = routing or RoutingConfig()
         if routing.method != "prunepath":
             raise PrunePathError(f"the decode kernels implement the prunepath routing method, not "
@@ -68,7 +75,7 @@ class SparseFFN(DeviceBudget):
         rt = {k: v for k, v in tuning.items() if k.startswith("router_")}
         ex = {k: v for k, v in tuning.items() if not k.startswith("router_") and not k.startswith("dense_")}
         dn = {k[len("dense_"):]: v for k, v in tuning.items() if k.startswith("dense_")}
-        self.packed, self.batch, self.mode = packed, batch, mode
+        self.packed, self.batch, self.mode, self.thresholds = packed, batch, mode, thresholds
         # budget: (τ, k) views of the engine's per-model tensors; else this layer's own, from ``routing``
         tau, k = budget if budget is not None else (routing.tau_for(packed.layer_index), routing.k)
         self.experts = ExpertRunner(packed, batch, **ex) if mode == "sparse" else None
@@ -76,7 +83,7 @@ class SparseFFN(DeviceBudget):
         self.dense = None
         if mode == "dense":
             self.dense = GatedDense(packed, rule=routing.rule, tau=tau, k=k, gates=routing.gates,
-                                    gate_offset=routing.gate_offset, **dn)
+                                    gate_offset=routing.gate_offset, thresholds=thresholds, **dn)
         else:
             self.router = Router(packed, batch, rule=routing.rule, tau=tau, k=k, gates=routing.gates,
                                  gate_offset=routing.gate_offset,
@@ -105,6 +112,6 @@ class SparseFFN(DeviceBudget):
             return self.dense(x, out)
         r = self.router(x)
         if self.mode == "dense_legacy":
-            out += dense_ffn(x, self.packed, r.weights).float()
+            out += dense_ffn(x, self.packed, r.weights, thresholds=self.thresholds).float()
             return out
-        return self.experts.run(x, r.ids, r.slot_w, r.count, out, clear=False)
+        return self.experts.run(x, r.ids, r.slot_w, r.count, out, clear=False, thresholds=self.thresholds)

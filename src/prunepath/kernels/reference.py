@@ -70,17 +70,26 @@ def experts_reference(x: torch.Tensor, packed: PackedFFN, ids: torch.Tensor, slo
     return y
 
 
-def ffn_reference(x: torch.Tensor, packed: PackedFFN, routing: RoutingConfig, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The whole sparse FFN, computed densely over every expert and masked (no compaction): y [B, d]."""
+def ffn_reference(x: torch.Tensor, packed: PackedFFN, routing: RoutingConfig, dtype: torch.dtype = torch.float64,
+                  t_in: float | None = None, t_mid: float | None = None) -> torch.Tensor:
+    """The whole sparse FFN, computed densely over every expert and masked (no compaction): y [B, d]. With
+    in-expert thresholds ``t_in`` / ``t_mid`` (None: off) the router reads x; the experts read x with |x| ≤ t_in
+    zeroed, and intermediate entries with |h| ≤ t_mid are zeroed before the gate weights (the PyTorch forward's
+    rule, :meth:`prunepath.routing.ffn.PrunePathFFN.thresholded_forward`)."""
     logits = x.to(dtype) @ packed.router_w.to(dtype).t()
     weights, _ = prunepath_method(logits, routing, packed.layer_index, packed.always_on.bool())
     e, n = packed.num_experts, packed.neurons_per_expert
     w_in, b_in, w_out = packed.dense_weights()
-    pre = x.to(dtype) @ w_in.to(dtype).t()
+    xw = x.to(dtype)
+    if t_in is not None:
+        xw = xw.masked_fill(xw.abs() <= t_in, 0)
+    pre = xw @ w_in.to(dtype).t()
     if b_in is not None:
         pre = pre + b_in.to(dtype)
     pre = pre.view(x.shape[0], e, -1)
     h = _act_reference(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act_reference(packed.activation, pre)
+    if t_mid is not None:
+        h = h.masked_fill(h.abs() <= t_mid, 0)
     h = (h * weights.to(dtype).unsqueeze(-1)).reshape(x.shape[0], e * n)
     y = h @ w_out.to(dtype)
     if packed.b_out is not None:

@@ -28,25 +28,8 @@ import triton.language as tl
 from prunepath.errors import PrunePathError
 from prunepath.kernels._common import THRESHOLD_OFF as OFF
 from prunepath.kernels._common import check_kernel_device, next_pow2
-from prunepath.kernels.experts import ACT_IDS, _act
+from prunepath.kernels.experts import ACT_IDS, ROUNDING, _act, _round
 from prunepath.kernels.layout import PackedFFN
-
-
-ROUNDING = {torch.bfloat16: 1, torch.float16: 2}  # the model dtype the kernels round to (else 0: none)
-
-
-@triton.jit
-def _round(v, ROUND: tl.constexpr):
-    """fp32 ``v`` rounded to nearest-even in the model's dtype, back in fp32 (ROUND 1: bf16, by the bits, which
-    the CPU interpreter's casts would truncate; 2: fp16; 0: unchanged)."""
-    if ROUND == 1:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    elif ROUND == 2:
-        return v.to(tl.float16).to(tl.float32)
-    else:
-        return v
 
 
 @triton.jit
