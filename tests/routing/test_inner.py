@@ -3,6 +3,8 @@ reference, their byte count, the batch thresholds used in training, calibration 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -177,12 +179,24 @@ def test_training_draws_the_fraction_per_step():
         TrainConfig(method="dense", inner_sparsity_max=0.3)
 
 
-def test_decode_engine_refuses_in_expert_thresholds():
+def test_decode_engine_runs_in_expert_thresholds_of_a_gated_checkpoint():
+    # gated experts (the router scales every expert): the thresholds run inside the routed kernels, and the
+    # engine's prefill gives the PyTorch forward's logits (tests/decoding covers the decode steps)
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels in Triton's CPU interpreter")
     from prunepath.decoding.engine import DecodeEngine
     model = tiny_converted(seed=1, layers=2)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(ids).logits[:, -1]
     apply_inner(model, {"t_in": [0.1, 0.1], "t_mid": [0.1, None]})
-    with pytest.raises(PrunePathError, match="in-expert thresholds"):
-        DecodeEngine(model, graphs=False)
+    with torch.no_grad():
+        want = model(ids).logits[:, -1]
+    assert float((want - plain).abs().max()) > 1e-4
+    eng = DecodeEngine(model, max_len=16, graphs=False, device="cpu")
+    assert all(layer.thr is not None for layer in eng.layers)
+    assert float((eng.prefill(ids) - want).abs().max()) < 2e-5
 
 
 @pytest.mark.parametrize("gated", [True, False])
