@@ -20,13 +20,10 @@ from prunepath.kernels.reference import (  # noqa: E402
     route_reference)
 from prunepath.kernels.route import Router  # noqa: E402
 from prunepath.routing.config import RoutingConfig  # noqa: E402
+from kernel_numerics import rel_err as _rel  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def _safe_tau(x: torch.Tensor, packed, lo: float, hi: float, gen: torch.Generator) -> float:

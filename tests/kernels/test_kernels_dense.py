@@ -14,13 +14,10 @@ from prunepath.kernels.dense import GatedDense, grouped_ffn, grouped_mm  # noqa:
 from prunepath.kernels.ffn import SparseFFN  # noqa: E402
 from prunepath.kernels.reference import ffn_reference, route_reference  # noqa: E402
 from prunepath.routing.config import RoutingConfig  # noqa: E402
+from kernel_numerics import rel_err as _rel  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 CASES = [("cumulative", 0.55, None), ("nucleus", 0.45, None), ("topk", 0.5, 4), ("all", 0.5, None),

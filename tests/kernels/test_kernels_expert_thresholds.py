@@ -19,22 +19,10 @@ from prunepath.kernels.layout import _act_reference  # noqa: E402
 from prunepath.kernels.reference import ffn_reference, route_reference  # noqa: E402
 from prunepath.kernels.thresholds import thresholds_tensor  # noqa: E402
 from prunepath.routing.config import RoutingConfig  # noqa: E402
+from kernel_numerics import gap_threshold, rel_err as _rel  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def _gap(v: torch.Tensor, q: float) -> float:
-    """A threshold near the q-quantile of |v|, in the widest nearby gap (fp32 rounding cannot cross it)."""
-    a = v.detach().abs().double().flatten().sort().values
-    i = int(q * (a.numel() - 1))
-    lo, hi = max(0, i - 3), min(a.numel() - 1, i + 3)
-    j = lo + int((a[lo + 1:hi + 1] - a[lo:hi]).argmax())
-    return float((a[j] + a[j + 1]) / 2)
 
 
 def _setup(gated: bool, activation: str, bias: bool, batch: int, seed: int):
@@ -43,12 +31,12 @@ def _setup(gated: bool, activation: str, bias: bool, batch: int, seed: int):
     packed = random_packed_ffn(d, e, n, gated=gated, activation=activation, bias=bias, dtype=torch.float32,
                                router_std=3.0, generator=gen)
     x = torch.randn(batch, d, generator=gen)
-    t_in = _gap(x, 0.4)
+    t_in = gap_threshold(x, 0.4)
     w_in, b_in, _ = packed.dense_weights()
     pre = (x.masked_fill(x.abs() <= t_in, 0).double() @ w_in.double().t()
            + (b_in.double() if b_in is not None else 0)).view(batch, e, -1)
     h = _act_reference(activation, pre[..., :n]) * pre[..., n:] if gated else _act_reference(activation, pre)
-    return packed, x, t_in, _gap(h[h != 0], 0.4)  # (ReLU zeros would put the quantile at 0)
+    return packed, x, t_in, gap_threshold(h[h != 0], 0.4)  # (ReLU zeros would put the quantile at 0)
 
 
 @pytest.mark.parametrize("gated,activation,bias", [(True, "silu", False), (True, "gelu_tanh", True),

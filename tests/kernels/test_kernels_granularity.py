@@ -19,6 +19,7 @@ from prunepath.kernels.ffn import SparseFFN  # noqa: E402
 from prunepath.kernels.reference import experts_reference, ffn_reference, route_reference  # noqa: E402
 from prunepath.kernels.route import Router  # noqa: E402
 from prunepath.routing.config import RoutingConfig  # noqa: E402
+from kernel_numerics import rel_err as _rel  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
@@ -26,10 +27,6 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 FF = 192  # a tiny FFN width: E = 24, 12, 6, 3 (like SmolLM2's 1536 = 192/96/48/24 experts, none a power of two)
 SIZES = [8, 16, 32, 64]
 D = 40  # hidden: not a power of two (SmolLM2's 576 is not either)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def _safe_tau(x: torch.Tensor, packed, lo: float, hi: float, gen: torch.Generator) -> float:

@@ -16,24 +16,10 @@ from prunepath.kernels.ffn import dense_ffn  # noqa: E402
 from prunepath.kernels.layout import _act_reference  # noqa: E402
 from prunepath.kernels.reference import threshold_ffn_reference  # noqa: E402
 from prunepath.kernels.thresholds import OFF, ThresholdFFN, _round, thresholds_tensor  # noqa: E402
+from kernel_numerics import gap_threshold, rel_err as _rel  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the kernels in Triton's CPU interpreter", allow_module_level=True)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def _gap_threshold(v: torch.Tensor, q: float) -> float:
-    """A threshold near the q-quantile of |v| in the widest gap between neighbouring values there, so fp32
-    rounding in the kernel cannot move an entry across it."""
-    a = v.detach().abs().double().flatten().sort().values
-    i = int(q * (a.numel() - 1))
-    lo, hi = max(0, i - 3), min(a.numel() - 1, i + 3)
-    gaps = a[lo + 1:hi + 1] - a[lo:hi]
-    j = lo + int(gaps.argmax())
-    return float((a[j] + a[j + 1]) / 2)
 
 
 def _intermediate(x: torch.Tensor, packed, t_in: float | None) -> torch.Tensor:
@@ -59,8 +45,8 @@ def test_threshold_ffn_matches_float64_reference(gated, activation, bias, batch)
                                generator=gen)
     x = torch.randn(batch, d, generator=gen)
     q_in, q_mid = [0.2, 0.4, 0.6][int(torch.randint(3, (1,), generator=gen))], 0.5
-    t_in = _gap_threshold(x, q_in)
-    t_mid = _gap_threshold(_intermediate(x, packed, t_in), q_mid)
+    t_in = gap_threshold(x, q_in)
+    t_mid = gap_threshold(_intermediate(x, packed, t_in), q_mid)
     # several row blocks per program, the last one partial (the K and neuron loops), and one block per program
     chunks = {"k_chunk": 32, "j_chunk": 16} if batch == 1 else {}
     ffn = ThresholdFFN(packed, batch, thresholds_tensor(t_in, t_mid, "cpu"), block_k=16, block_m=32, block_j=8,
@@ -81,9 +67,9 @@ def test_dropped_rows_are_never_used():
     d, e, n = 48, 4, 8
     packed = random_packed_ffn(d, e, n, dtype=torch.float32, generator=gen)
     x = torch.randn(1, d, generator=gen)
-    t_in = _gap_threshold(x, 0.5)
+    t_in = gap_threshold(x, 0.5)
     h = _intermediate(x, packed, t_in)
-    t_mid = _gap_threshold(h, 0.5)
+    t_mid = gap_threshold(h, 0.5)
     ref = threshold_ffn_reference(x, packed, t_in, t_mid)
     ffn = ThresholdFFN(packed, 1, thresholds_tensor(t_in, t_mid, "cpu"), block_k=16, block_m=32, block_j=8,
                        k_chunk=32, j_chunk=16)
@@ -105,14 +91,14 @@ def test_off_thresholds_give_the_dense_ffn_and_set_changes_them_in_place():
     out = torch.zeros(2, 32)
     ffn(x, out)
     assert _rel(out, dense_ffn(x, packed)) < 1e-5
-    t_in = _gap_threshold(x, 0.5)
+    t_in = gap_threshold(x, 0.5)
     ffn.set(t_in, None)
     assert th[0].item() == pytest.approx(t_in) and th[1].item() == OFF  # the same tensor, rewritten
     out.zero_()
     ffn(x, out)
     assert _rel(out, threshold_ffn_reference(x, packed, t_in, None)) < 1e-5
     # the masked cuBLAS path (prefill, batch above the crossover) reads the same device tensor
-    t_mid = _gap_threshold(_intermediate(x, packed, t_in), 0.5)
+    t_mid = gap_threshold(_intermediate(x, packed, t_in), 0.5)
     ffn.set(t_in, t_mid)
     ref = threshold_ffn_reference(x, packed, t_in, t_mid)
     assert _rel(dense_ffn(x, packed, thresholds=th), ref) < 1e-5
@@ -194,8 +180,8 @@ def test_default_chunks_follow_the_layer_size(monkeypatch):
     assert (big.k_chunk, big.j_chunk) == (32, 64)  # 64 / 16 = 4 blocks of rows in, 64 / 8 = 8 out
     assert big.grid_in[1] == 2 and big.grid_out[1] == 2
     x = torch.randn(1, 64, generator=gen)
-    t_in = _gap_threshold(x, 0.4)
-    t_mid = _gap_threshold(_intermediate(x, packed, t_in), 0.4)
+    t_in = gap_threshold(x, 0.4)
+    t_mid = gap_threshold(_intermediate(x, packed, t_in), 0.4)
     for f in (small, big):
         f.set(t_in, t_mid)
         out = torch.zeros(1, 64)
