@@ -70,14 +70,10 @@ def experts_reference(x: torch.Tensor, packed: PackedFFN, ids: torch.Tensor, slo
     return y
 
 
-def ffn_reference(x: torch.Tensor, packed: PackedFFN, routing: RoutingConfig, dtype: torch.dtype = torch.float64,
-                  t_in: float | None = None, t_mid: float | None = None) -> torch.Tensor:
-    """The whole sparse FFN, computed densely over every expert and masked (no compaction): y [B, d]. With
-    in-expert thresholds ``t_in`` / ``t_mid`` (None: off) the router reads x; the experts read x with |x| ≤ t_in
-    zeroed, and intermediate entries with |h| ≤ t_mid are zeroed before the gate weights (the PyTorch forward's
-    rule, :meth:`prunepath.routing.ffn.PrunePathFFN.thresholded_forward`)."""
-    logits = x.to(dtype) @ packed.router_w.to(dtype).t()
-    weights, _ = prunepath_method(logits, routing, packed.layer_index, packed.always_on.bool())
+def _masked_ffn(x: torch.Tensor, packed: PackedFFN, t_in, t_mid, dtype: torch.dtype,
+                weights: torch.Tensor | None = None, round_to: torch.dtype | None = None) -> torch.Tensor:
+    """y [B, d] over every expert: x with |x| ≤ t_in zeroed, h (rounded to ``round_to`` when given) with
+    |h| ≤ t_mid zeroed, then scaled by the per-expert ``weights`` [B, E] (None: unscaled), sums in ``dtype``."""
     e, n = packed.num_experts, packed.neurons_per_expert
     w_in, b_in, w_out = packed.dense_weights()
     xw = x.to(dtype)
@@ -88,13 +84,27 @@ def ffn_reference(x: torch.Tensor, packed: PackedFFN, routing: RoutingConfig, dt
         pre = pre + b_in.to(dtype)
     pre = pre.view(x.shape[0], e, -1)
     h = _act_reference(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act_reference(packed.activation, pre)
+    if round_to is not None:
+        h = h.to(round_to).to(dtype)
     if t_mid is not None:
         h = h.masked_fill(h.abs() <= t_mid, 0)
-    h = (h * weights.to(dtype).unsqueeze(-1)).reshape(x.shape[0], e * n)
-    y = h @ w_out.to(dtype)
+    if weights is not None:
+        h = h * weights.to(dtype).unsqueeze(-1)
+    y = h.reshape(x.shape[0], e * n) @ w_out.to(dtype)
     if packed.b_out is not None:
         y = y + packed.b_out.to(dtype)
     return y
+
+
+def ffn_reference(x: torch.Tensor, packed: PackedFFN, routing: RoutingConfig, dtype: torch.dtype = torch.float64,
+                  t_in: float | None = None, t_mid: float | None = None) -> torch.Tensor:
+    """The whole sparse FFN, computed densely over every expert and masked (no compaction): y [B, d]. With
+    in-expert thresholds ``t_in`` / ``t_mid`` (None: off) the router reads x; the experts read x with |x| ≤ t_in
+    zeroed, and intermediate entries with |h| ≤ t_mid are zeroed before the gate weights (the PyTorch forward's
+    rule, :meth:`prunepath.routing.ffn.PrunePathFFN.thresholded_forward`)."""
+    logits = x.to(dtype) @ packed.router_w.to(dtype).t()
+    weights, _ = prunepath_method(logits, routing, packed.layer_index, packed.always_on.bool())
+    return _masked_ffn(x, packed, t_in, t_mid, dtype, weights=weights)
 
 
 def threshold_ffn_reference(x: torch.Tensor, packed: PackedFFN, t_in: float | None, t_mid: float | None,
@@ -108,24 +118,7 @@ def threshold_ffn_reference(x: torch.Tensor, packed: PackedFFN, t_in: float | No
 
     def rnd(v):
         return v if round_to is None or v is None else torch.as_tensor(v).to(round_to).to(dtype)
-    t_in, t_mid = rnd(t_in), rnd(t_mid)
-    e, n = packed.num_experts, packed.neurons_per_expert
-    w_in, b_in, w_out = packed.dense_weights()
-    xw = x.to(dtype)
-    if t_in is not None:
-        xw = xw.masked_fill(xw.abs() <= t_in, 0)
-    pre = xw @ w_in.to(dtype).t()
-    if b_in is not None:
-        pre = pre + b_in.to(dtype)
-    pre = pre.view(x.shape[0], e, -1)
-    h = _act_reference(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act_reference(packed.activation, pre)
-    h = rnd(h.reshape(x.shape[0], e * n))
-    if t_mid is not None:
-        h = h.masked_fill(h.abs() <= t_mid, 0)
-    y = h @ w_out.to(dtype)
-    if packed.b_out is not None:
-        y = y + packed.b_out.to(dtype)
-    return y
+    return _masked_ffn(x, packed, rnd(t_in), rnd(t_mid), dtype, round_to=round_to)
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool,
