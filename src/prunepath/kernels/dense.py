@@ -84,6 +84,11 @@ def _gate_act_kernel(pre_ptr, bin_ptr, ao_ptr, tau_ptr, k_ptr, h_ptr, w_ptr, thr
         tl.store(h_ptr + b * E * N + offs[:, None] * N + offs_j[None, :], h.to(h_ptr.dtype.element_ty), mask=m2)
 
 
+def masked_input(x: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
+    """x with the entries |x| ≤ t_in (``thresholds[0]``, compared in x's dtype) zeroed; x itself when None."""
+    return x if thresholds is None else x.masked_fill(x.abs() <= thresholds[0], 0)
+
+
 _MM_F32: dict[str, bool] = {}
 
 
@@ -151,8 +156,7 @@ class GatedDense(DeviceBudget):
                 return torch.nn.functional.linear(x, self._w_cat), e * r + e
             return _linear_f32(x, self._w_cat), e * r + e
         pre = torch.empty(x.shape[0], e * r + e, dtype=torch.float32, device=x.device)
-        xin = x if self.thresholds is None else x.masked_fill(x.abs() <= self.thresholds[0], 0)
-        pre[:, : e * r] = _linear_f32(xin, p.w_in.reshape(e * r, d))
+        pre[:, : e * r] = _linear_f32(masked_input(x, self.thresholds), p.w_in.reshape(e * r, d))
         pre[:, e * r:] = _linear_f32(x, p.router_w)
         return pre, e * r + e
 

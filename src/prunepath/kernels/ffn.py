@@ -10,7 +10,7 @@ from prunepath.kernels.experts import ExpertRunner
 from prunepath.kernels.layout import PackedFFN, _act_reference
 from prunepath.kernels.route import Router
 from prunepath.routing.config import RoutingConfig
-from prunepath.kernels.dense import GatedDense
+from prunepath.kernels.dense import GatedDense, masked_input
 
 
 # One definition of each activation for every PyTorch path (reference and cuBLAS fallback).
@@ -27,8 +27,7 @@ def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | N
     """
     w_in, b_in, w_out = packed.dense_weights()
     e, n = packed.num_experts, packed.neurons_per_expert
-    if thresholds is not None:
-        x = x.masked_fill(x.abs() <= thresholds[0], 0)
+    x = masked_input(x, thresholds)
     pre = torch.nn.functional.linear(x, w_in, b_in.to(x.dtype) if b_in is not None else None)
     pre = pre.view(x.shape[0], e, -1)
     h = _act(packed.activation, pre[..., :n]) * pre[..., n:] if packed.gated else _act(packed.activation, pre)
@@ -36,8 +35,7 @@ def dense_ffn(x: torch.Tensor, packed: PackedFFN, gate_weights: torch.Tensor | N
         h = h.masked_fill(h.abs() <= thresholds[1], 0)
     if gate_weights is not None:
         h = h * gate_weights.to(h.dtype).unsqueeze(-1)
-    h = h.reshape(x.shape[0], e * n)
-    y = h @ w_out
+    y = h.reshape(x.shape[0], e * n) @ w_out
     if packed.b_out is not None:
         y = y + packed.b_out.to(y.dtype)
     return y
