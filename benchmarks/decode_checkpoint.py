@@ -7,10 +7,14 @@
 One process, one prompt, batch 1, the CUDA-graph decode engine for every row (prefill excluded):
 
 * ``original``: the original model's engine (plain dense FFN, cuBLAS): the baseline;
+* ``original-torch-plain`` / ``all-on-torch-plain``: the same two with the engine's ``plain="torch"`` FFN (PyTorch's
+  separate activation, product and residual-add kernels instead of the fused ones): what the fused path gains;
 * ``all-on``: the checkpoint at ``--tau`` with no thresholds (an ungated checkpoint at τ > 1 runs the plain FFN);
 * ``thresholds``: the checkpoint with in-expert thresholds calibrated for each ``--inner`` fraction (on
   ``--calib-data``, as ``prunepath generate --inner-sparsity`` does), decoded by the threshold kernels; the
   thresholds change in place, without a recapture;
+* ``points``: each ``--points`` pair τ:f, the checkpoint at τ (the router runs; below 1 the sparse expert kernels
+  skip the dropped experts) with in-expert thresholds calibrated at that τ for the fraction f (0 = none);
 * ``original-again``: the baseline re-timed at the end (drift of the machine over the run).
 
 Real weights, so the rows skipped per token are the checkpoint's own; the greedy tokens of every row are kept
@@ -52,12 +56,28 @@ def time_engine(eng, ids: torch.Tensor, new: int, reps: int) -> tuple[float, lis
     return statistics.median(times), out[0].tolist()
 
 
+def parse_points(text: str) -> list[tuple[float, float]]:
+    """"0.95:0.5,0.9:0" -> [(0.95, 0.5), (0.9, 0.0)]; a clear error for anything else."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            tau, f = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--points: {item!r} is not τ:f (e.g. 0.95:0.5)") from None
+        if tau <= 0 or not 0 <= f < 1:
+            raise SystemExit(f"--points: {item!r} needs τ > 0 and 0 <= f < 1")
+        out.append((tau, f))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="an ungated PrunePath checkpoint directory")
     ap.add_argument("--original", required=True, help="the model it was converted from (registry name or path)")
     ap.add_argument("--tau", type=float, default=1.05, help="τ of every row (> 1 with ungated experts: all on)")
     ap.add_argument("--inner", default="0.3,0.4,0.5", help="in-expert fractions to time")
+    ap.add_argument("--points", default="",
+                    help="extra τ:f rows, e.g. 0.95:0.5,0.9:0.6,0.9:0 (f 0 = expert skipping alone)")
     ap.add_argument("--mid-bias", type=float, default=0.15, help="the mid bias the checkpoint was trained with")
     ap.add_argument("--calib-data", default="mix:sotu,moby-dick,austen,brown")
     ap.add_argument("--calib-tokens", type=int, default=16384)
@@ -80,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cpu" if a.smoke else "cuda")
     dtype = None if a.smoke else torch.bfloat16
     fractions = [float(f) for f in a.inner.split(",") if f]
+    points = parse_points(a.points)
     kw = {"batch": 1, "device": dev, "graphs": not a.smoke}
 
     orig, tok = prunepath.load_model(a.original, dtype=dtype, device="cpu")
@@ -90,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     base, base_tokens = time_engine(base_eng, ids, a.new, a.reps)
     recs = [{"mode": "original", "model": name, "ms_per_token": base, "speedup": 1.0, "tokens": base_tokens}]
     print(f"original {name}: {base:.3f} ms/token")
+    ms, _ = time_engine(DecodeEngine(orig.eval(), plain="torch", **kw), ids, a.new, a.reps)
+    recs.append({"mode": "original-torch-plain", "ms_per_token": ms, "speedup": base / ms})
+    print(f"original, PyTorch plain FFN: {ms:.3f} ms/token ({base / ms:.2f}x)")
 
     model, _ = prunepath.load_model(a.checkpoint, dtype=dtype, device=str(dev))
     prunepath.configure(model.eval(), tau=a.tau, inner={})
@@ -99,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ms, ref_tokens = time_engine(eng, ids, a.new, a.reps)
     recs.append({"mode": "all-on", "tau": a.tau, "ms_per_token": ms, "speedup": base / ms, "tokens": ref_tokens})
     print(f"checkpoint τ {a.tau}, no thresholds: {ms:.3f} ms/token, {base / ms:.2f}x the original")
+    ms, _ = time_engine(DecodeEngine(model, plain="torch", **kw), ids, a.new, a.reps)
+    recs.append({"mode": "all-on-torch-plain", "tau": a.tau, "ms_per_token": ms, "speedup": base / ms})
+    print(f"checkpoint τ {a.tau}, PyTorch plain FFN: {ms:.3f} ms/token ({base / ms:.2f}x)")
     for f in fractions:
         spec = apply_inner(model, inner_spec(stats, f, mid_bias=a.mid_bias, model=model))
         eng.set_thresholds(spec["t_in"], spec["t_mid"])
@@ -109,6 +136,23 @@ def main(argv: list[str] | None = None) -> int:
                      "t_mid": spec["t_mid"]})
         print(f"checkpoint τ {a.tau}, in-expert {f:g}: {ms:.3f} ms/token, {base / ms:.2f}x the original "
               f"(first {same} greedy tokens as all-on)")
+    n_layers = len(spec["t_in"]) if fractions else model.config.num_hidden_layers
+    for tau, f in points:
+        prunepath.configure(model, tau=tau, inner={})
+        eng.set_thresholds([None] * n_layers, [None] * n_layers)
+        spec = {"t_in": [None] * n_layers, "t_mid": [None] * n_layers}
+        if f > 0:  # calibrated at this τ, as `prunepath generate --tau T --inner-sparsity F` does
+            st = collect_inner_stats(model, tok, a.calib_data, max_tokens=a.calib_tokens, window=window)
+            spec = apply_inner(model, inner_spec(st, f, mid_bias=a.mid_bias, model=model))
+            eng.set_thresholds(spec["t_in"], spec["t_mid"])
+        eng.set_tau(tau)
+        ms, tokens = time_engine(eng, ids, a.new, a.reps)
+        same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens)) if x != y), len(tokens))
+        recs.append({"mode": "point", "tau": tau, "inner": f, "mid_bias": a.mid_bias, "ms_per_token": ms,
+                     "speedup": base / ms, "ffn_path": eng.ffn_mode, "tokens": tokens, "tokens_match_all_on": same,
+                     "t_in": spec["t_in"], "t_mid": spec["t_mid"]})
+        print(f"checkpoint τ {tau}, in-expert {f:g} ({eng.ffn_mode} path): {ms:.3f} ms/token, "
+              f"{base / ms:.2f}x the original (first {same} greedy tokens as all-on)")
     again, _ = time_engine(base_eng, ids, a.new, a.reps)
     recs.append({"mode": "original-again", "ms_per_token": again, "speedup": base / again})
     print(f"original again: {again:.3f} ms/token (drift {again / base - 1:+.1%})")

@@ -24,7 +24,9 @@ Per layer: router GEMV + selection (one kernel), fused expert kernels (two), acc
 Density is forced through the router: a near-uniform random router (logit std 0.01) with the paper's cumulative
 rule at τ = (k + ½)/E keeps k experts per token, a different random set for each token and layer.
 Also checks correctness on the GPU (relative error vs the float32 reference, every output element written).
-Modes: "sparse" (routing + expert kernels), "dense" (GatedDense: one GEMM over w_in + router rows, Triton
+Modes: "plain" / "plain-1" (the engine's fused no-router FFN over the expert layout / the same weights as one
+expert, as an unconverted model is packed; timed at density 1.0 only), "cublas-1" (the PyTorch plain FFN over one
+expert), "sparse" (routing + expert kernels), "dense" (GatedDense: one GEMM over w_in + router rows, Triton
 selection/gates, GEMM over w_out), "dense_legacy" (the earlier router kernel + gated cuBLAS), "cublas" (plain
 dense FFN, the baseline). ``--crossover`` times sparse vs dense at several batch sizes and records the smallest
 batch from which dense wins (``crossover`` records). ``--density-profile`` replays a trained model's per-token
@@ -154,6 +156,14 @@ def granularity(shape: dict, neurons: int, dtype_bytes: int = 2) -> dict:
             "ffn_bytes_per_layer": ffn, "router_bytes_frac": router / ffn}
 
 
+def one_expert(p):
+    """The packed layer's weights viewed as a single expert of every neuron (no copy)."""
+    import dataclasses
+    e, r, d = p.w_in.shape
+    return dataclasses.replace(p, w_in=p.w_in.reshape(1, e * r, d), b_in=None if p.b_in is None else p.b_in.reshape(1, -1),
+                               w_out=p.w_out.reshape(1, -1, d), router_w=p.router_w[:1], always_on=p.always_on[:1])
+
+
 def make_ffn(p, batch: int, routing, mode: str, tuning: dict | None = None):
     """SparseFFN for a benchmark mode: sparse, dense, dense_legacy, dense_bf16 (dense with bf16 GEMM outputs),
     or one of the sweep's partial modes (router, router-gemv, router+in: the sparse objects)."""
@@ -172,6 +182,20 @@ def check_correctness(layers, batch: int, tuning: dict, mode: str = "sparse") ->
     p = layers[0]
     e = p.num_experts
     worst, ids_ok = 0.0, True
+    if mode in ("plain", "plain-1", "cublas-1"):  # no router: every expert unscaled, against the float32 FFN
+        from prunepath.kernels.dense import GatedDense
+        from prunepath.kernels.ffn import dense_ffn
+        q = p if mode == "plain" else one_expert(p)
+        x = torch.randn(batch, p.hidden_size, device=DEV).to(torch.bfloat16)
+        poison = torch.randn(batch, p.hidden_size, device=DEV) * 100
+        out = poison.clone()
+        if mode == "cublas-1":
+            out += dense_ffn(x, q).float()
+        else:
+            GatedDense(q, router=False)(x, out)
+        ref = ffn_reference(x, q, RoutingConfig(tau=1.05, gates=False), dtype=torch.float32)
+        return {"rel_err_max": float((out - poison - ref).norm() / ref.norm()),
+                "routing_matches_reference": bool(torch.isfinite(out).all()), "checked_mode": mode}
     for k in (max(1, e // 10), e // 2, e):
         routing = RoutingConfig(tau=tau_for(k, e))
         ffn = make_ffn(p, batch, routing, mode, tuning)
@@ -216,10 +240,23 @@ def run_stack(layers, shape, batch, density, mode="sparse", tuning=None, ktable=
     xs = torch.randn(len(layers), batch, d, device=DEV).to(torch.bfloat16)
     outs = torch.zeros(len(layers), batch, d, device=DEV)
     kcur = step = None
-    if mode == "cublas":
+    if mode in ("cublas", "cublas-1"):
+        # cublas-1: the same weights viewed as one expert, as the engine packs an unconverted model (the
+        # timing of the original's layout; the values differ)
+        packs = layers if mode == "cublas" else [one_expert(p) for p in layers]
+
         def fn():
-            for i, p in enumerate(layers):
+            for i, p in enumerate(packs):
                 outs[i] += dense_ffn(xs[i], p).float()
+        ffns = None
+    elif mode in ("plain", "plain-1"):  # the engine's fused plain FFN (no router), expert layout or one expert
+        from prunepath.kernels.dense import GatedDense
+        packs = layers if mode == "plain" else [one_expert(p) for p in layers]
+        plains = [GatedDense(p, router=False) for p in packs]
+
+        def fn():
+            for i, f in enumerate(plains):
+                f(xs[i], outs[i])
         ffns = None
     else:
         if ktable is not None:
@@ -583,7 +620,7 @@ def run_size(name, shape, n, args, modes, prof, batches_arg, base, bw, records, 
             for mode in modes:
                 if late():
                     break
-                if mode in ("dense_legacy", "dense_bf16") and dens < 1.0:
+                if mode in ("dense_legacy", "dense_bf16", "plain", "plain-1", "cublas-1") and dens < 1.0:
                     continue
                 ms, active = run_stack(layers, shape, batch, dens, mode=mode, tuning=tb if mode == "sparse" else {})
                 byt = ffn_bytes(shape, active, neurons=n) if mode == "sparse" else ffn_bytes(shape, e, neurons=n)

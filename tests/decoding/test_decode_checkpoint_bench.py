@@ -32,11 +32,12 @@ def test_checkpoint_rows_against_the_original(tmp_path):
     calib.write_text(random_text(600, seed=2))
     out = tmp_path / "r.json"
     assert bench.main(["--smoke", "--checkpoint", str(tmp_path / "ckpt"), "--original", str(orig_dir),
-                       "--inner", "0.2,0.5", "--calib-data", str(calib), "--calib-tokens", "256",
+                       "--inner", "0.2,0.5", "--points", "0.8:0.3,0.8:0", "--calib-data", str(calib), "--calib-tokens", "256",
                        "--prompt", "w1 w2 w3", "--new", "6", "--reps", "1", "--out", str(out)]) == 0
     d = json.loads(out.read_text())
     modes = [r["mode"] for r in d["records"]]
-    assert modes == ["original", "all-on", "thresholds", "thresholds", "original-again"]
+    assert modes == ["original", "original-torch-plain", "all-on", "all-on-torch-plain", "thresholds", "thresholds",
+                     "point", "point", "original-again"]
     assert all(r["ms_per_token"] > 0 for r in d["records"])
     rows = {(r["mode"], r.get("inner")): r for r in d["records"]}
     # every expert on, unscaled, no thresholds: the original FFN, so the same greedy tokens
@@ -55,6 +56,18 @@ def test_checkpoint_rows_against_the_original(tmp_path):
                 ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
         assert r["tokens"] == ids[0, prompt.shape[1]:].tolist()
         assert 0 <= r["tokens_match_all_on"] <= 6
+    # τ < 1: the router runs (sparse expert kernels at batch 1), with and without in-expert thresholds
+    points = [r for r in d["records"] if r["mode"] == "point"]
+    assert [(r["tau"], r["inner"]) for r in points] == [(0.8, 0.3), (0.8, 0.0)]
+    assert all(r["ffn_path"] == "sparse" for r in points)
+    assert points[1]["t_in"] == [None] * len(points[1]["t_in"]) and any(t is not None for t in points[0]["t_in"])
+    for r in points:
+        prunepath.configure(ref, tau=0.8, inner={"t_in": r["t_in"], "t_mid": r["t_mid"]})
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(6):
+                ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert r["tokens"] == ids[0, prompt.shape[1]:].tolist()
 
 
 def test_needs_a_gpu_without_smoke(tmp_path, monkeypatch):

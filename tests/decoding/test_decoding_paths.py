@@ -92,14 +92,20 @@ def test_ungated_every_expert_runs_the_plain_ffn_without_the_router():
                 out = torch.cat([out, model(out).logits[:, -1].argmax(-1, keepdim=True)], 1)
         return out[:, 6:]
     want = hf(4)
-    eng = DecodeEngine(model, batch=1, max_len=16, device="cpu")
-    assert eng.ffn_mode == "dense" and all(l.sparse is None and l.prefill_ffn is None for l in eng.layers)
-    saved = [layer.ffn.router_w.clone() for layer in eng.layers]
-    for layer in eng.layers:
-        layer.ffn.router_w.fill_(float("nan"))  # any read of the router would turn the logits to NaN
-    assert torch.equal(eng.generate(ids, 4), want)
-    for layer, w in zip(eng.layers, saved):
-        layer.ffn.router_w.copy_(w)  # the packed router may share the model's storage
+    from prunepath.kernels.dense import GatedDense
+    for plain in ("fused", "torch"):
+        eng = DecodeEngine(model, batch=1, max_len=16, device="cpu", plain=plain)
+        assert eng.ffn_mode == "dense" and all(l.prefill_ffn is None for l in eng.layers)
+        if plain == "fused":
+            assert all(isinstance(l.sparse, GatedDense) and not l.sparse.router for l in eng.layers)
+        else:
+            assert all(l.sparse is None for l in eng.layers)
+        saved = [layer.ffn.router_w.clone() for layer in eng.layers]
+        for layer in eng.layers:
+            layer.ffn.router_w.fill_(float("nan"))  # any read of the router would turn the logits to NaN
+        assert torch.equal(eng.generate(ids, 4), want), plain
+        for layer, w in zip(eng.layers, saved):
+            layer.ffn.router_w.copy_(w)  # the packed router may share the model's storage
     eng2 = DecodeEngine(model, batch=1, max_len=16, device="cpu")
     eng2.set_tau(0.6)
     prunepath.configure(model, tau=0.6)
@@ -123,6 +129,7 @@ def test_in_expert_thresholds_decode_with_the_threshold_kernels():
     # an ungated checkpoint at τ > 1 with in-expert thresholds: batch 1 runs ThresholdFFN, batch 2 (at the
     # crossover) the masked dense FFN; both give the Hugging Face forward's tokens, and prefill its logits
     from prunepath.decoding.engine import DecodeEngine
+    from prunepath.kernels.dense import GatedDense
     from prunepath.kernels.thresholds import ThresholdFFN
     model = _tiny_llama()
     n = model.config.num_hidden_layers
@@ -139,7 +146,7 @@ def test_in_expert_thresholds_decode_with_the_threshold_kernels():
     assert float((one.prefill(ids[:1]) - ref).abs().max()) < 2e-5
     assert torch.equal(one.generate(ids[:1], 4), _greedy_hf(model, ids[:1], 4))
     two = DecodeEngine(model, batch=2, max_len=16, device="cpu", crossover=2)
-    assert all(l.sparse is None and l.thr is not None for l in two.layers)
+    assert all(isinstance(l.sparse, GatedDense) and l.thr is not None for l in two.layers)  # masked, fused
     assert torch.equal(two.generate(ids, 4), _greedy_hf(model, ids, 4))
     # new thresholds in place (same FFN objects); turning a layer off rebuilds it as the plain FFN
     kept = one.layers[0].sparse
@@ -148,7 +155,7 @@ def test_in_expert_thresholds_decode_with_the_threshold_kernels():
     prunepath.configure(model, inner={"t_in": [0.3] * n, "t_mid": [0.01] * n})
     assert torch.equal(one.generate(ids[:1], 3), _greedy_hf(model, ids[:1], 3))
     one.set_thresholds([None] * n, [None] * n)
-    assert all(l.sparse is None and l.thr is None for l in one.layers)
+    assert all(isinstance(l.sparse, GatedDense) and l.thr is None for l in one.layers)
 
 
 @pytest.mark.parametrize("gates,tau", [(False, 0.8), (True, 0.8), (True, 1.05)])
@@ -250,3 +257,30 @@ def test_teal_on_the_original_model_decodes_with_the_threshold_kernels():
                                                         t_in=[None, None], t_mid=[0.1, 0.1]))
     with pytest.raises(prunepath.PrunePathError, match="not CATS"):
         DecodeEngine(model, batch=1, max_len=16, device="cpu")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_plain_ffn_paths_agree_on_a_dense_model(batch):
+    # an unconverted model: the fused plain FFN (GEMM, Triton act·up, GEMM into the residual) and PyTorch's ops
+    # give the Hugging Face tokens; at batch 2 (above the crossover) TEAL thresholds run masked inside it
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from prunepath.baselines.activation import ActivationSparsity, apply_activation_sparsity
+    from prunepath.decoding.engine import DecodeEngine
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (batch, 6), generator=torch.Generator().manual_seed(11))
+    engines = {p: DecodeEngine(model, batch=batch, max_len=16, device="cpu", plain=p) for p in ("fused", "torch")}
+    for eng in engines.values():
+        assert torch.equal(eng.generate(ids, 4), _greedy_hf(model, ids, 4))
+    if batch > 1:
+        spec = ActivationSparsity(method="teal", target=0.4, allocation="uniform", t_in=[0.6, 0.6],
+                                  t_mid=[0.02, 0.02])
+        apply_activation_sparsity(model, spec)
+        want = _greedy_hf(model, ids, 4)
+        for p in ("fused", "torch"):
+            eng = DecodeEngine(model, batch=batch, max_len=16, device="cpu", plain=p)
+            assert all(l.thr is not None for l in eng.layers)
+            assert torch.equal(eng.generate(ids, 4), want), p
+    with pytest.raises(prunepath.PrunePathError, match="plain must be one of"):
+        DecodeEngine(model, batch=batch, max_len=16, device="cpu", plain="cublas")

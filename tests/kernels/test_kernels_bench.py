@@ -152,3 +152,30 @@ def test_smoke_times_every_expert_size_side_by_side(tmp_path, capsys):
         assert timed["density"] == 0.3 and timed["ffn_ms"] > 0 and timed["dense_cublas_ms"] > 0
     printed = capsys.readouterr().out
     assert "expert granularity" in printed and "| tiny | 1 | sparse | 16 | 6 |" in printed
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "1") != "1", reason="the smoke mode runs the interpreter")
+def test_smoke_plain_modes_check_against_the_reference(tmp_path):
+    # the engine's no-router FFN, over the expert layout and over the same weights as one expert: checked
+    # against the float32 FFN and timed at density 1.0 only
+    out = tmp_path / "plain.json"
+    assert ffn_stack.main(["--smoke", "--shapes", "tiny", "--neurons-per-expert", "16", "--batches", "1",
+                           "--densities", "1.0,0.5", "--modes", "plain,plain-1,cublas-1", "--out", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    for m in ("plain", "plain-1", "cublas-1"):
+        check = next(r for r in recs if r["engine"] == f"check-{m}")
+        assert check["routing_matches_reference"] and check["rel_err_max"] < 1e-2
+        timed = [r for r in recs if r["engine"] == f"ffn-prunepath-{m}"]
+        assert [r["density"] for r in timed] == [1.0] and timed[0]["ffn_ms"] > 0
+
+
+def test_one_expert_view_keeps_every_weight():
+    from prunepath.kernels.layout import PackedFFN
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    e, n, d = 3, 4, 5
+    p = PackedFFN(w_in=torch.randn(e, 2 * n, d, generator=g), b_in=None, w_out=torch.randn(e, n, d, generator=g),
+                  b_out=None, router_w=torch.randn(e, d, generator=g), always_on=torch.zeros(e, dtype=torch.int8),
+                  activation="silu", gated=True)
+    q = ffn_stack.one_expert(p)
+    assert q.num_experts == 1 and q.neurons_per_expert == e * n and q.w_in.shape == (1, 2 * e * n, d)
+    assert q.w_in.data_ptr() == p.w_in.data_ptr() and torch.equal(q.w_out.flatten(), p.w_out.flatten())

@@ -117,14 +117,19 @@ class DecodeEngine:
     ``prefill``: "dense" (the dense-equivalent path over all prompt tokens) or "grouped" (tokens sorted by
     expert, grouped GEMMs over the selected pairs only). ``graphs=False`` runs the same kernels eagerly (CPU
     interpreter). ``step_hook`` (a callable, or None) runs at the start of every decode step, inside the graph.
+    ``plain``: how a decode step runs an FFN that needs no router (a dense model, an ungated checkpoint at τ > 1):
+    "fused" (cuBLAS GEMM with fp32 output, one Triton kernel for act(gate)·up, the down GEMM accumulating into
+    the fp32 residual; :class:`~prunepath.kernels.dense.GatedDense` with ``router=False``) or "torch" (the
+    PyTorch ops of :func:`~prunepath.kernels.ffn.dense_ffn`, kept for A/B timing).
     """
 
     FFN_MODES = ("auto", "sparse", "dense", "dense_legacy")
+    PLAIN_MODES = ("fused", "torch")
 
     def __init__(self, model: nn.Module, *, batch: int = 1, max_len: int = 1024, ffn: str = "auto",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  graphs: bool | None = None, ffn_tuning: dict | None = None, crossover: int = 2,
-                 prefill: str = "dense") -> None:
+                 prefill: str = "dense", plain: str = "fused") -> None:
         cfg = model.config
         wrappers = [] if is_converted(model) else _teal_wrappers(model)
         mt = getattr(cfg, "model_type", None)
@@ -135,7 +140,9 @@ class DecodeEngine:
             raise PrunePathError(f"ffn must be one of {', '.join(self.FFN_MODES)} (got {ffn!r})")
         if prefill not in ("dense", "grouped"):
             raise PrunePathError(f"prefill must be 'dense' or 'grouped' (got {prefill!r})")
-        self.crossover, self.prefill_mode = int(crossover), prefill
+        if plain not in self.PLAIN_MODES:
+            raise PrunePathError(f"plain must be one of {', '.join(self.PLAIN_MODES)} (got {plain!r})")
+        self.crossover, self.prefill_mode, self.plain = int(crossover), prefill, plain
         self.step_hook = None
         ref = next(model.parameters())
         self.device = torch.device(device) if device is not None else ref.device
@@ -285,6 +292,8 @@ class DecodeEngine:
             elif layer.thr is not None and self.batch < self.crossover:
                 from prunepath.kernels.thresholds import ThresholdFFN
                 layer.sparse = ThresholdFFN(layer.ffn, self.batch, layer.thr)
+            elif self.plain == "fused":  # no router: the plain FFN (masked where thresholds are set) in 3 kernels
+                layer.sparse = GatedDense(layer.ffn, router=False, thresholds=layer.thr)
             layer.prefill_ffn = (GatedDense(layer.ffn, rule=r.rule, tau=budget[0], k=budget[1], gates=r.gates,
                                             gate_offset=r.gate_offset, thresholds=layer.thr) if routed else None)
         self.ffn_mode, self._ffn_request = ffn, requested

@@ -122,13 +122,18 @@ class GatedDense(DeviceBudget):
     dropped) is written when ``write_weights`` is set (tests, statistics). ``thresholds``: the float32 [2]
     device tensor (t_in, t_mid) of in-expert thresholds (as :class:`~prunepath.kernels.thresholds.ThresholdFFN`),
     or None: the router reads x, the experts the input with |x| ≤ t_in zeroed (two GEMMs instead of one).
+    ``router=False``: the plain FFN (every expert, unscaled; rule "all", no gates, the router rows not read) in
+    the same three kernels — the engine's path where no router is needed (an ungated checkpoint at τ > 1, a dense
+    model), replacing PyTorch's separate activation, product and residual-add kernels.
     """
 
     def __init__(self, packed: PackedFFN, *, rule: str = "cumulative", tau: float | torch.Tensor = TAU_ALL,
                  k: int | torch.Tensor | None = None, gates: bool = True, gate_offset: float = 0.0,
                  block_j: int | None = None, num_warps: int = 4,
                  write_weights: bool = False, fp32_logits: bool = True,
-                 thresholds: torch.Tensor | None = None) -> None:
+                 thresholds: torch.Tensor | None = None, router: bool = True) -> None:
+        if not router:
+            rule, gates = "all", False
         if rule not in RULE_IDS:
             raise PrunePathError(f"unknown routing rule {rule!r}; choose one of {', '.join(RULE_IDS)}")
         dev = packed.device
@@ -144,7 +149,8 @@ class GatedDense(DeviceBudget):
         # False: GEMMs in x's dtype (bf16 logits, separate residual add): the A/B variant in case cuBLAS's
         # fp32-output GEMMs are slower on some GPU.
         self.fp32_logits = fp32_logits
-        self._w_cat = packed.w_in_router()
+        self.router = router
+        self._w_cat = packed.w_in_router() if router else None
         self.thresholds = thresholds
 
     def pre_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -155,6 +161,8 @@ class GatedDense(DeviceBudget):
             if not self.fp32_logits and x.is_cuda:
                 return torch.nn.functional.linear(x, self._w_cat), e * r + e
             return _linear_f32(x, self._w_cat), e * r + e
+        if not self.router:  # rule "all" without gates reads no logits
+            return _linear_f32(masked_input(x, self.thresholds), p.w_in.reshape(e * r, d)), e * r
         pre = torch.empty(x.shape[0], e * r + e, dtype=torch.float32, device=x.device)
         pre[:, : e * r] = _linear_f32(masked_input(x, self.thresholds), p.w_in.reshape(e * r, d))
         pre[:, e * r:] = _linear_f32(x, p.router_w)
@@ -177,7 +185,7 @@ class GatedDense(DeviceBudget):
         thr = self.thresholds
         _gate_act_kernel[grid](
             pre, p.b_in if p.b_in is not None else pre, p.always_on, self.tau, self.k, h, wbuf,
-            thr if thr is not None else pre, e, n, r, stride, e * r, self.gate_offset,
+            thr if thr is not None else pre, e, n, r, stride, e * r if self.router else 0, self.gate_offset,
             E_PAD=self.e_pad, BJ=self.block_j, RULE=RULE_IDS[self.rule], GATES=self.gates, GATED=p.gated,
             HAS_BIN=p.b_in is not None, ACT=ACT_IDS[p.activation], WRITE_W=self.write_weights, COMPUTE_H=True,
             HAS_THR=thr is not None, ROUND=ROUNDING.get(x.dtype, 0), num_warps=self.num_warps)
