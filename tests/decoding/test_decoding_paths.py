@@ -284,3 +284,24 @@ def test_plain_ffn_paths_agree_on_a_dense_model(batch):
             assert torch.equal(eng.generate(ids, 4), want), p
     with pytest.raises(prunepath.PrunePathError, match="plain must be one of"):
         DecodeEngine(model, batch=batch, max_len=16, device="cpu", plain="cublas")
+
+
+def test_small_layers_run_the_dense_equivalent_path_at_batch_one():
+    # below sparse_min_bytes per layer "auto" skips the sparse kernels even at batch 1 (launch-bound there);
+    # "sparse" still forces them, and both give the Hugging Face tokens
+    from prunepath.decoding.engine import SPARSE_MIN_BYTES, DecodeEngine
+    model = _tiny_llama()
+    prunepath.configure(model, tau=0.6)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(12))
+    want = _greedy_hf(model, ids, 3)
+    layer_bytes = DecodeEngine(model, batch=1, max_len=12, device="cpu").layers[0].ffn.nbytes()
+    assert DecodeEngine(model, batch=1, max_len=12, device="cpu").ffn_mode == "sparse"  # CPU default: 0
+    small = DecodeEngine(model, batch=1, max_len=12, device="cpu", sparse_min_bytes=layer_bytes + 1)
+    at = DecodeEngine(model, batch=1, max_len=12, device="cpu", sparse_min_bytes=layer_bytes)
+    forced = DecodeEngine(model, batch=1, max_len=12, device="cpu", sparse_min_bytes=layer_bytes + 1, ffn="sparse")
+    assert (small.ffn_mode, at.ffn_mode, forced.ffn_mode) == ("dense", "sparse", "sparse")
+    for eng in (small, at, forced):
+        assert torch.equal(eng.generate(ids, 3), want)
+    assert SPARSE_MIN_BYTES > layer_bytes  # a GPU default would run this tiny model dense-equivalent
+    with pytest.raises(prunepath.PrunePathError, match="sparse_min_bytes must be >= 0"):
+        DecodeEngine(model, batch=1, max_len=12, device="cpu", sparse_min_bytes=-1)

@@ -100,15 +100,27 @@ def _pack_dense(dense, dtype: torch.dtype, device: torch.device) -> PackedFFN:
                      activation=detect_activation(dense.activation), gated=dense.gated)
 
 
+# FFN bytes per layer below which "auto" runs the dense-equivalent path even at batch 1. On one H200 (batch 1,
+# CUDA graphs): SmolLM2-135M's layer (5.3 MB) ran faster dense-equivalent than sparse at every density from 0.1
+# to 1.0 (benchmarks/results/ffn-stack-h200-plain-vs-sparse-*.json, 8 to 32 neurons per expert); GPT-2 Medium's
+# (16.8 MB) decoded faster sparse at d 0.5 (1.136 ms/token) than dense-equivalent at d 1.0 (1.183), which is that
+# path's fastest point (decode-h200-2026-11-29-all-shapes.json); Llama-3-8B's (352 MB) FFN stack ran 1.6-2.3x
+# faster sparse at d 0.5-0.3. The bound sits between the two smallest measured sizes.
+SPARSE_MIN_BYTES = 8 << 20
+
+
 class DecodeEngine:
     """Static KV cache + CUDA-graph decode for one model, batch size and maximum length.
 
-    ffn: "auto" (a converted model runs the sparse kernels when the batch is below ``crossover``, else the
-    dense-equivalent path; dense too when every layer's τ > 1; an unconverted model runs dense), "sparse",
+    ffn: "auto" (a converted model runs the sparse kernels when the batch is below ``crossover`` and a layer's
+    FFN weighs at least ``sparse_min_bytes``, else the dense-equivalent path; dense too when every layer's τ > 1;
+    an unconverted model runs dense), "sparse",
     "dense" (converted: one cuBLAS GEMM over w_in and the router, selection + gates in a Triton kernel,
     cuBLAS over w_out; unconverted: the plain dense FFN), "dense_legacy" (router kernel + gated cuBLAS).
     ``crossover``: the smallest batch at which the dense-equivalent path beats the sparse kernels (measured by
-    ``benchmarks/ffn_stack.py --crossover``; default 2 = sparse at batch 1 only).
+    ``benchmarks/ffn_stack.py --crossover``; default 2 = sparse at batch 1 only). ``sparse_min_bytes``: below
+    this FFN size per layer the step is launch-bound and skipping experts buys nothing (default
+    :data:`SPARSE_MIN_BYTES` on a GPU, 0 in the CPU interpreter, which times nothing).
     Activation thresholds: where every expert runs unscaled (an ungated checkpoint at τ > 1, or TEAL wrappers on
     an unconverted model) they run the threshold FFN kernels (:mod:`prunepath.kernels.thresholds`) below the
     crossover and the masked dense FFN above it; where the router runs (τ ≤ 1, or gated experts), inside the
@@ -129,7 +141,7 @@ class DecodeEngine:
     def __init__(self, model: nn.Module, *, batch: int = 1, max_len: int = 1024, ffn: str = "auto",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  graphs: bool | None = None, ffn_tuning: dict | None = None, crossover: int = 2,
-                 prefill: str = "dense", plain: str = "fused") -> None:
+                 prefill: str = "dense", plain: str = "fused", sparse_min_bytes: int | None = None) -> None:
         cfg = model.config
         wrappers = [] if is_converted(model) else _teal_wrappers(model)
         mt = getattr(cfg, "model_type", None)
@@ -151,6 +163,11 @@ class DecodeEngine:
                                  "TRITON_INTERPRET=1 to run its kernels on the CPU (slow), or --kernels torch")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
+        if sparse_min_bytes is None:
+            sparse_min_bytes = SPARSE_MIN_BYTES if self.device.type == "cuda" else 0
+        if sparse_min_bytes < 0:
+            raise PrunePathError(f"sparse_min_bytes must be >= 0 (got {sparse_min_bytes})")
+        self.sparse_min_bytes = int(sparse_min_bytes)
         self.model_type, self.batch, self.max_len = mt, batch, max_len
         self.converted = is_converted(model)
         # The engine's own copy of the routing settings: set_tau changes the engine, never the model's config.
@@ -225,7 +242,8 @@ class DecodeEngine:
         all_dense = all(r.every_expert(i) for i in range(len(self.layers)))
         # Batch > 1 runs the union of the tokens' experts, which loses to the dense-equivalent path from the
         # measured crossover batch on (docs/decode.md).
-        return "sparse" if self.converted and not all_dense and self.batch < self.crossover else "dense"
+        small = self.layers[0].ffn.nbytes() < self.sparse_min_bytes
+        return "sparse" if self.converted and not all_dense and self.batch < self.crossover and not small else "dense"
 
     def _signature(self, mode: str) -> tuple:
         r = self.routing
