@@ -22,6 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 bench = pytest.importorskip("decode_checkpoint")
 
 
+def _greedy(model, prompt, n):
+    """n greedy tokens through the PyTorch forward (the reference the engine's rows must match)."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, prompt.shape[1]:].tolist()
+
+
 def test_checkpoint_rows_against_the_original(tmp_path):
     orig_dir = save_tiny_llama(tmp_path / "orig", seed=5)
     model, tok = prunepath.load_model(str(orig_dir))
@@ -32,8 +41,8 @@ def test_checkpoint_rows_against_the_original(tmp_path):
     calib.write_text(random_text(600, seed=2))
     out = tmp_path / "r.json"
     assert bench.main(["--smoke", "--checkpoint", str(tmp_path / "ckpt"), "--original", str(orig_dir),
-                       "--inner", "0.2,0.5", "--points", "0.8:0.3,0.8:0", "--calib-data", str(calib), "--calib-tokens", "256",
-                       "--prompt", "w1 w2 w3", "--new", "6", "--reps", "1", "--out", str(out)]) == 0
+                       "--inner", "0.2,0.5", "--points", "0.8:0.3,0.8:0", "--calib-data", str(calib),
+                       "--calib-tokens", "256", "--prompt", "w1 w2 w3", "--new", "6", "--reps", "1", "--out", str(out)]) == 0
     d = json.loads(out.read_text())
     modes = [r["mode"] for r in d["records"]]
     assert modes == ["original", "original-torch-plain", "all-on", "all-on-torch-plain", "thresholds", "thresholds",
@@ -50,11 +59,7 @@ def test_checkpoint_rows_against_the_original(tmp_path):
     for f in (0.2, 0.5):
         r = rows[("thresholds", f)]
         prunepath.configure(ref, tau=1.05, inner={"t_in": r["t_in"], "t_mid": r["t_mid"]})
-        ids = prompt
-        with torch.no_grad():
-            for _ in range(6):
-                ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        assert r["tokens"] == ids[0, prompt.shape[1]:].tolist()
+        assert r["tokens"] == _greedy(ref, prompt, 6)
         assert 0 <= r["tokens_match_all_on"] <= 6
     # τ < 1: the router runs (sparse expert kernels at batch 1), with and without in-expert thresholds
     points = [r for r in d["records"] if r["mode"] == "point"]
@@ -63,13 +68,17 @@ def test_checkpoint_rows_against_the_original(tmp_path):
     assert points[1]["t_in"] == [None] * len(points[1]["t_in"]) and any(t is not None for t in points[0]["t_in"])
     for r in points:
         prunepath.configure(ref, tau=0.8, inner={"t_in": r["t_in"], "t_mid": r["t_mid"]})
-        ids = prompt
-        with torch.no_grad():
-            for _ in range(6):
-                ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        assert r["tokens"] == ids[0, prompt.shape[1]:].tolist()
+        assert r["tokens"] == _greedy(ref, prompt, 6)
 
 
 def test_needs_a_gpu_without_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--checkpoint", "x", "--original", "y", "--out", str(tmp_path / "r.json")]) == 2
+
+
+def test_points_are_parsed_or_named_errors():
+    assert bench.parse_points("0.95:0.5, 0.9:0") == [(0.95, 0.5), (0.9, 0.0)]
+    assert bench.parse_points("") == []
+    for bad in ("0.9", "0.9:x", "0:0.3", "0.9:1.0"):
+        with pytest.raises(SystemExit, match="--points"):
+            bench.parse_points(bad)
