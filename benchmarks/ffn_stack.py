@@ -160,8 +160,9 @@ def one_expert(p):
     """The packed layer's weights viewed as a single expert of every neuron (no copy)."""
     import dataclasses
     e, r, d = p.w_in.shape
-    return dataclasses.replace(p, w_in=p.w_in.reshape(1, e * r, d), b_in=None if p.b_in is None else p.b_in.reshape(1, -1),
-                               w_out=p.w_out.reshape(1, -1, d), router_w=p.router_w[:1], always_on=p.always_on[:1])
+    b_in = None if p.b_in is None else p.b_in.reshape(1, -1)
+    return dataclasses.replace(p, w_in=p.w_in.reshape(1, e * r, d), b_in=b_in, w_out=p.w_out.reshape(1, -1, d),
+                               router_w=p.router_w[:1], always_on=p.always_on[:1])
 
 
 def make_ffn(p, batch: int, routing, mode: str, tuning: dict | None = None):

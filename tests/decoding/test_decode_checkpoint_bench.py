@@ -42,7 +42,8 @@ def test_checkpoint_rows_against_the_original(tmp_path):
     out = tmp_path / "r.json"
     assert bench.main(["--smoke", "--checkpoint", str(tmp_path / "ckpt"), "--original", str(orig_dir),
                        "--inner", "0.2,0.5", "--points", "0.8:0.3,0.8:0", "--calib-data", str(calib),
-                       "--calib-tokens", "256", "--prompt", "w1 w2 w3", "--new", "6", "--reps", "1", "--out", str(out)]) == 0
+                       "--calib-tokens", "256", "--prompt", "w1 w2 w3", "--new", "6", "--reps", "1",
+                       "--out", str(out)]) == 0
     d = json.loads(out.read_text())
     modes = [r["mode"] for r in d["records"]]
     assert modes == ["original", "original-torch-plain", "all-on", "all-on-torch-plain", "thresholds", "thresholds",
