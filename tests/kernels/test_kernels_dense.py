@@ -165,3 +165,27 @@ def test_k_tensor_view_drives_the_count(mode):
         ffn(x, torch.zeros(1, d))
         got = int(ffn.router.count) if ffn.router is not None else int((ffn.dense.weights != 0).sum())
         assert got == k
+
+
+@pytest.mark.parametrize("gated,act,bias", [(True, "silu", False), (False, "gelu_tanh", True), (True, "gelu", True)])
+def test_plain_dense_without_router_matches_reference(gated, act, bias):
+    # router=False: every expert unscaled, the router never read (NaN rows prove it), with and without thresholds
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    e, n, d, b = 9, 8, 24, 3
+    packed = random_packed_ffn(d, e, n, gated=gated, activation=act, bias=bias, dtype=torch.float32, generator=gen)
+    packed.router_w.fill_(float("nan"))
+    routing = RoutingConfig(tau=1.05, gates=False)
+    x = torch.randn(b, d, generator=gen, dtype=torch.float64).float()
+    gd = GatedDense(packed, router=False)
+    assert gd.rule == "all" and not gd.gates
+    poison = torch.randn(b, d, generator=gen)
+    out = poison.clone()
+    gd(x, out)
+    assert _rel(out - poison, ffn_reference(x, packed, routing, dtype=torch.float64)) < 1e-5
+    t_in, t_mid = float(x.abs().median()), 0.05
+    thr = torch.tensor([t_in, t_mid], dtype=torch.float32)
+    out = poison.clone()
+    GatedDense(packed, router=False, thresholds=thr)(x, out)
+    ref = ffn_reference(x, packed, routing, dtype=torch.float64, t_in=t_in, t_mid=t_mid)
+    assert _rel(out - poison, ref) < 1e-5
+    assert _rel(ref, ffn_reference(x, packed, routing, dtype=torch.float64)) > 1e-3  # the thresholds matter
