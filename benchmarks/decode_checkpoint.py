@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                      "t_mid": spec["t_mid"]})
         print(f"checkpoint τ {a.tau}, in-expert {f:g}: {ms:.3f} ms/token, {base / ms:.2f}x the original "
               f"(first {same} greedy tokens as all-on)")
-    n_layers = len(spec["t_in"]) if fractions else model.config.num_hidden_layers
+    n_layers = len(eng.layers)
     for tau, f in points:
         prunepath.configure(model, tau=tau, inner={})
         eng.set_thresholds([None] * n_layers, [None] * n_layers)

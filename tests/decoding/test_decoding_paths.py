@@ -125,6 +125,19 @@ def _greedy_hf(model, ids, n):
     return out[:, ids.shape[1]:]
 
 
+def _set_thresholds_that_matter(model, ids, routing: dict, inner: dict) -> torch.Tensor:
+    """Configure ``routing``, then the in-expert thresholds ``inner``; asserts they change the last logits and
+    returns those logits (float32), the reference for the engine."""
+    prunepath.configure(model, **routing)
+    with torch.no_grad():
+        plain = model(ids).logits[:, -1].float()
+    prunepath.configure(model, inner=inner)
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1].float()
+    assert float((ref - plain).abs().max()) > 1e-3  # the thresholds change the model
+    return ref
+
+
 def test_in_expert_thresholds_decode_with_the_threshold_kernels():
     # an ungated checkpoint at τ > 1 with in-expert thresholds: batch 1 runs ThresholdFFN, batch 2 (at the
     # crossover) the masked dense FFN; both give the Hugging Face forward's tokens, and prefill its logits
@@ -134,13 +147,8 @@ def test_in_expert_thresholds_decode_with_the_threshold_kernels():
     model = _tiny_llama()
     n = model.config.num_hidden_layers
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(8))
-    prunepath.configure(model, tau=1.05, gates=False)
-    with torch.no_grad():
-        plain = model(ids[:1]).logits[:, -1].float()
-    prunepath.configure(model, inner={"t_in": [0.5] * n, "t_mid": [0.02, None]})
-    with torch.no_grad():
-        ref = model(ids[:1]).logits[:, -1].float()
-    assert float((ref - plain).abs().max()) > 1e-3  # the thresholds change the model
+    ref = _set_thresholds_that_matter(model, ids[:1], {"tau": 1.05, "gates": False},
+                                      {"t_in": [0.5] * n, "t_mid": [0.02, None]})
     one = DecodeEngine(model, batch=1, max_len=16, device="cpu")
     assert all(isinstance(l.sparse, ThresholdFFN) for l in one.layers)
     assert float((one.prefill(ids[:1]) - ref).abs().max()) < 2e-5
@@ -167,13 +175,8 @@ def test_in_expert_thresholds_with_the_router_decode_inside_the_expert_kernels(g
     model = _tiny_llama()
     n = model.config.num_hidden_layers
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(11))
-    prunepath.configure(model, tau=tau, gates=gates)
-    with torch.no_grad():
-        plain = model(ids[:1]).logits[:, -1].float()
-    prunepath.configure(model, inner={"t_in": [0.4] * n, "t_mid": [0.02, None]})
-    with torch.no_grad():
-        ref = model(ids[:1]).logits[:, -1].float()
-    assert float((ref - plain).abs().max()) > 1e-3  # the thresholds change the model
+    ref = _set_thresholds_that_matter(model, ids[:1], {"tau": tau, "gates": gates},
+                                      {"t_in": [0.4] * n, "t_mid": [0.02, None]})
     want1, want2 = _greedy_hf(model, ids[:1], 4), _greedy_hf(model, ids, 4)
     for prefill in ("dense", "grouped"):
         one = DecodeEngine(model, batch=1, max_len=16, device="cpu", prefill=prefill)
