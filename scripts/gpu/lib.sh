@@ -15,22 +15,28 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[gpu $(date +%H:%M:%S) +$(elapsed)s] $*"; }
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader || true
 
-stage_smollm2() {  # join the two GGUF halves, check, dequantise into the cache as smollm2-135m
-    local part1="$HOLD/smol.part.00" part2="$1" sha="$2"
-    [[ -f "$part1" ]] || { echo "part 1 missing: the machine was given back since b1; rerun b1 then b2" >&2; exit 3; }
-    [[ -f "$PRUNEPATH_CACHE/models/smollm2-135m/config.json" ]] && return 0
+stage_gguf() {  # stage_gguf MODEL GGUF_NAME SHA_FILE PART...: join the GGUF pieces, check, dequantise into the cache
+    local model=$1 name=$2 sha=$3; shift 3
+    [[ -f "$PRUNEPATH_CACHE/models/$model/config.json" ]] && return 0
+    local p; for p in "$@"; do
+        [[ -f "$p" ]] || { echo "$p missing: the machine was given back since the hold calls; run them again" >&2; exit 3; }
+    done
     mkdir -p "$HOLD/gguf"
-    cat "$part1" "$part2" > "$HOLD/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-    echo "$(cat "$sha")  $HOLD/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || { echo "hash mismatch" >&2; exit 4; }
-    python3 - "$HOLD/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" <<'PY'
+    cat "$@" > "$HOLD/gguf/$name"
+    echo "$(cat "$sha")  $HOLD/gguf/$name" | sha256sum -c - || { echo "hash mismatch" >&2; exit 4; }
+    python3 - "$HOLD/gguf/$name" "$model" <<'PY'
 import sys
 from pathlib import Path
 from prunepath.models.registry import _gguf_to_safetensors, cache_dir
-final = cache_dir() / "models" / "smollm2-135m"
-tmp = final.with_name(".smollm2-135m-staging")
+final = cache_dir() / "models" / sys.argv[2]
+tmp = final.with_name(f".{sys.argv[2]}-staging")
 tmp.mkdir(parents=True, exist_ok=True)
 _gguf_to_safetensors(Path(sys.argv[1]), tmp)
 tmp.rename(final)
 print("model ready:", final, sorted(p.name for p in final.iterdir()))
 PY
+}
+
+stage_smollm2() {  # the SmolLM2 GGUF: first half held by call 1 (b1 / r4 hold), second half carried now
+    stage_gguf smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf "$2" "$HOLD/smol.part.00" "$1"
 }

