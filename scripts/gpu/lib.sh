@@ -16,6 +16,7 @@ log() { echo "[gpu $(date +%H:%M:%S) +$(elapsed)s] $*"; }
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader || true
 
 stage_gguf() {  # stage_gguf MODEL GGUF_NAME SHA_FILE PART...: join the GGUF pieces, check, dequantise into the cache
+    # (with STAGE_TOKENIZER=tarball of the converted tokenizer files, only the weights are dequantised here)
     local model=$1 name=$2 sha=$3; shift 3
     [[ -f "$PRUNEPATH_CACHE/models/$model/config.json" ]] && return 0
     local p; for p in "$@"; do
@@ -24,14 +25,18 @@ stage_gguf() {  # stage_gguf MODEL GGUF_NAME SHA_FILE PART...: join the GGUF pie
     mkdir -p "$HOLD/gguf"
     cat "$@" > "$HOLD/gguf/$name"
     echo "$(cat "$sha")  $HOLD/gguf/$name" | sha256sum -c - || { echo "hash mismatch" >&2; exit 4; }
-    python3 - "$HOLD/gguf/$name" "$model" <<'PY'
+    python3 - "$HOLD/gguf/$name" "$model" "${STAGE_TOKENIZER:-}" <<'PY'
 import sys
+import tarfile
 from pathlib import Path
 from prunepath.models.registry import _gguf_to_safetensors, cache_dir
 final = cache_dir() / "models" / sys.argv[2]
 tmp = final.with_name(f".{sys.argv[2]}-staging")
 tmp.mkdir(parents=True, exist_ok=True)
-_gguf_to_safetensors(Path(sys.argv[1]), tmp)
+_gguf_to_safetensors(Path(sys.argv[1]), tmp, tokenizer=not sys.argv[3])
+if sys.argv[3]:
+    with tarfile.open(sys.argv[3]) as tf:
+        tf.extractall(tmp, filter="data")
 tmp.rename(final)
 print("model ready:", final, sorted(p.name for p in final.iterdir()))
 PY

