@@ -29,7 +29,7 @@ stage_gguf() {  # stage_gguf MODEL GGUF_NAME SHA_FILE PART...: join the GGUF pie
 import sys
 import tarfile
 from pathlib import Path
-from prunepath.models.registry import _gguf_to_safetensors, cache_dir
+from prunepath.models.registry import _gguf_to_safetensors, cache_dir, check_tokenizer
 final = cache_dir() / "models" / sys.argv[2]
 tmp = final.with_name(f".{sys.argv[2]}-staging")
 tmp.mkdir(parents=True, exist_ok=True)
@@ -37,6 +37,7 @@ _gguf_to_safetensors(Path(sys.argv[1]), tmp, tokenizer=not sys.argv[3])
 if sys.argv[3]:
     with tarfile.open(sys.argv[3]) as tf:
         tf.extractall(tmp, filter="data")
+check_tokenizer(sys.argv[2], tmp)
 tmp.rename(final)
 print("model ready:", final, sorted(p.name for p in final.iterdir()))
 PY

@@ -60,3 +60,41 @@ def test_builtin_names_have_exact_display_names():
     assert registry.BUILTIN_MODELS["smollm2-135m"].display == "SmolLM2-135M-Instruct (Q4_1, dequantised)"
     assert registry.BUILTIN_MODELS["gemma3-270m"].needs_bos
     assert registry.DEFAULT_MODEL == "smollm2-135m"
+
+
+def test_a_wrong_converted_tokenizer_is_refused_and_not_cached(tmp_path, monkeypatch):
+    """The tokenizer a transformers version rebuilds from a GGUF can differ from the model's own (Gemma-3 under
+    5.17); the probe sentence's ids catch it before anything is cached, and a faithful conversion passes."""
+    from tests.conftest import word_tokenizer
+
+    monkeypatch.setenv("PRUNEPATH_CACHE", str(tmp_path / "cache"))
+    words = registry.PROBE_TEXT.split()
+
+    def fetch_with(vocab):
+        def fetch(work, out):
+            (out / "config.json").write_text("{}")
+            word_tokenizer(["<unk>"] + vocab, unk_token="<unk>").save_pretrained(out)
+        return fetch
+
+    right = tuple(range(1, len(words) + 1))
+    monkeypatch.setitem(registry.BUILTIN_MODELS, "fake-tok", registry.BuiltinModel(
+        "fake-tok", "Fake (Q4)", fetch_with(list(reversed(words))), probe_ids=right))
+    with pytest.raises(PrunePathError, match="not the model's own.*nothing was cached"):
+        registry.builtin_path("fake-tok")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+    monkeypatch.setitem(registry.BUILTIN_MODELS, "fake-tok", registry.BuiltinModel(
+        "fake-tok", "Fake (Q4)", fetch_with(words), probe_ids=right))
+    assert (registry.builtin_path("fake-tok") / "tokenizer.json").exists()
+
+
+def test_probe_ids_match_the_cached_builtin_tokenizers():
+    """The recorded probe ids are those of the real tokenizers (where this machine has them converted)."""
+    checked = 0
+    for name, spec in registry.BUILTIN_MODELS.items():
+        path = registry.cache_dir() / "models" / name
+        if spec.probe_ids is None or not (path / "tokenizer.json").exists():
+            continue
+        registry.check_tokenizer(name, path)
+        checked += 1
+    if not checked:
+        pytest.skip("no built-in model converted on this machine")

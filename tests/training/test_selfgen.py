@@ -163,3 +163,38 @@ def test_cli_checks_before_loading(monkeypatch, capsys, tmp_path):
     path.write_text(json.dumps({"id": "a", "text": "x", "new_tokens": 10, "batch": 0, "batch_size": 1}) + "\n")
     assert main(["self-corpus", "--model", "smollm2-135m", "--tokens", "10", "--batch-size", "64"]) == 0
     assert "cached" in capsys.readouterr().out
+
+
+def test_models_that_need_bos_get_it_at_every_raw_prompt(tiny_model, prompt_file, tmp_path, monkeypatch):
+    """Gemma's corpus was sampled from BOS-less prompts (the tokenizer does not say it adds one) and came out as
+    repetition loops; the prompts now follow needs_bos, the stored text carries no BOS (the trainer adds it), and
+    a corpus cached under the earlier key format is not picked up again."""
+    monkeypatch.setenv("PRUNEPATH_CACHE", str(tmp_path))
+    tok = word_tokenizer(["<pad>", "<unk>", "</s>", "<bos>"] + WORDS, pad_token="<pad>", unk_token="<unk>",
+                         eos_token="</s>", bos_token="<bos>")
+    bos = tok.convert_tokens_to_ids("<bos>")
+    model = tiny_model("gemma3")
+    model.generation_config.eos_token_id = 2
+    seen = []
+    real = selfgen.sample_batch
+
+    def spy(m, t, prompts, st, seed):
+        seen.extend(prompts)
+        return real(m, t, prompts, st, seed)
+
+    monkeypatch.setattr(selfgen, "sample_batch", spy)
+    st = settings(prompt_file, tokens=12)
+    path = selfgen.self_corpus(model, tok, st, model_name="tiny-gemma", progress=False)
+    assert seen and all(p[0] == bos and bos not in p[1:] for p in seen)
+    assert all(not r["text"].startswith("<bos>") for r in selfgen._read_rows(path))
+    # a model that does not need BOS (llama, tokenizer without add_bos_token) gets none
+    seen.clear()
+    llama = tiny_model("llama")
+    llama.generation_config.eos_token_id = 2
+    selfgen.self_corpus(llama, tok, settings(prompt_file, tokens=12, seed=3), model_name="tiny-llama", progress=False)
+    assert seen and all(bos not in p for p in seen)
+    # the key covers the prompt format: the format-1 file of the same settings is a different name
+    import hashlib
+    from dataclasses import asdict
+    old_key = hashlib.sha1(json.dumps(asdict(st), sort_keys=True).encode()).hexdigest()[:10]
+    assert old_key != st.key() and old_key not in path.name

@@ -127,18 +127,26 @@ def _fetch_minilm(work: Path, out_dir: Path) -> None:
                 shutil.copyfileobj(src, dst)
 
 
+PROBE_TEXT = "Robert Boulter is an English film actor."
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
     display: str  # exact model name for results, including quantisation
     fetch: Callable[[Path, Path], None]
     needs_bos: bool = False
+    # PROBE_TEXT's ids under the model's own tokenizer: a tokenizer rebuilt from a GGUF by some transformers
+    # versions is silently different (Gemma-3 under 5.17: no BOS, other merges, WikiText-2 PPL 2045 instead of 22)
+    probe_ids: tuple[int, ...] | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.name: m for m in (
-        BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1, dequantised)", _fetch_smollm2),
-        BuiltinModel("gemma3-270m", "Gemma-3-270M (Q4_K_M, dequantised)", _fetch_gemma3, needs_bos=True),
+        BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1, dequantised)", _fetch_smollm2,
+                     probe_ids=(25268, 389, 9226, 352, 314, 354, 2321, 4771, 17523, 30)),
+        BuiltinModel("gemma3-270m", "Gemma-3-270M (Q4_K_M, dequantised)", _fetch_gemma3, needs_bos=True,
+                     probe_ids=(2, 34326, 151936, 589, 563, 614, 5422, 4103, 13387, 236761)),
         BuiltinModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (AWQ→Q4_K_M, dequantised)", _fetch_qwen_coder),
         BuiltinModel("minilm-l6", "all-MiniLM-L6-v2 (float32)", _fetch_minilm),
     )
@@ -165,6 +173,24 @@ def check_builtin_typo(name: str) -> None:
                              f"{', '.join(BUILTIN_MODELS)}; or pass a local directory, a .gguf file or a Hub id)")
 
 
+def check_tokenizer(name: str, model_dir: Path) -> None:
+    """Fail when the tokenizer converted into ``model_dir`` does not encode PROBE_TEXT as built-in ``name``'s own
+    tokenizer does (the conversion is the installed transformers' and has been wrong in some versions)."""
+    spec = BUILTIN_MODELS[name]
+    if spec.probe_ids is None:
+        return
+    import transformers
+    from transformers import AutoTokenizer
+
+    got = tuple(AutoTokenizer.from_pretrained(str(model_dir))(PROBE_TEXT)["input_ids"])
+    if got != spec.probe_ids:
+        raise PrunePathError(
+            f"the tokenizer that transformers {transformers.__version__} built from {spec.display}'s GGUF is not the "
+            f"model's own (probe {PROBE_TEXT!r} -> {list(got)[:6]}..., expected {list(spec.probe_ids)[:6]}...), and "
+            "every result with it would be wrong. Install another transformers version (5.25 converts it "
+            "correctly; 5.17 does not) and run again; nothing was cached.")
+
+
 def builtin_path(name: str) -> Path:
     """Directory of a built-in model, fetching and converting it on first use (atomic: a temp dir renamed)."""
     if name not in BUILTIN_MODELS:
@@ -179,6 +205,7 @@ def builtin_path(name: str) -> Path:
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-staging-"))
         try:
             BUILTIN_MODELS[name].fetch(Path(work), staging)
+            check_tokenizer(name, staging)
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)

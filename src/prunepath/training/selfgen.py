@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from prunepath.data.text import load_texts
 from prunepath.errors import PrunePathError
+from prunepath.models.adapters import needs_bos
 from prunepath.models.registry import cache_dir
 
 PREFIX = "self:"
@@ -49,6 +50,9 @@ CHAT_REQUESTS = (
     "Write a short story that starts like this:\n\n{passage}",
     "List the key facts in this passage:\n\n{passage}",
 )
+
+
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,9 @@ class SelfCorpusSettings:
             raise PrunePathError("self-corpus batch_size must be >= 1")
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        # format 2: raw prompts start with BOS wherever the model needs it (needs_bos). Format-1 corpora of such
+        # models (Gemma) were sampled from BOS-less prompts and are degenerate, so they must not be found again.
+        return hashlib.sha1(json.dumps({**asdict(self), "format": FORMAT}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def parse_spec(spec: str) -> tuple[int | None, str | None]:
@@ -135,10 +141,10 @@ def _chat_prompt(tokenizer, passage: str, request: str) -> list[int] | None:
 
 
 def build_prompts(settings: SelfCorpusSettings, tokenizer, count: int, offset: int,
-                  passages: list[list[int]]) -> list[tuple[str, list[int]]]:
-    """``count`` prompts (kind, ids) for batch ``offset`` — deterministic in (seed, offset)."""
+                  passages: list[list[int]], bos_id: int | None = None) -> list[tuple[str, list[int]]]:
+    """``count`` prompts (kind, ids) for batch ``offset`` — deterministic in (seed, offset). Raw passages start
+    with ``bos_id`` when given (the model's :func:`needs_bos`; a chat template adds its own)."""
     rng = random.Random(settings.seed * 1_000_003 + offset)
-    bos = getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
     out = []
     for _ in range(count):
         p = passages[rng.randrange(len(passages))]
@@ -147,7 +153,7 @@ def build_prompts(settings: SelfCorpusSettings, tokenizer, count: int, offset: i
             if ids is not None:
                 out.append(("chat", ids))
                 continue
-        out.append(("raw", ([bos] if bos is not None else []) + list(p)))
+        out.append(("raw", ([bos_id] if bos_id is not None else []) + list(p)))
     return out
 
 
@@ -225,6 +231,7 @@ def self_corpus(model: nn.Module, tokenizer, settings: SelfCorpusSettings, *, mo
     batches_done = max((r["batch"] for r in rows), default=-1)
     have = sum(r["new_tokens"] for r in rows)
     passages = _passages(settings, tokenizer)
+    bos_id = int(tokenizer.bos_token_id) if needs_bos(model, tokenizer) else None
     was_training = model.training
     model.eval()
     bar = tqdm(total=settings.tokens, initial=min(have, settings.tokens), desc="self-corpus", unit="tok",
@@ -235,7 +242,7 @@ def self_corpus(model: nn.Module, tokenizer, settings: SelfCorpusSettings, *, mo
         while have < settings.tokens:
             if should_stop is not None and should_stop():
                 raise SelfCorpusInterrupted(f"stopped after {have} of {settings.tokens} tokens; re-run to continue")
-            prompts = build_prompts(settings, tokenizer, bs, batch, passages)
+            prompts = build_prompts(settings, tokenizer, bs, batch, passages, bos_id)
             conts = sample_batch(model, tokenizer, [p for _, p in prompts], settings,
                                  seed=settings.seed * 1_000_003 + batch)
             with open(partial, "a", encoding="utf-8") as f:
