@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import os
 import re
 import shutil
@@ -271,8 +272,9 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
         pts = curve(rows, method, variant)
         pts = [p for p in pts if p["s_ffn"] > 0 or method.startswith("prunepath")]
         if pts:
+            # long variant labels wrap instead of running off the figure
             ax.plot([p["s_ffn"] for p in pts], [p["ppl"] for p in pts], style, ms=5 if style != "*" else 9,
-                    label=label, lw=1.2)
+                    label=textwrap.fill(label, 72, subsequent_indent="  "), lw=1.2)
     for method, ls, name in (("dense", "-", "original model"), ("dense-finetuned", "--", "dense fine-tuned")):
         r = _ref(rows, method)
         if r:
