@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner", default="0.3,0.4,0.5", help="in-expert fractions to time")
     ap.add_argument("--points", default="",
                     help="extra τ:f rows, e.g. 0.95:0.5,0.9:0.6,0.9:0 (f 0 = expert skipping alone)")
+    ap.add_argument("--sparse-ab", action="store_true",
+                    help="also time every --points row with the sparse expert kernels forced (sparse_min_bytes 0): "
+                         "what the engine's small-layer rule gains or loses there")
     ap.add_argument("--mid-bias", type=float, default=0.15, help="the mid bias the checkpoint was trained with")
     ap.add_argument("--calib-data", default="mix:sotu,moby-dick,austen,brown")
     ap.add_argument("--calib-tokens", type=int, default=16384)
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from common import machine
     from prunepath.decoding.engine import DecodeEngine
     from prunepath.evaluation.inner import apply_inner, collect_inner_stats, inner_spec
+    from prunepath.evaluation.perplexity import evaluate_perplexity
     from prunepath.evaluation.reports import atomic_write_text
     from prunepath.models.arch import max_positions
     if not a.smoke and not torch.cuda.is_available():
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     window = min(512, max_positions(model.config) or 512)  # as `prunepath generate` calibrates
     stats = collect_inner_stats(model, tok, a.calib_data, max_tokens=a.calib_tokens, window=window)
     eng = DecodeEngine(model, **kw)
+    forced = DecodeEngine(model, sparse_min_bytes=0, **kw) if a.sparse_ab and points else None
     ms, ref_tokens = time_engine(eng, ids, a.new, a.reps)
     recs.append({"mode": "all-on", "tau": a.tau, "ms_per_token": ms, "speedup": base / ms, "tokens": ref_tokens})
     print(f"checkpoint τ {a.tau}, no thresholds: {ms:.3f} ms/token, {base / ms:.2f}x the original")
@@ -148,11 +153,23 @@ def main(argv: list[str] | None = None) -> int:
         eng.set_tau(tau)
         ms, tokens = time_engine(eng, ids, a.new, a.reps)
         same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens)) if x != y), len(tokens))
+        # the FFN bytes this point skips on its own decoded text (the PyTorch forward at the same τ and thresholds)
+        text = ids[0].tolist() + tokens
+        s_ffn = evaluate_perplexity(model, tok, text, window=len(text), progress=False)["s_ffn"]
         recs.append({"mode": "point", "tau": tau, "inner": f, "mid_bias": a.mid_bias, "ms_per_token": ms,
-                     "speedup": base / ms, "ffn_path": eng.ffn_mode, "tokens": tokens, "tokens_match_all_on": same,
-                     "t_in": spec["t_in"], "t_mid": spec["t_mid"]})
-        print(f"checkpoint τ {tau}, in-expert {f:g} ({eng.ffn_mode} path): {ms:.3f} ms/token, "
+                     "speedup": base / ms, "ffn_path": eng.ffn_mode, "s_ffn": s_ffn, "tokens": tokens,
+                     "tokens_match_all_on": same, "t_in": spec["t_in"], "t_mid": spec["t_mid"]})
+        print(f"checkpoint τ {tau}, in-expert {f:g}, s_FFN {s_ffn:.2f} ({eng.ffn_mode} path): {ms:.3f} ms/token, "
               f"{base / ms:.2f}x the original (first {same} greedy tokens as all-on)")
+        if forced is not None:
+            forced.set_thresholds(spec["t_in"], spec["t_mid"])
+            forced.set_tau(tau)
+            ms_f, tokens_f = time_engine(forced, ids, a.new, a.reps)
+            recs.append({"mode": "point-sparse-forced", "tau": tau, "inner": f, "ms_per_token": ms_f,
+                         "speedup": base / ms_f, "ffn_path": forced.ffn_mode, "tokens_match_point": tokens_f == tokens,
+                         "auto_over_forced": ms_f / ms})
+            print(f"  the same, sparse kernels forced ({forced.ffn_mode} path): {ms_f:.3f} ms/token, "
+                  f"{base / ms_f:.2f}x the original; auto is {ms_f / ms:.2f}x faster")
     again, _ = time_engine(base_eng, ids, a.new, a.reps)
     recs.append({"mode": "original-again", "ms_per_token": again, "speedup": base / again})
     print(f"original again: {again:.3f} ms/token (drift {again / base - 1:+.1%})")

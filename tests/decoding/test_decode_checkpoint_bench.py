@@ -83,3 +83,27 @@ def test_points_are_parsed_or_named_errors():
     for bad in ("0.9", "0.9:x", "0:0.3", "0.9:1.0"):
         with pytest.raises(SystemExit, match="--points"):
             bench.parse_points(bad)
+
+
+def test_sparse_ab_rows_decode_the_same_tokens(tmp_path):
+    """--sparse-ab adds, after each τ:f row, the same point with the sparse expert kernels forced: same tokens
+    (the path changes the speed, never the result)."""
+    orig_dir = save_tiny_llama(tmp_path / "orig", seed=6)
+    model, tok = prunepath.load_model(str(orig_dir))
+    prunepath.moefy(model, neurons_per_expert=8, progress=False, clustering="random")
+    prunepath.configure(model, tau=1.05, gates=False)
+    prunepath.save(model, tmp_path / "ckpt", tokenizer=tok)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(600, seed=3))
+    out = tmp_path / "r.json"
+    assert bench.main(["--smoke", "--checkpoint", str(tmp_path / "ckpt"), "--original", str(orig_dir),
+                       "--inner", "", "--points", "0.7:0.3", "--sparse-ab", "--calib-data", str(calib),
+                       "--calib-tokens", "256", "--prompt", "w1 w2", "--new", "5", "--reps", "1",
+                       "--out", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    modes = [r["mode"] for r in recs]
+    assert modes[-3:] == ["point", "point-sparse-forced", "original-again"]
+    forced = recs[-2]
+    assert forced["ffn_path"] == "sparse" and forced["tokens_match_point"] is True
+    assert forced["auto_over_forced"] > 0
+    assert 0 < recs[-3]["s_ffn"] < 1  # the point skips some FFN bytes on its own text
