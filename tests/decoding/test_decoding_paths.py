@@ -306,5 +306,15 @@ def test_small_layers_run_the_dense_equivalent_path_at_batch_one():
     for eng in (small, at, forced):
         assert torch.equal(eng.generate(ids, 3), want)
     assert SPARSE_MIN_BYTES > layer_bytes  # a GPU default would run this tiny model dense-equivalent
+    # in-expert thresholds keep the sparse kernels (dense-equivalent with thresholds measured 0.78x of them), and
+    # switching them on / off moves the path both ways without changing the tokens' reference
+    n = len(small.layers)
+    small.set_thresholds([0.05] * n, [0.05] * n)
+    assert small.ffn_mode == "sparse"
+    prunepath.configure(model, tau=0.6, inner={"t_in": [0.05] * n, "t_mid": [0.05] * n})
+    assert torch.equal(small.generate(ids, 3), _greedy_hf(model, ids, 3))
+    small.set_thresholds([None] * n, [None] * n)
+    assert small.ffn_mode == "dense"
+    prunepath.configure(model, tau=0.6, inner={})
     with pytest.raises(prunepath.PrunePathError, match="sparse_min_bytes must be >= 0"):
         DecodeEngine(model, batch=1, max_len=12, device="cpu", sparse_min_bytes=-1)

@@ -105,7 +105,10 @@ def _pack_dense(dense, dtype: torch.dtype, device: torch.device) -> PackedFFN:
 # to 1.0 (benchmarks/results/ffn-stack-h200-plain-vs-sparse-*.json, 8 to 32 neurons per expert); GPT-2 Medium's
 # (16.8 MB) decoded faster sparse at d 0.5 (1.136 ms/token) than dense-equivalent at d 1.0 (1.183), which is that
 # path's fastest point (decode-h200-2026-11-29-all-shapes.json); Llama-3-8B's (352 MB) FFN stack ran 1.6-2.3x
-# faster sparse at d 0.5-0.3. The bound sits between the two smallest measured sizes.
+# faster sparse at d 0.5-0.3. The bound sits between the two smallest measured sizes. It holds without in-expert
+# thresholds only: end to end on SmolLM2 (16-neuron experts, batch 1, benchmarks/results/
+# decode-checkpoint-h200-auto-ab.json) the dense-equivalent path was 1.01-1.05x the sparse kernels at τ 0.8-0.95
+# without thresholds, but 0.78x with them (τ 0.9, in-expert f 0.3), so thresholded steps keep the sparse kernels.
 SPARSE_MIN_BYTES = 8 << 20
 
 
@@ -119,8 +122,8 @@ class DecodeEngine:
     cuBLAS over w_out; unconverted: the plain dense FFN), "dense_legacy" (router kernel + gated cuBLAS).
     ``crossover``: the smallest batch at which the dense-equivalent path beats the sparse kernels (measured by
     ``benchmarks/ffn_stack.py --crossover``; default 2 = sparse at batch 1 only). ``sparse_min_bytes``: below
-    this FFN size per layer the step is launch-bound and skipping experts buys nothing (default
-    :data:`SPARSE_MIN_BYTES` on a GPU, 0 in the CPU interpreter, which times nothing).
+    this FFN size per layer the step is launch-bound and skipping experts buys nothing, unless in-expert
+    thresholds are set (default :data:`SPARSE_MIN_BYTES` on a GPU, 0 in the CPU interpreter, which times nothing).
     Activation thresholds: where every expert runs unscaled (an ungated checkpoint at τ > 1, or TEAL wrappers on
     an unconverted model) they run the threshold FFN kernels (:mod:`prunepath.kernels.thresholds`) below the
     crossover and the masked dense FFN above it; where the router runs (τ ≤ 1, or gated experts), inside the
@@ -242,7 +245,7 @@ class DecodeEngine:
         all_dense = all(r.every_expert(i) for i in range(len(self.layers)))
         # Batch > 1 runs the union of the tokens' experts, which loses to the dense-equivalent path from the
         # measured crossover batch on (docs/decode.md).
-        small = self.layers[0].ffn.nbytes() < self.sparse_min_bytes
+        small = self.layers[0].ffn.nbytes() < self.sparse_min_bytes and not any(self._thresholded())
         return "sparse" if self.converted and not all_dense and self.batch < self.crossover and not small else "dense"
 
     def _signature(self, mode: str) -> tuple:
