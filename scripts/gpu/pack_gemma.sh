@@ -41,4 +41,8 @@ shutil.copy(resolve_data_path("wikitext-2/wiki.valid.raw"), ".stage/gm5/data/wik
 PY
 # the converted tokenizer (rebuilding it from the GGUF's 262k entries is the slow part of staging)
 tar -C "$CACHE/models/gemma3-270m" -czf .stage/gm5/tokenizer.tgz tokenizer.json tokenizer_config.json
+# a Gemma self-distillation corpus already sampled here travels too (sampling it on the GPU costs minutes)
+if compgen -G "$CACHE/selfgen/gemma3-270m-*.jsonl" > /dev/null; then
+    (cd "$CACHE" && tar -czf "$ROOT/.stage/gm5/selfgen.tgz" selfgen/gemma3-270m-*.jsonl)
+fi
 du -sh .stage/gm?

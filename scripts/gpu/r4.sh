@@ -42,6 +42,8 @@ if [[ "$MODEL" == gemma3-270m && ! -f "$PRUNEPATH_CACHE/models/$MODEL/config.jso
     cp -r .stage/gm5/data/* "$DATA_DIR/"
     STAGE_TOKENIZER=.stage/gm5/tokenizer.tgz stage_gguf gemma3-270m gemma3-270m.Q4_K_M.gguf .stage/gm5/gemma.sha256 "$HOLD"/gemma.part.0{0,1,2,3} \
         .stage/gm5/gemma.part.04
+    # a self-distillation corpus sampled elsewhere (e.g. on 2 CPU cores: prunepath self-corpus --device cpu)
+    if [[ -f .stage/gm5/selfgen.tgz ]]; then tar -C "$PRUNEPATH_CACHE" -xzf .stage/gm5/selfgen.tgz; fi
     log "staged"
 fi
 if [[ "$MODEL" == smollm2-135m && ! -f "$PRUNEPATH_CACHE/models/smollm2-135m/config.json" ]]; then
