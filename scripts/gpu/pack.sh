@@ -6,6 +6,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
+source scripts/gpu/pack_lib.sh
 CORPORA="${1:-sotu,moby-dick,austen,brown}"
 CACHE="${PRUNEPATH_CACHE:-$HOME/.cache/prunepath}"
 rm -rf .stage/g1 .stage/g2 && mkdir -p .stage/g1/corpora .stage/g2/whl .stage/g2/data/wikitext-2
@@ -17,22 +18,6 @@ split -n 2 -d "$gguf" "$work/smol.part."
 mv "$work/smol.part.00" .stage/g1/
 mv "$work/smol.part.01" .stage/g2/
 sha256sum "$gguf" | cut -d' ' -f1 > .stage/g2/smol.sha256
-python3 -m pip download --no-deps --only-binary=:all: -q -d .stage/g2/whl --python-version 3.12 \
-    --implementation py --platform any gguf
-python3 - "$CORPORA" <<'PY'
-import sys
-from prunepath.data.corpora import corpus_names, load_corpus
-for name in corpus_names("mix:" + sys.argv[1]):
-    print(name, len(load_corpus(name)), "documents")
-PY
-files=()
-IFS=',' read -ra names <<< "$CORPORA"
-for n in "${names[@]}"; do files+=("$n.jsonl"); done
-tar -C "$CACHE/corpora" -czf .stage/g2/corpora.tar.gz "${files[@]}"
-python3 - <<'PY'
-import shutil
-from prunepath.evaluation.common import resolve_data_path
-shutil.copy(resolve_data_path("wikitext-2/wiki.valid.raw"), ".stage/g2/data/wikitext-2/wiki.valid.raw")
-PY
+pack_support .stage/g2 "$CORPORA"
 rm -rf "$work"
 du -sh .stage/g1 .stage/g2

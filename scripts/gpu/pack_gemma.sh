@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Pack Gemma-3-270M (Q4_K_M GGUF, 253 MB) for the back-to-back GPU calls of scripts/gpu/gemma.sh. A call carries at
+# Pack Gemma-3-270M (Q4_K_M GGUF, 253 MB) for the back-to-back GPU calls of scripts/gpu/r4.sh. A call carries at
 # most 64 MiB with the repository (8 MB), so the GGUF travels in five pieces:
-#   .stage/gm1 … .stage/gm4   56 MB each (calls 1–4: bash scripts/gpu/gemma.sh hold N)
+#   .stage/gm1 … .stage/gm4   56 MB each (calls 1–4: bash scripts/gpu/r4.sh hold-gemma N)
 #   .stage/gm5                the last piece + its hash, the gguf wheel, the corpora, the evaluation text and the
 #                             converted tokenizer (call 5: r4.sh run with R4_MODEL=gemma3-270m)
 # Usage: bash scripts/gpu/pack_gemma.sh [CORPORA]   (default sotu,moby-dick,austen,brown)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
+source scripts/gpu/pack_lib.sh
 CORPORA="${1:-sotu,moby-dick,austen,brown}"
 CACHE="${PRUNEPATH_CACHE:-$HOME/.cache/prunepath}"
 work="$(mktemp -d)"
@@ -22,24 +23,10 @@ split -b 56000000 -d -a 2 "$gguf" "$work/gemma.part."
 for i in 0 1 2 3; do mv "$work/gemma.part.0$i" ".stage/gm$((i + 1))/"; done
 mv "$work/gemma.part.04" .stage/gm5/
 sha256sum "$gguf" | cut -d' ' -f1 > .stage/gm5/gemma.sha256
-python3 -m pip download --no-deps --only-binary=:all: -q -d .stage/gm5/whl --python-version 3.12 \
-    --implementation py --platform any gguf
-python3 - "$CORPORA" <<'PY'
-import sys
-from prunepath.data.corpora import corpus_names, load_corpus
-for name in corpus_names("mix:" + sys.argv[1]):
-    print(name, len(load_corpus(name)), "documents")
-PY
-files=()
-IFS=',' read -ra names <<< "$CORPORA"
-for n in "${names[@]}"; do files+=("$n.jsonl"); done
-tar -C "$CACHE/corpora" -czf .stage/gm5/corpora.tar.gz "${files[@]}"
-python3 - <<'PY'
-import shutil
-from prunepath.evaluation.common import resolve_data_path
-shutil.copy(resolve_data_path("wikitext-2/wiki.valid.raw"), ".stage/gm5/data/wikitext-2/wiki.valid.raw")
-PY
-# the converted tokenizer (rebuilding it from the GGUF's 262k entries is the slow part of staging)
+pack_support .stage/gm5 "$CORPORA"
+# the converted tokenizer (rebuilding it from the GGUF's 262k entries is the slow part of staging; the built-in
+# fetch checks it against the model's own before caching it)
+python3 -c "from prunepath.models.registry import builtin_path; builtin_path('gemma3-270m')"
 tar -C "$CACHE/models/gemma3-270m" -czf .stage/gm5/tokenizer.tgz tokenizer.json tokenizer_config.json
 # a Gemma self-distillation corpus already sampled here travels too (sampling it on the GPU costs minutes)
 if compgen -G "$CACHE/selfgen/gemma3-270m-*.jsonl" > /dev/null; then

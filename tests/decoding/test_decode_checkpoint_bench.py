@@ -31,14 +31,20 @@ def _greedy(model, prompt, n):
     return ids[0, prompt.shape[1]:].tolist()
 
 
-def test_checkpoint_rows_against_the_original(tmp_path):
-    orig_dir = save_tiny_llama(tmp_path / "orig", seed=5)
+def _checkpoint(tmp_path, seed: int) -> tuple[Path, Path]:
+    """A tiny original model and its ungated 8-neuron checkpoint, and a calibration text: (original dir, text)."""
+    orig_dir = save_tiny_llama(tmp_path / "orig", seed=seed)
     model, tok = prunepath.load_model(str(orig_dir))
     prunepath.moefy(model, neurons_per_expert=8, progress=False, clustering="random")
     prunepath.configure(model, tau=1.05, gates=False)
     prunepath.save(model, tmp_path / "ckpt", tokenizer=tok)
     calib = tmp_path / "calib.txt"
-    calib.write_text(random_text(600, seed=2))
+    calib.write_text(random_text(600, seed=seed - 3))
+    return orig_dir, calib
+
+
+def test_checkpoint_rows_against_the_original(tmp_path):
+    orig_dir, calib = _checkpoint(tmp_path, seed=5)
     out = tmp_path / "r.json"
     assert bench.main(["--smoke", "--checkpoint", str(tmp_path / "ckpt"), "--original", str(orig_dir),
                        "--inner", "0.2,0.5", "--points", "0.8:0.3,0.8:0", "--calib-data", str(calib),
@@ -88,13 +94,7 @@ def test_points_are_parsed_or_named_errors():
 def test_sparse_ab_rows_decode_the_same_tokens(tmp_path):
     """--sparse-ab adds, after each τ:f row, the same point with the sparse expert kernels forced: same tokens
     (the path changes the speed, never the result)."""
-    orig_dir = save_tiny_llama(tmp_path / "orig", seed=6)
-    model, tok = prunepath.load_model(str(orig_dir))
-    prunepath.moefy(model, neurons_per_expert=8, progress=False, clustering="random")
-    prunepath.configure(model, tau=1.05, gates=False)
-    prunepath.save(model, tmp_path / "ckpt", tokenizer=tok)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(random_text(600, seed=3))
+    orig_dir, calib = _checkpoint(tmp_path, seed=6)
     out = tmp_path / "r.json"
     assert bench.main(["--smoke", "--checkpoint", str(tmp_path / "ckpt"), "--original", str(orig_dir),
                        "--inner", "", "--points", "0.7:0.3", "--sparse-ab", "--calib-data", str(calib),
