@@ -128,8 +128,8 @@ def apply_attention_override(model: nn.Module) -> nn.Module:
     """Switch the attention implementation of a loaded model to ``$PRUNEPATH_ATTN_IMPL`` when it is set.
 
     Every process of a job (training, teacher, evaluation, sweeps) loads through here, so one environment variable
-    moves a whole run off a kernel that misbehaves for an architecture on some GPU stack (Gemma-3-270M under SDPA
-    on the H200: docs/study.md, "Round 11 on Gemma")."""
+    moves a whole run off an attention kernel that misbehaves for an architecture on some GPU stack
+    (``scripts/gpu/attn_check.py`` compares each implementation's GPU forward with the CPU's)."""
     impl = os.environ.get(ATTN_ENV, "").strip()
     if not impl:
         return model

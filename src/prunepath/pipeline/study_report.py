@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 import os
 import re
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from prunepath.evaluation.reports import atomic_write_text, write_json
