@@ -267,14 +267,18 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10.5, 5.4), dpi=120)
-    for method, variant, label, style in [c for c in curves(rows) if _plotted(rows, c[0], c[1])]:
+    # long variant labels wrap instead of running off the figure, and the figure grows to fit its legend
+    shown = [(m, v, textwrap.fill(label, 80, subsequent_indent="  "), style)
+             for m, v, label, style in curves(rows) if _plotted(rows, m, v)]
+    legend_lines = sum(label.count("\n") + 1 for _, _, label, _ in shown) + 2
+    height = max(5.4, 0.13 * legend_lines + 0.8)
+    fig, ax = plt.subplots(figsize=(11.5, height), dpi=120)
+    for method, variant, label, style in shown:
         pts = curve(rows, method, variant)
         pts = [p for p in pts if p["s_ffn"] > 0 or method.startswith("prunepath")]
         if pts:
-            # long variant labels wrap instead of running off the figure
             ax.plot([p["s_ffn"] for p in pts], [p["ppl"] for p in pts], style, ms=5 if style != "*" else 9,
-                    label=textwrap.fill(label, 72, subsequent_indent="  "), lw=1.2)
+                    label=label, lw=1.2)
     for method, ls, name in (("dense", "-", "original model"), ("dense-finetuned", "--", "dense fine-tuned")):
         r = _ref(rows, method)
         if r:
@@ -283,13 +287,13 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
     if orig:
         ax.set_ylim(top=min(ax.get_ylim()[1], orig["ppl"] * 20), bottom=orig["ppl"] * 0.9)
     ax.set_yscale("log")
-    ax.set_xlabel("s_FFN (fraction of FFN weight bytes a token does not read; Wanda: weight sparsity)")
+    ax.set_xlabel("s_FFN (fraction of FFN weight bytes a token does not read; Wanda: weight sparsity)", fontsize=8.5)
     ax.set_ylabel("WikiText-2 validation PPL (lower is better)")
     ax.set_xlim(-0.02, 0.95)
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.subplots_adjust(left=0.09, right=0.56, top=0.93, bottom=0.1)
+    fig.subplots_adjust(left=0.08, right=0.52, top=1 - 0.5 / height, bottom=0.55 / height)
 
     return save_figure(fig, out_png)
 
