@@ -2,9 +2,7 @@
 # Device call 2 (carry .stage/g2, right after b1): join + dequantise SmolLM2, unpack corpora and data, run the LM
 # study (both GPUs) until its deadline.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/g2/whl/*.whl
-tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/g2/corpora.tar.gz
-cp -r .stage/g2/data/* "$DATA_DIR/"
+unpack_support .stage/g2
 stage_smollm2 .stage/g2/smol.part.01 .stage/g2/smol.sha256
 if [[ -d .stage/g2/seed/jobs ]]; then  # finished jobs of an earlier call: kept, not re-run
     mkdir -p "${STUDY_WORK:-$HOLD/study-lm-smollm2}/jobs"

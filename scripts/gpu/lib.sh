@@ -15,6 +15,14 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[gpu $(date +%H:%M:%S) +$(elapsed)s] $*"; }
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader || true
 
+unpack_support() {  # unpack_support DIR: what scripts/gpu/pack_lib.sh pack_support put in DIR (gguf wheel,
+    # corpora, evaluation text) into the held machine's site, cache and data folders
+    local dir=$1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$dir"/whl/*.whl
+    tar -C "$PRUNEPATH_CACHE/corpora" -xzf "$dir/corpora.tar.gz"
+    cp -r "$dir"/data/* "$DATA_DIR/"
+}
+
 stage_gguf() {  # stage_gguf MODEL GGUF_NAME SHA_FILE PART...: join the GGUF pieces, check, dequantise into the cache
     # (with STAGE_TOKENIZER=tarball of the converted tokenizer files, only the weights are dequantised here)
     local model=$1 name=$2 sha=$3; shift 3

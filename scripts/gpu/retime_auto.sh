@@ -8,9 +8,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 export PRUNEPATH_DATA="$DATA_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [[ ! -f "$PRUNEPATH_CACHE/models/smollm2-135m/config.json" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/g2/whl/*.whl
-    tar -C "$PRUNEPATH_CACHE/corpora" -xzf .stage/g2/corpora.tar.gz
-    cp -r .stage/g2/data/* "$DATA_DIR/"
+    unpack_support .stage/g2
     stage_smollm2 .stage/g2/smol.part.01 .stage/g2/smol.sha256
     log "staged"
 fi
